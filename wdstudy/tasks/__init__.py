@@ -1,0 +1,116 @@
+"""Tasks: a named dataset + backbone with its sizes and training budget.
+
+A task is named ``MODEL-DATASET`` (``mlp-mnist1d``, ``cnn-mnist1d``, ``gru-mnist1d``,
+``lstm-mnist1d``, ``cnn-cifar10``, ``mlp-fashionmnist``, ...) and configured by a
+:class:`TaskConfig`, plain data that a study spec can override field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .data import DATASETS, INPUT_SHAPES, NUM_CLASSES, ShuffledBatches, Split, TaskData, load_data
+from .models import MODELS, build_model
+
+TASKS: tuple[str, ...] = tuple(f"{m}-{d}" for m in MODELS for d in DATASETS)
+
+#: Model-size defaults per backbone (and per input kind where they differ).
+_SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"width": 256, "layers": 2},
+    "cnn": {"width": 32, "layers": 3, "kernel_size": 5},
+    "cnn-image": {"width": 32, "layers": 3, "kernel_size": 3},
+    "gru": {"width": 64, "layers": 1},
+    "lstm": {"width": 64, "layers": 1},
+}
+_SIZE_FIELDS = {"mlp": ("width", "layers", "dropout"), "cnn": ("width", "layers", "kernel_size", "batch_norm", "dropout")}
+_SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout")
+
+
+class TaskConfig(BaseModel):
+    """One task: which data, which backbone and sizes, and the training budget.
+
+    Size fields left unset take the backbone's defaults; ``kernel_size`` and
+    ``batch_norm`` apply to CNNs only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    width: int | None = Field(None, ge=1, description="MLP hidden units, CNN first-layer channels, RNN hidden size")
+    layers: int | None = Field(None, ge=1, description="hidden layers / conv layers / stacked RNN layers")
+    kernel_size: int | None = Field(None, ge=1)
+    batch_norm: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(2000, ge=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    max_train: int | None = Field(None, ge=1, description="use only this many training examples")
+    data_dir: str | None = None
+    download: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}")
+        return v
+
+    @property
+    def model(self) -> str:
+        return self.name.split("-", 1)[0]
+
+    @property
+    def dataset(self) -> str:
+        return self.name.split("-", 1)[1]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return INPUT_SHAPES[self.dataset]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Backbone keyword arguments: defaults overridden by the fields that are set."""
+        key = "cnn-image" if self.model == "cnn" and len(self.input_shape) == 3 else self.model
+        kwargs = dict(_SIZE_DEFAULTS[key])
+        for f in _SIZE_FIELDS[self.model]:
+            v = getattr(self, f)
+            if v is not None:
+                kwargs[f] = v
+        return kwargs
+
+    def build_model(self):
+        return build_model(self.model, self.input_shape, NUM_CLASSES, **self.model_kwargs())
+
+    def load_data(self, with_test: bool = False) -> TaskData:
+        return load_data(
+            self.dataset,
+            val_fraction=self.val_fraction,
+            split_seed=self.split_seed,
+            with_test=with_test,
+            data_dir=self.data_dir,
+            download=self.download,
+            max_train=self.max_train,
+        )
+
+
+def task_config(name: str, **overrides: Any) -> TaskConfig:
+    """Build a :class:`TaskConfig` by name, with field overrides; bad input raises WdstudyError."""
+    from ..config import validate
+
+    return validate(TaskConfig, {"name": name, **overrides})
+
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "TASKS",
+    "ShuffledBatches",
+    "Split",
+    "TaskConfig",
+    "TaskData",
+    "load_data",
+    "task_config",
+]

@@ -1,0 +1,119 @@
+"""Backbones: MLP, CNN (1-D for sequences, 2-D for images) and RNN (GRU, LSTM).
+
+Each takes the shape of one input example and returns class logits. Sizes are
+plain integers so that a study spec can override them.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+MODELS = ("mlp", "cnn", "gru", "lstm")
+
+
+class MLP(nn.Module):
+    """Flatten, then ``layers`` x (Linear, ReLU, Dropout), then a linear classifier."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 256, layers: int = 2, dropout: float = 0.0):
+        super().__init__()
+        n_in = 1
+        for d in input_shape:
+            n_in *= d
+        blocks: list[nn.Module] = [nn.Flatten()]
+        for _ in range(layers):
+            blocks += [nn.Linear(n_in, width), nn.ReLU()]
+            if dropout:
+                blocks.append(nn.Dropout(dropout))
+            n_in = width
+        blocks.append(nn.Linear(n_in, num_classes))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """``layers`` x (Conv, [BatchNorm], ReLU) with stride-2 downsampling, then a linear head.
+
+    Sequences of shape ``(L,)`` or ``(C, L)`` use 1-D convolutions; images of shape
+    ``(C, H, W)`` use 2-D ones. Channels double every layer from ``width``.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: int = 32,
+        layers: int = 3,
+        kernel_size: int = 5,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.add_channel = len(input_shape) == 1
+        shape = (1, *input_shape) if self.add_channel else tuple(input_shape)
+        two_d = len(shape) == 3
+        conv = nn.Conv2d if two_d else nn.Conv1d
+        norm = nn.BatchNorm2d if two_d else nn.BatchNorm1d
+        c_in, spatial = shape[0], list(shape[1:])
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            c_out = width * 2**i if two_d else width
+            blocks.append(conv(c_in, c_out, kernel_size, stride=2, padding=kernel_size // 2, bias=not batch_norm))
+            if batch_norm:
+                blocks.append(norm(c_out))
+            blocks.append(nn.ReLU())
+            spatial = [(s + 2 * (kernel_size // 2) - kernel_size) // 2 + 1 for s in spatial]
+            c_in = c_out
+        n_flat = c_in
+        for s in spatial:
+            n_flat *= s
+        blocks.append(nn.Flatten())
+        if dropout:
+            blocks.append(nn.Dropout(dropout))
+        blocks.append(nn.Linear(n_flat, num_classes))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.unsqueeze(1) if self.add_channel else x)
+
+
+class RNN(nn.Module):
+    """A GRU or LSTM over the sequence; the last hidden state feeds a linear classifier.
+
+    A sequence of shape ``(L,)`` is read one value per step; an image ``(C, H, W)``
+    one row (all channels) per step.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        cell: str = "gru",
+        width: int = 64,
+        layers: int = 1,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.one_d = len(input_shape) == 1
+        n_features = 1 if self.one_d else input_shape[0] * input_shape[-1]
+        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rnn = rnn_cls(n_features, width, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.one_d:
+            seq = x.unsqueeze(-1)
+        else:  # (N, C, H, W) -> (N, H, C*W)
+            seq = x.permute(0, 2, 1, 3).flatten(2)
+        out, _ = self.rnn(seq)
+        return self.head(out[:, -1])
+
+
+def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, **sizes) -> nn.Module:
+    """Build backbone ``model`` ('mlp', 'cnn', 'gru', 'lstm') with the given sizes."""
+    if model == "mlp":
+        return MLP(input_shape, num_classes, **sizes)
+    if model == "cnn":
+        return CNN(input_shape, num_classes, **sizes)
+    return RNN(input_shape, num_classes, cell=model, **sizes)

@@ -1,0 +1,305 @@
+"""One training run: task + optimizer + regularizer callback -> ``Trainer.fit`` -> metrics.
+
+The base optimizer is always built with ``weight_decay=0``: the regularizer callback
+is the only source of regularization. Metrics are measured honestly:
+
+* per epoch: validation loss and error (full pass, eval mode), the running average
+  of the minibatch training loss (labelled as such), the learning rate, and the norm
+  of the regularized weights;
+* at the end: train loss and error from a full pass over the training split in eval
+  mode, validation (and, if asked, test) loss and error, the generalization gaps,
+  the L2 penalty (separately: all losses are the data loss alone) and wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from .config import validate
+from .errors import WdstudyError, bad_value
+from .regularizers import make_regularizer
+from .tasks import ShuffledBatches, Split, TaskConfig, TaskData
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+class OptimizerConfig(BaseModel):
+    """A base optimizer and its settings other than the learning rate and regularization."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["adam", "sgd"]
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+
+
+def build_optimizer(params, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The base optimizer with ``weight_decay=0`` (regularization is the callback's job)."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=0.0)
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Cosine annealing from 1 to 0 over ``total`` steps (0 afterwards)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def check_positive(value: object, field: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise bad_value(field, value, "must be a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise bad_value(field, value, "must be a finite number > 0")
+    return number
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Classifier(LightningModule):
+    """Cross-entropy classification of in-memory tensors with any backbone.
+
+    Training batches are sliced from the training split on the training device;
+    nothing is logged per step (only accumulated), so Lightning's per-step cost
+    stays small next to tiny models.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TaskData,
+        *,
+        optimizer: OptimizerConfig,
+        lr: float,
+        schedule: str = "constant",
+        batch_size: int = 128,
+        eval_batch_size: int = 2000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.optimizer_cfg = optimizer
+        self.lr = lr
+        self.schedule = schedule
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        #: One row per epoch: epoch, lr, train_loss_running, val_loss, val_error.
+        self.history: list[dict[str, Any]] = []
+        self._sums: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    # -- data -------------------------------------------------------------------------
+
+    def train_dataloader(self) -> ShuffledBatches:
+        return ShuffledBatches(self.data.train.to(self.device), self.batch_size, seed=self.seed)
+
+    def val_dataloader(self) -> ShuffledBatches:
+        return ShuffledBatches(self.data.val.to(self.device), self.eval_batch_size, shuffle=False)
+
+    # -- optimization -----------------------------------------------------------------
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The base optimizer over all parameters, with ``weight_decay=0``."""
+        return build_optimizer(self.parameters(), self.optimizer_cfg, self.lr)
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer()
+        if self.schedule == "constant":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        self._sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self._sums[0] += loss.detach() * len(y)
+        self._sums[1] += len(y)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        running = float(self._sums[0] / self._sums[1])
+        row = self.history[-1] if self.history and self.history[-1]["epoch"] == self.current_epoch else None
+        if row is None:
+            row = {"epoch": self.current_epoch}
+            self.history.append(row)
+        row.update(lr=self._epoch_lr, train_loss_running=running)
+        if not math.isfinite(running):
+            raise DivergedError(f"training loss is {running} in epoch {self.current_epoch}")
+
+    # -- validation ---------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self._val[0] += F.cross_entropy(logits, y, reduction="sum")
+        self._val[1] += (logits.argmax(1) != y).sum()
+        self._val[2] += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, err = (self._val[:2] / self._val[2]).tolist()
+        if self.trainer.sanity_checking:
+            return
+        self.log("val_loss", loss)
+        self.log("val_error", err)
+        self.history.append({"epoch": self.current_epoch, "val_loss": loss, "val_error": err})
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of ``model`` on ``split``: one pass, eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = err_sum = 0.0
+    try:
+        for i in range(0, len(split), batch_size):
+            x = split.x[i : i + batch_size].to(device)
+            y = split.y[i : i + batch_size].to(device)
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+            err_sum += float((logits.argmax(1) != y).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / len(split), err_sum / len(split)
+
+
+@dataclass
+class RunResult:
+    """What one training run measured: final ``metrics`` and per-epoch ``history``."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and the warnings irrelevant to in-memory data."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def make_trainer(
+    max_epochs: int,
+    callbacks: list[Callback],
+    accelerator: str = "auto",
+    gradient_clip_val: float | None = None,
+    accumulate_grad_batches: int = 1,
+) -> Trainer:
+    """A Trainer with everything a study run does not need turned off."""
+    quiet_lightning()
+    return Trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        gradient_clip_val=gradient_clip_val,
+        accumulate_grad_batches=accumulate_grad_batches,
+    )
+
+
+def train_run(
+    task: TaskConfig,
+    optimizer: OptimizerConfig | str,
+    regularizer: str,
+    lr: float,
+    weight_decay: float,
+    *,
+    seed: int = 0,
+    schedule: str = "cosine",
+    decay_all: bool = False,
+    with_test: bool = False,
+    callbacks: list[Callback] | None = None,
+    accelerator: str = "auto",
+    data: TaskData | None = None,
+) -> RunResult:
+    """Train ``task`` once and measure it; see the module docstring for the metrics.
+
+    ``data`` may be passed to reuse splits already in memory (it must hold ``test``
+    when ``with_test``). Raises :class:`DivergedError` if the training loss becomes
+    NaN or infinite, and :class:`~wdstudy.errors.WdstudyError` for bad input.
+    """
+    if isinstance(optimizer, str):
+        optimizer = validate(OptimizerConfig, {"name": optimizer})
+    if schedule not in SCHEDULES:
+        raise bad_value("schedule", schedule, f"unknown; choose one of {', '.join(SCHEDULES)}")
+    lr = check_positive(lr, "lr")
+    reg = make_regularizer(regularizer, weight_decay, decay_all=decay_all)
+    if data is None:
+        data = task.load_data(with_test=with_test)
+    elif with_test and data.test is None:
+        raise WdstudyError("with_test=True needs data that includes the test split")
+
+    start = time.perf_counter()
+    seed_everything(seed, workers=False, verbose=False)
+    module = Classifier(
+        task.build_model(),
+        data,
+        optimizer=optimizer,
+        lr=lr,
+        schedule=schedule,
+        batch_size=task.batch_size,
+        eval_batch_size=task.eval_batch_size,
+        seed=seed,
+    )
+    trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator)
+    trainer.fit(module)
+
+    model = module.model
+    m: dict[str, Any] = {}
+    m["train_loss"], m["train_error"] = evaluate(model, data.train, task.eval_batch_size)
+    m["val_loss"], m["val_error"] = evaluate(model, data.val, task.eval_batch_size)
+    m["val_gap_loss"] = m["val_loss"] - m["train_loss"]
+    m["val_gap_error"] = m["val_error"] - m["train_error"]
+    if with_test:
+        m["test_loss"], m["test_error"] = evaluate(model, data.test, task.eval_batch_size)
+        m["gap_loss"] = m["test_loss"] - m["train_loss"]
+        m["gap_error"] = m["test_error"] - m["train_error"]
+    m["weight_norm"] = reg.weight_norm()
+    m["l2_penalty"] = reg.penalty()
+    m["epochs"] = trainer.current_epoch
+    m["steps"] = trainer.global_step
+    m["wall_time_s"] = time.perf_counter() - start
+    m["device"] = str(module.device)
+    m["seed"] = seed
+
+    by_epoch = {row["epoch"]: dict(row) for row in module.history}
+    for row in reg.history:
+        by_epoch.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
+    return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)])
