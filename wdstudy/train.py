@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from .config import validate
@@ -45,6 +45,22 @@ class OptimizerConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
+    weight_decay: float = 0.0
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _no_own_decay(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError(
+                "the base optimizer is always built with weight_decay=0: the regularizer "
+                "callback is the only source of regularization (set the regularizer's λ instead)"
+            )
+        return v
+
+
+def optimizer_config(name: str, **settings: Any) -> OptimizerConfig:
+    """Build an :class:`OptimizerConfig`; bad input raises WdstudyError."""
+    return validate(OptimizerConfig, {"name": name, **settings})
 
 
 def build_optimizer(params, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
@@ -104,7 +120,8 @@ class Classifier(LightningModule):
         self.seed = seed
         #: One row per epoch: epoch, lr, train_loss_running, val_loss, val_error.
         self.history: list[dict[str, Any]] = []
-        self._sums: Tensor | None = None
+        self._losses: list[Tensor] = []
+        self._sizes: list[int] = []
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -116,6 +133,12 @@ class Classifier(LightningModule):
 
     def val_dataloader(self) -> ShuffledBatches:
         return ShuffledBatches(self.data.val.to(self.device), self.eval_batch_size, shuffle=False)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # Batches are sliced from tensors that already live on the device.
+        if batch[0].device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- optimization -----------------------------------------------------------------
 
@@ -132,18 +155,19 @@ class Classifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
-        self._sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self._losses, self._sizes = [], []
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = F.cross_entropy(self.model(x), y)
-        self._sums[0] += loss.detach() * len(y)
-        self._sums[1] += len(y)
+        self._losses.append(loss.detach())  # summed once per epoch: no per-step sync or op
+        self._sizes.append(len(y))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        running = float(self._sums[0] / self._sums[1])
+        sizes = torch.tensor(self._sizes, dtype=torch.float64, device=self.device)
+        running = float(torch.stack(self._losses).double() @ sizes / sizes.sum())
         row = self.history[-1] if self.history and self.history[-1]["epoch"] == self.current_epoch else None
         if row is None:
             row = {"epoch": self.current_epoch}
@@ -256,7 +280,7 @@ def train_run(
     NaN or infinite, and :class:`~wdstudy.errors.WdstudyError` for bad input.
     """
     if isinstance(optimizer, str):
-        optimizer = validate(OptimizerConfig, {"name": optimizer})
+        optimizer = optimizer_config(optimizer)
     if schedule not in SCHEDULES:
         raise bad_value("schedule", schedule, f"unknown; choose one of {', '.join(SCHEDULES)}")
     lr = check_positive(lr, "lr")

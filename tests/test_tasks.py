@@ -1,0 +1,221 @@
+"""Tasks: data loading in the real on-disk formats, splits, models, metrics, determinism."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wdstudy.errors import WdstudyError
+from wdstudy.tasks import TASKS, ShuffledBatches, Split, task_config
+from wdstudy.tasks.data import _torchvision, load_data, split_indices
+from wdstudy.train import DivergedError, train_run
+
+# -- files in the datasets' own formats -------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format of MNIST / FashionMNIST (big-endian header)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist_like(root: Path, folder: str, n_train: int = 120, n_test: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 50, size=(n, 28, 28), dtype=np.uint8)
+        x[np.arange(n), 2 * y + 3, 5:20] = 255  # a class-dependent stroke: learnable
+        write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", y)
+        out[prefix] = (x, y)
+    return out
+
+
+def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30, seed: int = 0):
+    """The python-pickle layout of CIFAR-10: five data batches, a test batch and the meta file."""
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    written = {}
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        labels = list(rng.integers(0, 10, size=n))
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        entry = {"batch_label": name, "labels": [int(v) for v in labels], "data": data,
+                 "filenames": [f"img{i}.png" for i in range(n)]}
+        with open(base / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        written[name] = (data, labels)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f, protocol=2)
+    return written
+
+
+@pytest.mark.parametrize("dataset,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
+def test_mnist_formats_load_through_torchvision(tmp_path, dataset, folder):
+    written = write_mnist_like(tmp_path, folder)
+    x, y = _torchvision(dataset, str(tmp_path), download=False, train=True)
+    assert x.shape == (120, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0], torch.from_numpy(written["train"][0]))
+    assert torch.equal(y, torch.from_numpy(written["train"][1]).long())
+    data = load_data(dataset, data_dir=str(tmp_path), with_test=True, val_fraction=0.25)
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+    # standardized with training statistics
+    full = torch.cat([data.train.x, data.val.x])
+    assert abs(float(full.mean())) < 1e-4 and abs(float(full.std()) - 1) < 1e-3
+
+
+def test_cifar10_format_loads_through_torchvision(tmp_path):
+    written = write_cifar10(tmp_path)
+    x, y = _torchvision("cifar10", str(tmp_path), download=False, train=True)
+    assert x.shape == (100, 3, 32, 32)
+    first = torch.from_numpy(written["data_batch_1"][0][0].reshape(3, 32, 32))
+    assert torch.equal(x[0], first)
+    assert y[:20].tolist() == written["data_batch_1"][1]
+    xt, yt = _torchvision("cifar10", str(tmp_path), download=False, train=False)
+    assert xt.shape == (30, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_train_on_image_files_end_to_end(tmp_path, model):
+    write_mnist_like(tmp_path, "MNIST", n_train=200, n_test=50)
+    task = task_config(f"{model}-mnist", data_dir=str(tmp_path), epochs=3, batch_size=32, width=16)
+    r = train_run(task, "adam", "l2", 3e-3, 1e-4, with_test=True, accelerator="cpu")
+    assert r.metrics["train_error"] < 0.5  # the stroke is learnable
+    assert r.metrics["test_error"] <= 1.0 and len(r.history) == 3
+
+
+def test_cifar_cnn_forward_shape(tmp_path):
+    write_cifar10(tmp_path)
+    task = task_config("cnn-cifar10", data_dir=str(tmp_path), epochs=1, batch_size=25)
+    r = train_run(task, "sgd", "decoupled", 0.01, 5e-4, with_test=True, accelerator="cpu")
+    assert 0.0 <= r.metrics["test_error"] <= 1.0
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(WdstudyError, match="data_dir=None"):
+        load_data("mnist")
+    with pytest.raises(WdstudyError, match=r"data_dir='.*nowhere'.*download is off"):
+        load_data("cifar10", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(WdstudyError, match=r"data_dir=.*'fashionmnist' not found"):
+        load_data("fashionmnist", data_dir=str(tmp_path))
+
+
+# -- MNIST-1D, splits, batches -------------------------------------------------------------
+
+
+def test_mnist1d_sizes_and_test_only_when_asked():
+    data = load_data("mnist1d")
+    assert data.test is None
+    assert (len(data.train), len(data.val)) == (3600, 400)
+    assert data.train.x.shape[1:] == (40,)
+    with_test = load_data("mnist1d", with_test=True)
+    assert len(with_test.test) == 1000
+    assert torch.equal(with_test.train.x, data.train.x)
+
+
+def test_split_is_deterministic_disjoint_and_seeded():
+    a_train, a_val = split_indices(100, 0.2, seed=3)
+    b_train, b_val = split_indices(100, 0.2, seed=3)
+    c_train, c_val = split_indices(100, 0.2, seed=4)
+    assert torch.equal(a_train, b_train) and torch.equal(a_val, b_val)
+    assert not torch.equal(a_val, c_val)
+    assert len(a_val) == 20 and len(set(a_train.tolist()) | set(a_val.tolist())) == 100
+    with pytest.raises(WdstudyError, match="val_fraction"):
+        split_indices(10, 0.01, 0)
+
+
+def test_shuffled_batches_cover_the_split_and_reshuffle():
+    split = Split(torch.arange(10).float().unsqueeze(1), torch.arange(10))
+    batches = ShuffledBatches(split, 4, seed=1)
+    assert len(batches) == 3
+    first = torch.cat([y for _, y in batches])
+    second = torch.cat([y for _, y in batches])
+    assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
+    again = ShuffledBatches(split, 4, seed=1)
+    assert torch.equal(torch.cat([y for _, y in again]), first)
+    for x, y in ShuffledBatches(split, 4, seed=1):
+        assert torch.equal(x[:, 0].long(), y)
+
+
+@pytest.mark.parametrize("name", ["mlp-mnist1d", "cnn-mnist1d", "gru-mnist1d", "lstm-mnist1d"])
+def test_models_output_logits(name):
+    model = task_config(name).build_model()
+    assert model(torch.randn(5, 40)).shape == (5, 10)
+
+
+def test_every_named_task_builds():
+    for name in TASKS:
+        task = task_config(name)
+        shape = task.input_shape
+        assert task.build_model()(torch.randn(2, *shape)).shape == (2, 10)
+
+
+def test_unknown_names_and_fields_are_errors():
+    with pytest.raises(WdstudyError, match="unknown task 'mlp-imagenet'"):
+        task_config("mlp-imagenet")
+    with pytest.raises(WdstudyError, match="colour=.*unknown key"):
+        task_config("mlp-mnist1d", colour="red")
+    with pytest.raises(WdstudyError, match="epochs=0"):
+        task_config("mlp-mnist1d", epochs=0)
+
+
+# -- a run's metrics -------------------------------------------------------------------------
+
+
+def test_metrics_and_determinism():
+    task = task_config("mlp-mnist1d", epochs=3, width=64)
+    a = train_run(task, "adam", "l2", 2e-3, 1e-3, seed=7, with_test=True, accelerator="cpu")
+    b = train_run(task, "adam", "l2", 2e-3, 1e-3, seed=7, with_test=True, accelerator="cpu")
+    c = train_run(task, "adam", "l2", 2e-3, 1e-3, seed=8, with_test=True, accelerator="cpu")
+    skip = {"wall_time_s"}
+    assert {k: v for k, v in a.metrics.items() if k not in skip} == {k: v for k, v in b.metrics.items() if k not in skip}
+    assert a.history == b.history
+    assert a.metrics["train_loss"] != c.metrics["train_loss"]
+    m = a.metrics
+    for key in ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error"):
+        assert m[key] >= 0
+    assert m["gap_error"] == pytest.approx(m["test_error"] - m["train_error"])
+    assert m["gap_loss"] == pytest.approx(m["test_loss"] - m["train_loss"])
+    assert m["l2_penalty"] == pytest.approx(0.5 * 1e-3 * m["weight_norm"] ** 2)
+    assert m["steps"] == 3 * 29 and m["epochs"] == 3 and m["device"] == "cpu"
+    assert [row["epoch"] for row in a.history] == [0, 1, 2]
+    for row in a.history:
+        assert {"val_loss", "val_error", "train_loss_running", "lr", "weight_norm", "l2_penalty"} <= set(row)
+    # the final validation metrics are the last epoch's validation pass
+    assert a.history[-1]["val_error"] == pytest.approx(m["val_error"])
+    # cosine schedule: the learning rate decreases epoch by epoch
+    lrs = [row["lr"] for row in a.history]
+    assert lrs[0] == pytest.approx(2e-3) and lrs == sorted(lrs, reverse=True)
+
+
+def test_train_metrics_are_a_full_eval_pass_not_the_running_average():
+    task = task_config("mlp-mnist1d", epochs=2, dropout=0.5)
+    r = train_run(task, "adam", "none", 1e-3, 0.0, accelerator="cpu")
+    # with dropout on during training, the running minibatch loss is worse than the eval pass
+    assert r.metrics["train_loss"] < r.history[-1]["train_loss_running"]
+    assert r.metrics["l2_penalty"] is None
+
+
+def test_divergence_raises():
+    task = task_config("mlp-mnist1d", epochs=2)
+    with pytest.raises(DivergedError, match="training loss is (nan|inf)"):
+        train_run(task, "sgd", "none", 1e6, 0.0, schedule="constant", accelerator="cpu")
+
+
+def test_bad_run_arguments():
+    task = task_config("mlp-mnist1d", epochs=1)
+    with pytest.raises(WdstudyError, match="lr=-0.1"):
+        train_run(task, "adam", "l2", -0.1, 1e-3)
+    with pytest.raises(WdstudyError, match="weight_decay=-1"):
+        train_run(task, "adam", "l2", 0.1, -1)
+    with pytest.raises(WdstudyError, match="name='rmsprop'"):
+        train_run(task, "rmsprop", "l2", 0.1, 1e-3)
+    with pytest.raises(WdstudyError, match="schedule='linear'"):
+        train_run(task, "adam", "l2", 0.1, 1e-3, schedule="linear")
