@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import WdstudyError
 
@@ -88,6 +90,77 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .launch import plan_slots, prepare, run_pool
+
+    if not args.single:
+        spec, url = prepare(args.spec, args.storage)
+        slots = plan_slots(args.devices, args.workers)
+        try:
+            return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
+        except KeyboardInterrupt:
+            print("wdstudy: worker pool stopped; its trials were re-queued.", file=sys.stderr)
+            return 130
+    # one worker, in this process (what launch starts per device)
+    import torch
+
+    from .launch import resolve_url
+    from .search import Worker, WorkerStopped, install_stop_handlers
+    from .spec import load_spec
+
+    install_stop_handlers()
+    torch.set_num_threads(int(os.environ.get("WDSTUDY_THREADS", "1")))
+    spec = load_spec(args.spec)
+    url = resolve_url(spec, args.storage)
+    try:
+        n = Worker(spec, url).run()
+    except WorkerStopped as exc:
+        print(f"wdstudy: worker {os.getpid()} {exc}; its trial was re-queued", file=sys.stderr)
+        return 130
+    print(f"worker {os.getpid()} finished after {n} units", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .analysis import progress_frame
+    from .launch import format_progress, resolve_url
+    from .spec import load_spec
+    from .storage import is_rdb, open_storage
+
+    spec = load_spec(args.spec)
+    url = resolve_url(spec, args.storage)
+    if not is_rdb(url) and not Path(url).exists():
+        print(f"study {spec.name}: not started (no storage at {url})")
+        return 0
+    df = progress_frame(open_storage(url), spec.name)
+    print(f"study {spec.name} · storage {url}")
+    print(format_progress(df) if not df.empty else "no cells yet")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    from .launch import resolve_url
+    from .spec import load_spec
+    from .storage import is_rdb, open_storage
+
+    spec = load_spec(args.spec)
+    url = resolve_url(spec, args.storage)
+    if not is_rdb(url) and not Path(url).exists():
+        raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
+    storage = open_storage(url)
+    print(f"Optuna dashboard for study {spec.name}: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .regularizers import REGULARIZERS
     from .train import OPTIMIZERS, SCHEDULES
@@ -117,6 +190,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print metrics and per-epoch history as JSON")
     p.set_defaults(func=cmd_train)
+
+    def spec_and_storage(p):
+        p.add_argument("spec", help="study spec, e.g. studies/quickstart.yaml")
+        p.add_argument("--storage", help="Optuna storage URL (default: the spec's, else OUTPUT/optuna.journal)")
+
+    def pool_options(p):
+        p.add_argument("--devices", default="auto",
+                       help="auto (one worker per GPU, else CPU workers), cpu, or device ids like 0,1")
+        p.add_argument("--workers", type=int, help="number of CPU workers (default: one per core)")
+        p.add_argument("--quiet", action="store_true", help="no live progress display")
+
+    p = sub.add_parser("launch", help="run a study: search every cell, evaluate, export")
+    spec_and_storage(p)
+    pool_options(p)
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("worker", help="join a study's workers (e.g. from another machine)")
+    spec_and_storage(p)
+    pool_options(p)
+    p.add_argument("--single", action="store_true", help="run one worker in this process")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="progress of a study, without running anything")
+    spec_and_storage(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
+    spec_and_storage(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

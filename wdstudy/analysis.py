@@ -1,0 +1,122 @@
+"""pandas DataFrames built from the storage alone (no spec needed): trials, evaluations, progress.
+
+Every cell study carries its own description (user attribute ``cell``), so a study
+run on another cluster can be analysed from its storage URL and its name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from .search import METRIC_KEYS
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+
+
+def cell_studies(storage, study: str) -> dict[str, tuple[optuna.study.StudySummary | None, object]]:
+    """``{cell_name: (search_summary, eval_summary_or_None)}`` for every cell of ``study``."""
+    summaries = {s.study_name: s for s in storage.get_all_studies()}
+    out = {}
+    for name, s in summaries.items():
+        if name.startswith(f"{study}/") and not name.endswith("/eval") and "cell" in s.user_attrs:
+            out[name] = (s, summaries.get(f"{name}/eval"))
+    return dict(sorted(out.items()))
+
+
+def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
+    rows = []
+    for t in storage.get_all_trials(summary._study_id, deepcopy=False):
+        row = {
+            "cell": summary.study_name[: -len("/eval")] if kind == "eval" else summary.study_name,
+            "task": cell["task"]["name"],
+            "optimizer": cell["optimizer"]["name"],
+            "regularizer": cell["regularizer"],
+            "trial": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "lr": t.params.get("lr"),
+            "weight_decay": t.params.get("weight_decay", 0.0 if t.params else None),
+            "outcome": t.user_attrs.get("outcome"),
+            "reason": t.user_attrs.get("reason") or t.system_attrs.get("fail_reason"),
+            "retry_of": t.system_attrs.get("failed_trial"),
+            "worker": t.user_attrs.get("worker"),
+            "cuda_visible_devices": t.user_attrs.get("cuda_visible_devices"),
+            "start": t.datetime_start,
+            "end": t.datetime_complete,
+        }
+        for k in METRIC_KEYS:
+            row[k] = t.user_attrs.get(k)
+        if kind == "eval" and row["seed"] is None:
+            row["seed"] = t.user_attrs.get("seed")
+        rows.append(row)
+    return rows
+
+
+def trials_frame(storage, study: str) -> pd.DataFrame:
+    """One row per search trial of every cell."""
+    rows = []
+    for name, (s, _) in cell_studies(storage, study).items():
+        rows += _rows(storage, s, s.user_attrs["cell"], "search")
+    return pd.DataFrame(rows)
+
+
+def evaluations_frame(storage, study: str) -> pd.DataFrame:
+    """One row per evaluation run (best configuration x seed) of every cell."""
+    rows = []
+    for name, (s, ev) in cell_studies(storage, study).items():
+        if ev is not None:
+            rows += _rows(storage, ev, s.user_attrs["cell"], "eval")
+    return pd.DataFrame(rows)
+
+
+def progress_frame(storage, study: str) -> pd.DataFrame:
+    """Per cell: budget, trials by state, best objective so far, evaluation runs done."""
+    rows = []
+    for name, (s, ev) in cell_studies(storage, study).items():
+        cell = s.user_attrs["cell"]
+        trials = storage.get_all_trials(s._study_id, deepcopy=False)
+        counts = {st: 0 for st in STATES}
+        best = math.inf
+        for t in trials:
+            counts[t.state.name] += 1
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                best = min(best, t.value)
+        ev_done = 0
+        ev_total = len(cell["eval_seeds"])
+        if ev is not None:
+            ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
+            ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
+        searched = counts["COMPLETE"] + counts["PRUNED"] >= cell["budget"] and not counts["RUNNING"]
+        if searched and counts["COMPLETE"] == 0:
+            ev_total = 0  # nothing to evaluate: every search trial was pruned
+        rows.append({
+            "cell": name[len(study) + 1 :],
+            "budget": cell["budget"],
+            "done": counts["COMPLETE"] + counts["PRUNED"],
+            **{st.lower(): counts[st] for st in STATES},
+            "best": None if best == math.inf else best,
+            "eval_done": ev_done,
+            "eval_total": ev_total,
+        })
+    return pd.DataFrame(rows)
+
+
+def export(storage, study: str, out_dir: Path) -> list[Path]:
+    """Write trials and evaluations as CSV and Parquet into ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, df in (("trials", trials_frame(storage, study)), ("evaluations", evaluations_frame(storage, study))):
+        for col in ("start", "end"):
+            if col in df:
+                df[col] = pd.to_datetime(df[col])
+        if "cuda_visible_devices" in df:
+            df["cuda_visible_devices"] = df["cuda_visible_devices"].astype("string")
+        df.to_csv(out_dir / f"{stem}.csv", index=False)
+        df.to_parquet(out_dir / f"{stem}.parquet", index=False)
+        written += [out_dir / f"{stem}.csv", out_dir / f"{stem}.parquet"]
+    return written

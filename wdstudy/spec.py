@@ -1,0 +1,235 @@
+"""Study specs: one YAML file in ``studies/`` describes a whole study.
+
+A spec names the tasks, base optimizers and regularizers to compare, the search
+(ranges, sampler, budget, pruner, seed, objective), the evaluation, where results
+go and which storage holds the trials. It is validated on load: every problem is
+reported on its own line naming the file, the key path and the value.
+
+A **cell** is one task x optimizer x regularizer. Each cell is its own Optuna study
+named ``STUDY/TASK/OPTIMIZER/REGULARIZER``; its evaluation runs live in the study
+``STUDY/TASK/OPTIMIZER/REGULARIZER/eval``. Every cell gets the same sampler, seed,
+budget and learning-rate range. λ ranges may differ per regularizer (decoupled λ
+multiplies the learning rate, so its useful values sit orders of magnitude above
+L2's) but must then be equally wide in decades.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .config import validate
+from .errors import WdstudyError
+from .regularizers import REGULARIZERS
+from .tasks import TaskConfig
+from .train import OptimizerConfig
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogRange(BaseModel):
+    """A log-scale search range ``[low, high]`` with ``0 < low < high``."""
+
+    model_config = _STRICT
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogRange:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("bounds must be finite")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        return self
+
+    @property
+    def decades(self) -> float:
+        return math.log10(self.high / self.low)
+
+    def grid(self, points: int) -> list[float]:
+        if points == 1:
+            return [math.sqrt(self.low * self.high)]
+        a, b = math.log10(self.low), math.log10(self.high)
+        return [10 ** (a + (b - a) * i / (points - 1)) for i in range(points)]
+
+    def at_edge(self, value: float, fraction: float = 0.05) -> bool:
+        """True if ``value`` lies within ``fraction`` of the range's width (in log) of an edge."""
+        span = math.log10(self.high) - math.log10(self.low)
+        x = (math.log10(value) - math.log10(self.low)) / span
+        return x <= fraction or x >= 1 - fraction
+
+
+class SearchSpec(BaseModel):
+    model_config = _STRICT
+    lr: LogRange
+    weight_decay: LogRange | dict[str, LogRange]
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    trials: int | None = Field(None, ge=1, description="budget per cell; grid: points per axis squared")
+    grid_points: int | None = Field(None, ge=1, description="grid sampler: points per axis")
+    startup_trials: int | None = Field(None, ge=1, description="TPE: random trials before modelling")
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    seed: int = 0
+    objective: Literal["val_error", "val_loss"] = "val_error"
+
+    @model_validator(mode="after")
+    def _budget(self) -> SearchSpec:
+        if self.sampler == "grid":
+            if self.grid_points is None:
+                raise ValueError("the grid sampler needs grid_points (points per axis)")
+            if self.trials is not None:
+                raise ValueError("trials is set by the grid (grid_points per axis); leave it out")
+        else:
+            if self.trials is None:
+                raise ValueError(f"the {self.sampler} sampler needs trials (the budget per cell)")
+            if self.grid_points is not None:
+                raise ValueError("grid_points applies to the grid sampler only")
+        return self
+
+
+class EvaluationSpec(BaseModel):
+    model_config = _STRICT
+    seeds: int = Field(3, ge=1, description="retrainings of each cell's best configuration")
+    first_seed: int = Field(1000, description="seeds first_seed, first_seed+1, ... (the search uses search.seed)")
+
+
+class StudySpec(BaseModel):
+    """A whole study as written in ``studies/NAME.yaml``."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    task_defaults: dict[str, Any] = Field(default_factory=dict, description="overrides applied to every task")
+    optimizers: list[OptimizerConfig] = Field(min_length=1)
+    regularizers: list[str] = Field(min_length=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    decay_all: bool = False
+    search: SearchSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    output: str | None = None
+    storage: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, data: Any) -> Any:
+        """Accept ``- mlp-mnist1d`` for ``- {name: mlp-mnist1d}``; apply ``task_defaults``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        defaults = data.get("task_defaults") or {}
+        if isinstance(data.get("tasks"), list) and isinstance(defaults, dict):
+            data["tasks"] = [
+                {**defaults, "name": t} if isinstance(t, str) else ({**defaults, **t} if isinstance(t, dict) else t)
+                for t in data["tasks"]
+            ]
+        if isinstance(data.get("optimizers"), list):
+            data["optimizers"] = [{"name": o} if isinstance(o, str) else o for o in data["optimizers"]]
+        return data
+
+    @field_validator("regularizers")
+    @classmethod
+    def _known_regularizers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in REGULARIZERS:
+                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a regularizer is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is listed twice: {names}")
+        opts = [o.name for o in self.optimizers]
+        if len(set(opts)) != len(opts):
+            raise ValueError(f"an optimizer is listed twice: {opts}")
+        wd = self.search.weight_decay
+        if isinstance(wd, dict):
+            decayed = [r for r in self.regularizers if r != "none"]
+            missing = [r for r in decayed if r not in wd]
+            extra = [r for r in wd if r not in decayed]
+            if missing or extra:
+                raise ValueError(
+                    "search.weight_decay per regularizer must name exactly the regularizers "
+                    f"{decayed} (missing {missing}, not in the study {extra})"
+                )
+            widths = {r: wd[r].decades for r in decayed}
+            if len(decayed) > 1 and max(widths.values()) - min(widths.values()) > 1e-6:
+                shown = ", ".join(f"{r}: {w:.3g}" for r, w in widths.items())
+                raise ValueError(f"per-regularizer λ ranges must be equally wide in decades ({shown})")
+        return self
+
+    # -- derived ---------------------------------------------------------------------
+
+    def weight_decay_range(self, regularizer: str) -> LogRange | None:
+        if regularizer == "none":
+            return None
+        wd = self.search.weight_decay
+        return wd[regularizer] if isinstance(wd, dict) else wd
+
+    def budget(self, regularizer: str) -> int:
+        """Trials per cell. With a grid, the 'none' arm searches the learning-rate axis only."""
+        if self.search.sampler == "grid":
+            n = self.search.grid_points
+            return n if regularizer == "none" else n * n
+        return self.search.trials
+
+    def cells(self) -> list[Cell]:
+        return [
+            Cell(self.name, task, opt, reg)
+            for task in self.tasks
+            for opt in self.optimizers
+            for reg in self.regularizers
+        ]
+
+    def output_dir(self, root: Path | None = None) -> Path:
+        return Path(self.output) if self.output else (root or Path("reports")) / self.name
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One task x optimizer x regularizer: one Optuna study in the shared storage."""
+
+    study: str
+    task: TaskConfig
+    optimizer: OptimizerConfig
+    regularizer: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}/{self.task.name}/{self.optimizer.name}/{self.regularizer}"
+
+    @property
+    def eval_name(self) -> str:
+        return f"{self.name}/eval"
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name}/{self.optimizer.name}/{self.regularizer}"
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate ``path``; any problem raises WdstudyError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise WdstudyError(f"spec={str(p)!r}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise WdstudyError(f"{p}:{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise WdstudyError(f"{p}: (top level)={data!r}: a study spec is a mapping of keys")
+    return validate(StudySpec, data, where=str(p))
+
+
+def spec_text(path: str | Path) -> str:
+    return Path(path).read_text()
