@@ -99,8 +99,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
 
+    spec, url = prepare(args.spec, args.storage)  # creates the cells if this worker is first
     if not args.single:
-        spec, url = prepare(args.spec, args.storage)
         slots = plan_slots(args.devices, args.workers)
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
@@ -110,14 +110,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # one worker, in this process (what launch starts per device)
     import torch
 
-    from .launch import resolve_url
     from .search import Worker, WorkerStopped, install_stop_handlers
-    from .spec import load_spec
 
     install_stop_handlers()
     torch.set_num_threads(int(os.environ.get("WDSTUDY_THREADS", "1")))
-    spec = load_spec(args.spec)
-    url = resolve_url(spec, args.storage)
     try:
         n = Worker(spec, url).run()
     except WorkerStopped as exc:

@@ -197,8 +197,7 @@ def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
     url = resolve_url(spec, storage)
     store = open_storage(url)
     ensure_studies(spec, store, Path(spec_path).read_text())
-    if not is_rdb(url):
-        release_dead_trials(store, [n for c in spec.cells() for n in (c.name, c.eval_name)])
+    release_dead_trials(store, [n for c in spec.cells() for n in (c.name, c.eval_name)])
     return spec, url
 
 

@@ -128,6 +128,7 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> No
         record = cell_record(spec, cell)
         stored = study.user_attrs.get("cell")
         if stored is None:
+            study.set_metric_names([spec.search.objective])
             study.set_user_attr("cell", record)
             study.set_user_attr("versions", versions)
             if spec_yaml is not None:
@@ -164,6 +165,7 @@ def _eval_study(spec: StudySpec, cell: Cell, storage, search: optuna.Study) -> o
         return None  # nothing to evaluate: every trial pruned or failed
     best = min(complete, key=lambda t: t.value)
     ev = optuna.create_study(study_name=cell.eval_name, storage=storage, direction="minimize", load_if_exists=True)
+    ev.set_metric_names(["test_error"])
     ev.set_user_attr("best_trial", best.number)
     ev.set_user_attr("best_value", best.value)
     ev.set_user_attr("best_params", best.params)
@@ -228,8 +230,9 @@ class Worker:
         while max_units is None or ran < max_units:
             self.lock.acquire()
             try:
-                if not is_rdb(self.url):
-                    release_dead_trials(self.storage, names)
+                release_dead_trials(self.storage, names)
+                if is_rdb(self.url):
+                    self._fail_stale(names)
                 unit, finished = pick_unit(self.spec, self.storage)
                 if unit is None:
                     self.lock.release()
@@ -246,14 +249,28 @@ class Worker:
             ran += 1
         return ran
 
+    def _fail_stale(self, names: list[str]) -> None:
+        """Fail (and so retry) trials whose heartbeat stopped, whichever machine ran them.
+
+        Optuna does this when a trial starts; an idle worker waiting for the last running
+        trials must do it too, or a dead machine's trial would keep it waiting forever.
+        """
+        import warnings
+
+        existing = {s.study_name for s in self.storage.get_all_studies()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            for name in names:
+                if name in existing:
+                    optuna.storages.fail_stale_trials(optuna.load_study(study_name=name, storage=self.storage))
+
     def _retry_current(self, reason: str) -> None:
         """Enqueue the parameters of the trial that an interruption ended FAILED."""
         if self._current is None:
             return
         study, trial_id = self._current
         frozen = study._storage.get_trial(trial_id)
-        if frozen.state == TrialState.FAIL:
-            study._storage.set_trial_system_attr(trial_id, "fail_reason", reason)
+        if frozen.state == TrialState.FAIL:  # the objective recorded the reason before it ended
             retry_callback()(study, frozen)
         elif frozen.state == TrialState.RUNNING:
             fail_and_retry(study, trial_id, frozen.number, reason)
@@ -267,7 +284,15 @@ class Worker:
             objective = self._search_objective(unit.cell)
         else:
             objective = self._eval_objective(unit.cell)
-        unit.study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+
+        def guarded(trial: optuna.Trial) -> float:
+            try:
+                return objective(trial)
+            except WorkerStopped as exc:
+                trial.set_user_attr("reason", f"worker {exc}")
+                raise
+
+        unit.study.optimize(guarded, n_trials=1, catch=(), gc_after_trial=False)
 
     # -- objectives -------------------------------------------------------------------------
 
@@ -277,6 +302,8 @@ class Worker:
         self._current = (trial.study, trial._trial_id)
         trial.study._storage.set_trial_system_attr(trial._trial_id, "owner", owner_tag())
         trial.set_user_attr("worker", owner_tag())
+        if trial.user_attrs.get("reason") is not None:  # a retry inherits the failed trial's attributes
+            trial.set_user_attr("reason", None)
         trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
         lr = self.spec.search.lr
         lr_v = trial.suggest_float("lr", lr.low, lr.high, log=True)

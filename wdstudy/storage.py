@@ -8,7 +8,7 @@
   parameters retried.
 * **PostgreSQL** (``postgresql://...``, or any SQLAlchemy URL): Optuna's ``RDBStorage``
   with heartbeats. A trial whose worker stops beating for ``grace_period`` seconds, on any
-  machine, is failed by the next worker and retried with ``RetryFailedTrialCallback``.
+  machine, is failed by the next worker and retried with ``RetryHeartbeatStaleTrialCallback``.
 
 :class:`StudyLock` serializes the one critical section of a worker, "count a cell's
 trials, then create one", so that a cell ends with exactly its budget: an ``flock`` on a
@@ -24,7 +24,9 @@ import socket
 from pathlib import Path
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
+import warnings
+
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .errors import WdstudyError
@@ -34,7 +36,9 @@ HEARTBEAT_INTERVAL = int(os.environ.get("WDSTUDY_HEARTBEAT_INTERVAL", "10"))
 GRACE_PERIOD = int(os.environ.get("WDSTUDY_GRACE_PERIOD", "60"))
 MAX_RETRY = 3
 
-HOST = socket.gethostname()
+#: This machine in trial owner tags ("host:pid"); WDSTUDY_HOSTNAME overrides it (containers that
+#: share a hostname, or tests that play several machines on one).
+HOST = os.environ.get("WDSTUDY_HOSTNAME") or socket.gethostname()
 
 
 def default_url(output_dir: Path) -> str:
@@ -45,21 +49,26 @@ def is_rdb(url: str) -> bool:
     return "://" in url
 
 
-def retry_callback() -> RetryFailedTrialCallback:
-    return RetryFailedTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=False)
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry: enqueue a failed trial's parameters as a WAITING trial (at most 3 times)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=False)
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open the storage at ``url``: an RDB URL, or a path to a journal file."""
     if is_rdb(url):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL,
-                grace_period=GRACE_PERIOD,
-                failed_trial_callback=retry_callback(),
-                engine_kwargs={"pool_pre_ping": True},
-            )
+            with _schema_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    heartbeat_stale_trial_callback=retry_callback(),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except Exception as exc:  # bad URL, server down, missing driver
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WdstudyError(f"storage={url!r}: cannot open ({first})") from None
@@ -68,6 +77,27 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+_SCHEMA_LOCK_KEY = 0x7764_7374_7564_79  # "wdstudy"
+
+
+class _schema_lock:
+    """Serialize Optuna's table creation: concurrent first opens of a PostgreSQL database race."""
+
+    def __init__(self, url: str):
+        self.lock = StudyLock(url, "") if url.startswith("postgresql") else None
+        if self.lock is not None:
+            self.lock.key = _SCHEMA_LOCK_KEY
+
+    def __enter__(self):
+        if self.lock is not None:
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
 
 
 class StudyLock:

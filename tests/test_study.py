@@ -1,0 +1,413 @@
+"""The study engine end to end, through the real CLI and real worker processes, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from wdstudy.analysis import evaluations_frame, progress_frame, trials_frame
+from wdstudy.cli import main
+from wdstudy.storage import open_storage
+
+PG_URL = os.environ.get("WDSTUDY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def write_spec(tmp_path: Path, name: str = "tiny", **over) -> Path:
+    spec = {
+        "name": name,
+        "tasks": [{"name": "mlp-mnist1d", "width": 16, "max_train": 400}],
+        "task_defaults": {"epochs": 2},
+        "optimizers": ["adam"],
+        "regularizers": ["l2", "decoupled"],
+        "search": {
+            "lr": {"low": 1e-3, "high": 1e-2},
+            "weight_decay": {"l2": {"low": 1e-5, "high": 1e-2}, "decoupled": {"low": 1e-2, "high": 10}},
+            "sampler": "random",
+            "trials": 3,
+        },
+        "evaluation": {"seeds": 2},
+        "output": str(tmp_path / "out"),
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wdstudy", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wdstudy", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journal(tmp_path: Path):
+    return open_storage(str((tmp_path / "out" / "optuna.journal").resolve()))
+
+
+def assert_exact(storage, study: str, budget: int, seeds: int, cells: int) -> pd.DataFrame:
+    prog = progress_frame(storage, study)
+    assert len(prog) == cells
+    for row in prog.itertuples():
+        assert row.done == budget, prog
+        assert row.running == 0 and row.waiting == 0, prog
+        assert row.eval_done == seeds == row.eval_total, prog
+    ev = evaluations_frame(storage, study)
+    assert (ev[ev.state == "COMPLETE"].groupby("cell").size() == seeds).all()
+    return prog
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_trials(tmp_path: Path, study: str) -> list:
+    path = tmp_path / "out" / "optuna.journal"
+    if not path.exists():
+        return []
+    df = trials_frame(open_storage(str(path.resolve())), study)
+    return [] if df.empty else df[df.state == "RUNNING"].to_dict("records")
+
+
+# -- the whole flow ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    spec = write_spec(tmp_path)
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return tmp_path, spec, r
+
+
+def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
+    tmp_path, spec, r = finished_study
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=3, seeds=2, cells=2)
+    names = {s.study_name for s in storage.get_all_studies()}
+    assert {"tiny/mlp-mnist1d/adam/l2", "tiny/mlp-mnist1d/adam/decoupled",
+            "tiny/mlp-mnist1d/adam/l2/eval", "tiny/mlp-mnist1d/adam/decoupled/eval"} == names
+    trials = trials_frame(storage, "tiny")
+    done = trials[trials.state == "COMPLETE"]
+    for col in ("train_loss", "train_error", "val_loss", "val_error", "val_gap_error", "weight_norm",
+                "wall_time_s", "device", "seed"):
+        assert done[col].notna().all(), col
+    assert (done.l2_penalty.notna() == (done.regularizer == "l2")).all()
+    # λ stays inside each regularizer's own range
+    l2 = done[done.regularizer == "l2"].weight_decay
+    dec = done[done.regularizer == "decoupled"].weight_decay
+    assert l2.between(1e-5, 1e-2).all() and dec.between(1e-2, 10).all()
+    # per-epoch curves: in the user attributes and as Optuna intermediate values
+    study = optuna.load_study(study_name="tiny/mlp-mnist1d/adam/l2", storage=storage)
+    t = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))[0]
+    assert len(t.user_attrs["history"]) == 2 and sorted(t.intermediate_values) == [0, 1]
+    assert t.intermediate_values[1] == pytest.approx(t.user_attrs["val_error"])
+    assert study.user_attrs["versions"]["optuna"] == optuna.__version__
+    assert "name: tiny" in study.user_attrs["spec_yaml"]
+    # evaluation: best configuration, seeds 1000 and 1001, measured on the test split
+    ev = evaluations_frame(storage, "tiny")
+    for cell, g in ev.groupby("cell"):
+        best = done[done.cell == cell].sort_values("value").iloc[0]
+        assert (g.lr == best.lr).all() and (g.weight_decay == best.weight_decay).all()
+        assert sorted(g.seed) == [1000, 1001]
+        assert g.test_error.notna().all() and (g.gap_error == g.test_error - g.train_error).all()
+    # exports
+    out = tmp_path / "out"
+    for stem, n in (("trials", 6), ("evaluations", 4)):
+        assert len(pd.read_csv(out / f"{stem}.csv")) == n
+        assert len(pd.read_parquet(out / f"{stem}.parquet")) == n
+    assert "mlp-mnist1d/adam/l2" in r.stdout and "test error" in r.stdout
+
+
+def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
+    tmp_path, spec, _ = finished_study
+    before = len(trials_frame(journal(tmp_path), "tiny"))
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert len(trials_frame(journal(tmp_path), "tiny")) == before
+
+
+def test_status_shows_each_cell(finished_study):
+    tmp_path, spec, _ = finished_study
+    code = main(["status", str(spec)])
+    assert code == 0
+
+
+def test_status_table_text(finished_study, capsys):
+    tmp_path, spec, _ = finished_study
+    main(["status", str(spec)])
+    out = capsys.readouterr().out
+    assert "mlp-mnist1d/adam/l2" in out and "3/3" in out and "2/2" in out
+
+
+def test_dashboard_serves_every_cell(finished_study):
+    tmp_path, spec, _ = finished_study
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = popen("dashboard", str(spec), "--port", str(port))
+    try:
+        def studies():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                    return json.load(resp)["study_summaries"]
+            except OSError:
+                return None
+
+        listed = wait_for(studies, 60, "the dashboard to answer")
+        names = {s["study_name"] for s in listed}
+        assert {"tiny/mlp-mnist1d/adam/l2", "tiny/mlp-mnist1d/adam/decoupled"} <= names
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out
+
+
+# -- devices, faults, resume, concurrency --------------------------------------------------
+
+
+def test_device_assignment_one_worker_per_device(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 4})
+    r = cli("launch", str(spec), "--devices", "0,1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    df = pd.concat([trials_frame(journal(tmp_path), "tiny"), evaluations_frame(journal(tmp_path), "tiny")])
+    per_worker = df.groupby("worker").cuda_visible_devices.unique()
+    assert all(len(devs) == 1 for devs in per_worker), per_worker
+    assigned = sorted(d[0] for d in per_worker)
+    assert assigned == ["0", "1"], per_worker  # each device has its own worker
+
+
+def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
+    spec = write_spec(tmp_path, regularizers=["decoupled"],
+                      search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},
+                      task_defaults={"epochs": 25}, evaluation={"seeds": 1})
+    launcher = popen("launch", str(spec), "--workers", "2", "--quiet")
+    try:
+        victim = wait_for(lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")[0]
+        time.sleep(0.5)  # mid-trial
+        pid = int(victim["worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
+    df = trials_frame(storage, "tiny")
+    failed = df[df.state == "FAIL"]
+    assert list(failed.trial) == [victim["trial"]]
+    assert "died" in failed.reason.iloc[0]
+    retry = df[df.retry_of == victim["trial"]]
+    assert len(retry) == 1 and retry.state.iloc[0] == "COMPLETE"
+    assert retry.lr.iloc[0] == victim["lr"] and retry.weight_decay.iloc[0] == victim["weight_decay"]
+
+
+def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 15})
+    launcher = subprocess.Popen([sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "2", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(running_trials(tmp_path, "tiny")) >= 2, 180, "two running trials")
+    launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err
+    assert "resume" in err and "Traceback" not in err
+    storage = journal(tmp_path)
+    df = trials_frame(storage, "tiny")
+    assert (df.state != "RUNNING").all()
+    interrupted = df[df.state == "FAIL"]
+    assert len(interrupted) >= 1
+    assert (df.state == "WAITING").sum() == len(interrupted)  # each one queued again
+
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=4, seeds=2, cells=2)
+    df = trials_frame(storage, "tiny")
+    for _, t in df[df.state == "FAIL"].iterrows():
+        retry = df[(df.retry_of == t.trial) & (df.cell == t.cell)]
+        assert len(retry) == 1 and retry.lr.iloc[0] == t.lr
+
+
+def test_eight_workers_share_the_embedded_storage(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 8}, task_defaults={"epochs": 1},
+                      evaluation={"seeds": 2})
+    r = cli("launch", str(spec), "--workers", "8", "--quiet", timeout=900)
+    assert r.returncode == 0, r.stderr
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=8, seeds=2, cells=2)
+    df = trials_frame(storage, "tiny")
+    assert (df.state == "COMPLETE").all()
+    logs = "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("*.log"))
+    assert "locked" not in logs and "Traceback" not in logs
+    assert df.worker.nunique() >= 2
+
+
+def test_divergence_ends_the_trial_and_the_study_goes_on(tmp_path):
+    spec = write_spec(tmp_path, optimizers=[{"name": "sgd", "momentum": 0.9}], regularizers=["none", "l2"],
+                      search={"lr": {"low": 1e4, "high": 1e6}, "weight_decay": {"low": 1e-5, "high": 1e-3},
+                              "trials": 2})
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = trials_frame(journal(tmp_path), "tiny")
+    assert len(df) == 4 and (df.state == "PRUNED").all()
+    assert (df.outcome == "diverged").all() and df.reason.str.contains("nan|inf").all()
+    prog = progress_frame(journal(tmp_path), "tiny")
+    assert (prog.eval_total == 0).all()
+
+
+def test_postgresql_two_workers_on_one_study(tmp_path):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, name=name, storage=PG_URL, search={"trials": 3})
+    procs = [popen("worker", str(spec), "--single") for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    storage = open_storage(PG_URL)
+    try:
+        assert_exact(storage, name, budget=3, seeds=2, cells=2)
+        df = pd.concat([trials_frame(storage, name), evaluations_frame(storage, name)])
+        assert df.worker.nunique() == 2  # both workers took units
+    finally:
+        for s in storage.get_all_studies():
+            if s.study_name.startswith(f"{name}/"):
+                optuna.delete_study(study_name=s.study_name, storage=storage)
+
+
+# -- bad specs ------------------------------------------------------------------------------
+
+
+BAD_SPECS = [
+    ({"colour": "red"}, "colour='red': unknown key"),
+    ({"search": {"trials": "many"}}, "search.trials='many'"),
+    ({"search": {"lr": {"low": 1e-2, "high": 1e-3}}}, "search.lr"),
+    ({"search": {"lr": {"low": -1, "high": 1e-3}}}, "search.lr.low=-1"),
+    ({"search": {"lr": {"low": 1e-3, "high": 1e-3}}}, "must be below high"),
+    ({"search": {"weight_decay": {"l2": {"low": 1e-6, "high": 1e-1}, "decoupled": {"low": 1e-2, "high": 1}}}},
+     "equally wide in decades"),
+    ({"tasks": ["mlp-imagenet"]}, "tasks.0.name='mlp-imagenet'"),
+    ({"optimizers": ["rmsprop"]}, "optimizers.0.name='rmsprop'"),
+    ({"regularizers": ["l1"]}, "regularizers=['l1']: unknown regularizer 'l1'"),
+    ({"optimizers": [{"name": "adam", "weight_decay": 0.01}]}, "optimizers.0.weight_decay=0.01"),
+    ({"search": {"sampler": "cmaes"}}, "search.sampler='cmaes'"),
+    ({"search": {"pruner": "asha"}}, "search.pruner='asha'"),
+    ({"tasks": [{"name": "mlp-mnist1d", "epochs": 0}]}, "tasks.0.epochs=0"),
+]
+
+
+@pytest.mark.parametrize("over,needle", BAD_SPECS)
+def test_bad_spec_exit_2_naming_file_key_and_value(tmp_path, capsys, over, needle):
+    spec = write_spec(tmp_path, **over)
+    code = main(["launch", str(spec), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and str(spec) in err, err
+    assert all(line.startswith("wdstudy: error: ") for line in err.strip().splitlines())
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_yaml_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntasks: [mlp-mnist1d\n")
+    assert main(["launch", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not valid YAML" in err and "line" in err
+    assert main(["launch", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_changed_spec_is_refused_on_resume(finished_study, tmp_path, capsys):
+    src_tmp, spec, _ = finished_study
+    changed = yaml.safe_load(spec.read_text())
+    changed["search"]["lr"] = {"low": 1e-4, "high": 1e-2}
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    assert main(["status", str(path)]) == 0  # status reads only
+    assert main(["launch", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "spec changed" in err and "lr_range" in err
+
+
+def test_shipped_specs_are_valid():
+    from wdstudy.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1] / "studies"
+    names = {p.stem for p in root.glob("*.yaml")}
+    assert {"quickstart", "mnist1d-full", "cifar10-adamw"} <= names
+    for p in root.glob("*.yaml"):
+        spec = load_spec(p)
+        assert spec.cells()
+    quick = load_spec(root / "quickstart.yaml")
+    assert [c.label for c in quick.cells()] == [
+        f"{t}/adam/{r}" for t in ("mlp-mnist1d", "cnn-mnist1d", "gru-mnist1d") for r in ("l2", "decoupled")
+    ]
+
+
+def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
+    """A worker on 'another machine' dies mid-trial: its heartbeat stops, the next worker
+    (here on this machine) fails that trial and retries the same parameters."""
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
+                      search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
+                      task_defaults={"epochs": 40}, evaluation={"seeds": 1})
+    fast_beat = {**os.environ, "WDSTUDY_HEARTBEAT_INTERVAL": "1", "WDSTUDY_GRACE_PERIOD": "3"}
+    other = subprocess.Popen([sys.executable, "-m", "wdstudy", "worker", str(spec), "--single"],
+                             env={**fast_beat, "WDSTUDY_HOSTNAME": "node-b"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = open_storage(PG_URL)
+    try:
+        def running():
+            df = trials_frame(storage, name)
+            return [] if df.empty else df[df.state == "RUNNING"].to_dict("records")
+
+        victim = wait_for(running, 120, "a running trial on node-b")[0]
+        assert victim["worker"].startswith("node-b:")
+        other.kill()
+        other.wait()
+        r = cli("worker", str(spec), "--single", env=fast_beat)
+        assert r.returncode == 0, r.stderr
+        assert_exact(storage, name, budget=2, seeds=1, cells=1)
+        df = trials_frame(storage, name)
+        failed = df[df.state == "FAIL"]
+        assert list(failed.trial) == [victim["trial"]]
+        retry = df[df.retry_of == victim["trial"]]
+        assert len(retry) == 1 and retry.state.iloc[0] == "COMPLETE" and retry.lr.iloc[0] == victim["lr"]
+    finally:
+        if other.poll() is None:
+            other.kill()
+        for s in storage.get_all_studies():
+            if s.study_name.startswith(f"{name}/"):
+                optuna.delete_study(study_name=s.study_name, storage=storage)
