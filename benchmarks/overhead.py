@@ -2,8 +2,8 @@
 
 For each MNIST-1D task, both sides train the same model (same init), on the same
 in-memory data, batch size, optimizer (Adam + decoupled weight decay, i.e. AdamW in
-the plain loop), cosine schedule and epochs, with one validation pass per epoch and
-a final evaluation of the train and validation splits. The two are run alternately,
+the plain loop), cosine schedule and epochs, with the same running loss and error per epoch,
+one validation pass per epoch and a final evaluation of the train and validation splits. The two are run alternately,
 ``--repeats`` times each, and the ratio of the medians is printed: timings are taken
 on a shared, noisy machine, so only the ratio in one run means anything.
 
@@ -45,13 +45,18 @@ def plain_run(task, data, seed: int = 0) -> float:
     for epoch in range(task.epochs):
         model.train()
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        losses, wrong = [], []
         for i in range(steps_per_epoch):
             sel = idx[i * b : (i + 1) * b]
-            loss = F.cross_entropy(model(x[sel]), y[sel])
+            logits = model(x[sel])
+            loss = F.cross_entropy(logits, y[sel])
+            losses.append(loss.detach())  # the same running metrics wdstudy records
+            wrong.append((logits.detach().argmax(1) != y[sel]).sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        float(torch.stack(losses).mean()), float(torch.stack(wrong).sum())
         evaluate(model, data.val, task.eval_batch_size)  # per-epoch validation
     evaluate(model, data.train, task.eval_batch_size)
     return evaluate(model, data.val, task.eval_batch_size)[1]

@@ -411,3 +411,24 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
         for s in storage.get_all_studies():
             if s.study_name.startswith(f"{name}/"):
                 optuna.delete_study(study_name=s.study_name, storage=storage)
+
+
+def test_slot_planning_and_progress_text():
+    from wdstudy.errors import WdstudyError
+    from wdstudy.launch import format_progress, plan_slots, progress_line
+
+    slots = plan_slots("0,1", None)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
+    cpu = plan_slots("cpu", 3)
+    assert len(cpu) == 3 and all(s["CUDA_VISIBLE_DEVICES"] == "" and s["WDSTUDY_ACCELERATOR"] == "cpu" for s in cpu)
+    assert plan_slots("auto", None)  # no GPU here: one CPU worker per core
+    with pytest.raises(WdstudyError, match="--devices='0,0'"):
+        plan_slots("0,0", None)
+    with pytest.raises(WdstudyError, match="--workers=0"):
+        plan_slots("cpu", 0)
+    df = pd.DataFrame([{"cell": "t/adam/l2", "budget": 10, "done": 4, "complete": 3, "pruned": 1, "fail": 1,
+                        "running": 2, "waiting": 0, "best": 0.1234, "eval_done": 0, "eval_total": 3}])
+    table = format_progress(df, 65, 125)
+    assert "t/adam/l2" in table and "4/10" in table and "0.1234" in table and "0:02:05 left" in table
+    line = progress_line(df, 65, None)
+    assert line == "[0:01:05] trials 4/10 · evaluation 0/3 · running 2 · failed 1 · pruned 1"

@@ -187,7 +187,9 @@ def test_metrics_and_determinism():
     assert m["steps"] == 3 * 29 and m["epochs"] == 3 and m["device"] == "cpu"
     assert [row["epoch"] for row in a.history] == [0, 1, 2]
     for row in a.history:
-        assert {"val_loss", "val_error", "train_loss_running", "lr", "weight_norm", "l2_penalty"} <= set(row)
+        assert {"val_loss", "val_error", "train_loss_running", "train_error_running", "lr", "weight_norm",
+                "l2_penalty"} <= set(row)
+        assert 0 <= row["train_error_running"] <= 1
     # the final validation metrics are the last epoch's validation pass
     assert a.history[-1]["val_error"] == pytest.approx(m["val_error"])
     # cosine schedule: the learning rate decreases epoch by epoch
@@ -219,3 +221,12 @@ def test_bad_run_arguments():
         train_run(task, "rmsprop", "l2", 0.1, 1e-3)
     with pytest.raises(WdstudyError, match="schedule='linear'"):
         train_run(task, "adam", "l2", 0.1, 1e-3, schedule="linear")
+
+
+def test_gradient_clipping_option():
+    with pytest.raises(WdstudyError, match="grad_clip=-1"):
+        task_config("gru-mnist1d", grad_clip=-1)
+    task = task_config("mlp-mnist1d", epochs=1, width=32)
+    plain = train_run(task, "adam", "l2", 1e-2, 1e-4, accelerator="cpu")
+    clipped = train_run(task.model_copy(update={"grad_clip": 0.01}), "adam", "l2", 1e-2, 1e-4, accelerator="cpu")
+    assert clipped.metrics["train_loss"] != plain.metrics["train_loss"]

@@ -123,6 +123,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .launch import write_report
+
+    return write_report(args.spec, args.storage)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
     from .launch import format_progress, resolve_url
@@ -207,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     pool_options(p)
     p.add_argument("--single", action="store_true", help="run one worker in this process")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
+    spec_and_storage(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="progress of a study, without running anything")
     spec_and_storage(p)

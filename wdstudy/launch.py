@@ -93,6 +93,14 @@ def format_progress(df, elapsed: float | None = None, eta: float | None = None) 
     return "\n".join(lines)
 
 
+def progress_line(df, elapsed: float, eta: float | None) -> str:
+    """One line for logs (no terminal): totals over all cells."""
+    line = (f"[{_hms(elapsed)}] trials {int(df.done.sum())}/{int(df.budget.sum())} · "
+            f"evaluation {int(df.eval_done.sum())}/{int(df.eval_total.sum())} · running {int(df.running.sum())} · "
+            f"failed {int(df.fail.sum())} · pruned {int(df.pruned.sum())}")
+    return line + (f" · about {_hms(eta)} left" if eta is not None else "")
+
+
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -153,7 +161,7 @@ def run_pool(
                 rem = _remaining_units(df)
                 finished_units = remaining0 - rem
                 eta = rem * elapsed / finished_units if finished_units > 0 else None
-                text = format_progress(df, elapsed, eta)
+                text = format_progress(df, elapsed, eta) if tty or done else progress_line(df, elapsed, eta)
                 if tty and drawn:
                     sys.stdout.write(f"\x1b[{drawn}F\x1b[J")
                 print(text, flush=True)
@@ -218,6 +226,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
     paths = export(store, spec.name, out)
     print(summary_text(store, spec.name))
     print(f"exported {', '.join(os.path.relpath(p) for p in paths)}")
+    write_report(spec_path, storage, quiet=quiet)
     if not complete:
         print("wdstudy: some units did not finish (see the logs in " f"{os.path.relpath(out / 'logs')})", file=sys.stderr)
         return 1
@@ -250,3 +259,19 @@ def summary_text(storage, study: str) -> str:
             f"{label:<34} {best.value:>9.4f} {best.lr:>9.3g} {best.weight_decay:>9.3g} {te:>17} {gap:>17}"
         )
     return "\n".join(lines)
+
+
+def write_report(spec_path: str, storage: str | None = None, quiet: bool = False) -> int:
+    """Build the study's report from its storage alone into the spec's output folder."""
+    from .report import build_report
+
+    spec = load_spec(spec_path)
+    url = resolve_url(spec, storage)
+    if not is_rdb(url) and not Path(url).exists():
+        raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
+    label = url if is_rdb(url) else os.path.relpath(url)
+    start = time.monotonic()
+    paths = build_report(open_storage(url), spec.name, spec.output_dir(), label)
+    print(f"report: {os.path.relpath(paths.html)} and {os.path.relpath(paths.pdf)} "
+          f"({time.monotonic() - start:.1f} s)")
+    return 0

@@ -116,6 +116,15 @@ def _sampler(spec: StudySpec, cell: Cell, n: int) -> optuna.samplers.BaseSampler
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True, multivariate=True)
 
 
+def _metric_names(study: optuna.Study, name: str) -> None:
+    """Name the objective, so the dashboard labels its axes with it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([name])
+
+
 def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> None:
     """Create every cell's study (idempotent) and record what it is; refuse a changed spec."""
     from .errors import WdstudyError
@@ -128,7 +137,7 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> No
         record = cell_record(spec, cell)
         stored = study.user_attrs.get("cell")
         if stored is None:
-            study.set_metric_names([spec.search.objective])
+            _metric_names(study, spec.search.objective)
             study.set_user_attr("cell", record)
             study.set_user_attr("versions", versions)
             if spec_yaml is not None:
@@ -165,7 +174,7 @@ def _eval_study(spec: StudySpec, cell: Cell, storage, search: optuna.Study) -> o
         return None  # nothing to evaluate: every trial pruned or failed
     best = min(complete, key=lambda t: t.value)
     ev = optuna.create_study(study_name=cell.eval_name, storage=storage, direction="minimize", load_if_exists=True)
-    ev.set_metric_names(["test_error"])
+    _metric_names(ev, "test_error")
     ev.set_user_attr("best_trial", best.number)
     ev.set_user_attr("best_value", best.value)
     ev.set_user_attr("best_params", best.params)

@@ -118,9 +118,11 @@ class Classifier(LightningModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
-        #: One row per epoch: epoch, lr, train_loss_running, val_loss, val_error.
+        #: One row per epoch: epoch, lr, val_loss, val_error, and train_loss_running /
+        #: train_error_running (minibatch averages in train mode, as the epoch went).
         self.history: list[dict[str, Any]] = []
         self._losses: list[Tensor] = []
+        self._wrong: list[Tensor] = []
         self._sizes: list[int] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -155,24 +157,28 @@ class Classifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
-        self._losses, self._sizes = [], []
+        self._losses, self._wrong, self._sizes = [], [], []
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
-        self._losses.append(loss.detach())  # summed once per epoch: no per-step sync or op
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        # summed once per epoch: no per-step synchronization
+        self._losses.append(loss.detach())
+        self._wrong.append((logits.detach().argmax(1) != y).sum())
         self._sizes.append(len(y))
         return loss
 
     def on_train_epoch_end(self) -> None:
         sizes = torch.tensor(self._sizes, dtype=torch.float64, device=self.device)
         running = float(torch.stack(self._losses).double() @ sizes / sizes.sum())
+        running_error = float(torch.stack(self._wrong).sum() / sizes.sum())
         row = self.history[-1] if self.history and self.history[-1]["epoch"] == self.current_epoch else None
         if row is None:
             row = {"epoch": self.current_epoch}
             self.history.append(row)
-        row.update(lr=self._epoch_lr, train_loss_running=running)
+        row.update(lr=self._epoch_lr, train_loss_running=running, train_error_running=running_error)
         if not math.isfinite(running):
             raise DivergedError(f"training loss is {running} in epoch {self.current_epoch}")
 
@@ -302,7 +308,8 @@ def train_run(
         eval_batch_size=task.eval_batch_size,
         seed=seed,
     )
-    trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator)
+    trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator,
+                           gradient_clip_val=task.grad_clip)
     trainer.fit(module)
 
     model = module.model

@@ -43,6 +43,7 @@ class TaskConfig(BaseModel):
     kernel_size: int | None = Field(None, ge=1)
     batch_norm: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (after L2 is added)")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(2000, ge=1)

@@ -1,0 +1,233 @@
+"""Reports: statistics against scipy, a real tiny study end to end, partial studies, escaping."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from pypdf import PdfReader
+from scipy import stats as st
+
+from wdstudy.config import validate
+from wdstudy.report import SECTIONS, build_report
+from wdstudy.search import Worker, ensure_studies
+from wdstudy.spec import StudySpec
+from wdstudy.stats import coupling, mean_ci, welch_test
+from wdstudy.storage import open_storage
+from wdstudy.synthetic import add_evaluation, add_trials, fill
+
+# -- statistics against scipy ---------------------------------------------------------------
+
+A = [0.112, 0.098, 0.105, 0.121, 0.101]
+B = [0.093, 0.089, 0.101, 0.087]
+
+
+def test_mean_ci_matches_scipy_t_interval():
+    ci = mean_ci(A)
+    lo, hi = st.t.interval(0.95, df=len(A) - 1, loc=np.mean(A), scale=st.sem(A))
+    assert ci.mean == pytest.approx(np.mean(A), abs=1e-15)
+    assert (ci.low, ci.high) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert ci.n == 5
+    one = mean_ci([0.3])
+    assert one.mean == 0.3 and math.isnan(one.low)
+
+
+def test_welch_matches_scipy():
+    r = welch_test(A, B)
+    ref = st.ttest_ind(A, B, equal_var=False)
+    assert r.statistic == pytest.approx(ref.statistic, rel=1e-12)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert r.difference == pytest.approx(np.mean(A) - np.mean(B))
+    assert math.isnan(welch_test([0.1], B).p_value)
+
+
+def test_coupling_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-4, -1, 40)
+    y = -x - 6 + rng.normal(0, 0.2, 40)
+    c = coupling(x, y)
+    fit = st.linregress(x, y)
+    q = st.t.ppf(0.975, 38)
+    assert c.slope == pytest.approx(fit.slope, rel=1e-12)
+    assert (c.slope_low, c.slope_high) == (pytest.approx(fit.slope - q * fit.stderr), pytest.approx(fit.slope + q * fit.stderr))
+    assert c.rho == pytest.approx(st.spearmanr(x, y).statistic, rel=1e-12)
+    assert c.rho_low <= c.rho <= c.rho_high and c.rho_high < -0.8  # strongly coupled
+    flat = coupling(x, rng.uniform(-3, 0, 40))
+    assert flat.rho_low < 0 < flat.rho_high  # independent: the interval covers 0
+
+
+# -- a tiny real study ------------------------------------------------------------------------
+
+
+def tiny_spec(tmp_path: Path, name: str = "rep") -> StudySpec:
+    return validate(StudySpec, {
+        "name": name,
+        "tasks": [{"name": "mlp-mnist1d", "width": 16, "max_train": 400, "epochs": 2}],
+        "optimizers": ["adam"],
+        "regularizers": ["l2", "decoupled"],
+        "search": {"lr": {"low": 1e-3, "high": 1e-2},
+                   "weight_decay": {"l2": {"low": 1e-5, "high": 1e-2}, "decoupled": {"low": 1e-2, "high": 10}},
+                   "sampler": "random", "trials": 5},
+        "evaluation": {"seeds": 3},
+        "output": str(tmp_path / "out"),
+    })
+
+
+class Sections(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.tags, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k == "id":
+                self.ids.append(v)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def real_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    spec = tiny_spec(tmp)
+    url = str(tmp / "out" / "optuna.journal")
+    storage = open_storage(url)
+    ensure_studies(spec, storage, "name: rep\n")
+    Worker(spec, url, poll=0.2, log=lambda m: None).run()
+    paths = build_report(open_storage(url), "rep", tmp / "out", url)
+    return spec, url, paths
+
+
+def test_html_has_every_section_and_cell(real_report):
+    spec, url, paths = real_report
+    page = paths.html.read_text()
+    parser = Sections()
+    parser.feed(page)
+    for key, title in SECTIONS:
+        assert key in parser.ids and title in page
+    for cell in spec.cells():
+        assert cell.task.name in page
+    assert page.count("<figure") == len(paths.figures) >= 5
+    assert "http://" not in page.replace("http://www.w3.org", "") and "<script" not in page  # self-contained
+    assert "Welch" in page and "p = " in page
+
+
+def test_pdf_pages_and_summary_numbers(real_report):
+    spec, url, paths = real_report
+    reader = PdfReader(str(paths.pdf))
+    # summary page, one page per figure, coupling table, appendix
+    assert len(reader.pages) == 1 + len(paths.figures) + 1 + 1
+    text = " ".join(p.extract_text() for p in reader.pages)
+    summary = pd.read_csv(paths.tables[0])
+    for r in summary.itertuples():
+        assert f"{100 * r.test_error:.2f}%" in text
+        assert f"{100 * r.gap_error:+.2f}" in text
+        assert f"{r.lr:.3g}" in text
+
+
+def test_summary_numbers_equal_the_storage(real_report):
+    spec, url, paths = real_report
+    storage = open_storage(url)
+    summary = pd.read_csv(paths.tables[0]).set_index("regularizer")
+    comparison = pd.read_csv(paths.tables[1])
+    tests = {}
+    for cell in spec.cells():
+        search = optuna.load_study(study_name=cell.name, storage=storage)
+        ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
+        runs = ev.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        test = np.array([t.user_attrs["test_error"] for t in runs])
+        gap = np.array([t.user_attrs["test_error"] - t.user_attrs["train_error"] for t in runs])
+        row = summary.loc[cell.regularizer]
+        assert row.best_val == search.best_value
+        assert row.lr == search.best_params["lr"]
+        assert row.weight_decay == search.best_params["weight_decay"]
+        assert row.seeds == len(runs) == 3
+        assert row.test_error == pytest.approx(test.mean(), abs=1e-12)
+        lo, hi = st.t.interval(0.95, len(test) - 1, loc=test.mean(), scale=st.sem(test))
+        assert (row.test_error_low, row.test_error_high) == (pytest.approx(lo), pytest.approx(hi))
+        assert row.gap_error == pytest.approx(gap.mean(), abs=1e-12)
+        tests[cell.regularizer] = test
+    p = st.ttest_ind(tests["decoupled"], tests["l2"], equal_var=False).pvalue
+    assert comparison.test_error_p.iloc[0] == pytest.approx(p)
+
+
+def test_figures_and_tables_written(real_report):
+    spec, url, paths = real_report
+    names = {p.stem for p in paths.figures}
+    assert {"gap", "coupling", "importance"} <= names
+    assert any(n.startswith("landscape_") for n in names) and any(n.startswith("dynamics_") for n in names)
+    for p in paths.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.stem for p in paths.tables} == {"summary", "comparison", "coupling", "importance", "trial_counts"}
+
+
+# -- partial studies and hostile names -----------------------------------------------------------
+
+
+def test_failed_and_running_cells_are_reported(tmp_path):
+    spec = tiny_spec(tmp_path, name="partial")
+    url = str(tmp_path / "j.journal")
+    storage = open_storage(url)
+    ensure_studies(spec, storage, "name: partial\n")
+    rng = np.random.default_rng(0)
+    l2, dec = spec.cells()
+    add_trials(spec, l2, storage, 5, 3, rng)
+    add_evaluation(spec, l2, storage, 3, 3, rng)
+    add_trials(spec, dec, storage, 2, 3, rng)
+    add_trials(spec, dec, storage, 1, 3, rng, state=optuna.trial.TrialState.FAIL)
+    optuna.load_study(study_name=dec.name, storage=storage).ask()  # left RUNNING
+    paths = build_report(open_storage(url), "partial", tmp_path / "out", url)
+    page = paths.html.read_text()
+    assert "This study is not finished" in page and "1 running" in page
+    assert "1 trial(s) failed" in page
+    pdf_text = PdfReader(str(paths.pdf)).pages[0].extract_text()
+    assert "not finished" in pdf_text and "failed" in pdf_text
+    counts = pd.read_csv(tmp_path / "out" / "tables" / "trial_counts.csv").set_index("cell")
+    assert counts.loc["mlp-mnist1d/adam/decoupled", "fail"] == 1
+    assert counts.loc["mlp-mnist1d/adam/decoupled", "running"] == 1
+
+
+def test_user_strings_are_escaped(tmp_path):
+    spec = tiny_spec(tmp_path, name="esc")
+    url = str(tmp_path / "j.journal")
+    storage = open_storage(url)
+    fill(spec, storage, trials=6, seeds=2, epochs=3)
+    evil = "<script>alert('x')</script>"
+    # a storage written by another tool may hold any names: rename a task and add one to the spec text
+    for s in storage.get_all_studies():
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        if "cell" in s.user_attrs:
+            cell = s.user_attrs["cell"]
+            cell["task"]["name"] = evil
+            study.set_user_attr("cell", cell)
+            study.set_user_attr("spec_yaml", f"name: esc\ndescription: {evil}\n")
+    paths = build_report(open_storage(url), "esc", tmp_path / "out", f"{url}?<b>bold</b>")
+    page = paths.html.read_text()
+    assert "<script" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert re.search(r"&lt;b&gt;bold", page)
+
+
+def test_report_cli_rebuilds_from_storage(real_report, tmp_path, capsys):
+    import yaml
+
+    from wdstudy.cli import main
+
+    spec, url, paths = real_report
+    path = tmp_path / "rep.yaml"
+    path.write_text(yaml.safe_dump({**spec.model_dump(mode="json", exclude_none=True), "output": str(Path(url).parent)}))
+    before = paths.html.stat().st_mtime_ns
+    assert main(["report", str(path)]) == 0
+    assert paths.html.stat().st_mtime_ns > before
+    assert "report.html" in capsys.readouterr().out
+    missing = tmp_path / "none.yaml"
+    missing.write_text(yaml.safe_dump({**spec.model_dump(mode="json", exclude_none=True), "output": str(tmp_path / "x")}))
+    assert main(["report", str(missing)]) == 2
