@@ -207,7 +207,7 @@ def test_norm_and_penalty(task):
     reg = L2Regularization(0.2)
     reg.attach(model, [])
     decay, _ = split_parameters(model)
-    sq = sum(float(p.double().square().sum()) for p in decay)
+    sq = sum(float(p.detach().double().square().sum()) for p in decay)
     assert math.isclose(reg.weight_norm(), math.sqrt(sq), rel_tol=1e-12)
     assert math.isclose(reg.penalty(), 0.1 * sq, rel_tol=1e-12)
     dec = DecoupledWeightDecay(0.2)

@@ -231,3 +231,13 @@ def test_report_cli_rebuilds_from_storage(real_report, tmp_path, capsys):
     missing = tmp_path / "none.yaml"
     missing.write_text(yaml.safe_dump({**spec.model_dump(mode="json", exclude_none=True), "output": str(tmp_path / "x")}))
     assert main(["report", str(missing)]) == 2
+
+
+def test_report_of_a_study_without_trials(tmp_path):
+    spec = tiny_spec(tmp_path, name="empty")
+    url = str(tmp_path / "j.journal")
+    ensure_studies(spec, open_storage(url), "name: empty\n")
+    paths = build_report(open_storage(url), "empty", tmp_path / "out", url)
+    page = paths.html.read_text()
+    assert "This study is not finished: 0 of 10 search trials done" in page
+    assert len(PdfReader(str(paths.pdf)).pages) >= 2

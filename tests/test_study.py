@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -432,3 +433,73 @@ def test_slot_planning_and_progress_text():
     assert "t/adam/l2" in table and "4/10" in table and "0.1234" in table and "0:02:05 left" in table
     line = progress_line(df, 65, None)
     assert line == "[0:01:05] trials 4/10 · evaluation 0/3 · running 2 · failed 1 · pruned 1"
+
+
+# -- states that once made workers wait forever, in-process ------------------------------------
+
+
+def test_a_requeued_trial_runs_even_when_every_slot_is_taken(tmp_path):
+    from wdstudy.search import pick_unit
+    from wdstudy.spec import load_spec
+    from wdstudy.synthetic import add_trials
+
+    spec = load_spec(write_spec(tmp_path, regularizers=["decoupled"],
+                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}))
+    storage = open_storage(str(tmp_path / "j.journal"))
+    from wdstudy.search import ensure_studies
+
+    ensure_studies(spec, storage)
+    (cell,) = spec.cells()
+    rng = np.random.default_rng(0)
+    add_trials(spec, cell, storage, 2, 2, rng)
+    add_trials(spec, cell, storage, 1, 2, rng, state=optuna.trial.TrialState.FAIL)
+    study = optuna.load_study(study_name=cell.name, storage=storage)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))[0]
+    study.enqueue_trial(failed.params)  # its retry: 2 complete + 1 waiting = the budget
+    unit, finished = pick_unit(spec, storage)
+    assert unit is not None and unit.kind == "search" and not finished
+
+
+def test_missing_evaluation_seeds_are_queued_again(tmp_path):
+    from wdstudy.search import ensure_studies, pick_unit
+    from wdstudy.spec import load_spec
+    from wdstudy.synthetic import add_trials
+
+    spec = load_spec(write_spec(tmp_path, regularizers=["decoupled"],
+                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
+                                evaluation={"seeds": 3}))
+    storage = open_storage(str(tmp_path / "j.journal"))
+    ensure_studies(spec, storage)
+    (cell,) = spec.cells()
+    add_trials(spec, cell, storage, 2, 2, np.random.default_rng(0))
+    unit, _ = pick_unit(spec, storage)  # creates the eval study, queues the 3 seeds
+    ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
+    assert unit.kind == "eval" and sorted(t.user_attrs["seed"] for t in ev.trials) == [1000, 1001, 1002]
+    # a run that failed past the retry limit leaves its seed without a run: it is queued again
+    waiting = ev.trials[0]
+    ev._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.RUNNING)
+    ev._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.FAIL)
+    pick_unit(spec, storage)
+    seeds = [t.user_attrs["seed"] for t in ev.get_trials() if t.state != optuna.trial.TrialState.FAIL]
+    assert sorted(seeds) == [1000, 1001, 1002]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--task", "mlp-mnist1d", "--set", "width=[1,"], "width='[1,'"),
+    (["train", "--task", "mlp-mnist1d", "--seed=-1", "--epochs", "1"], "seed=-1"),
+    (["status", "SPEC", "--storage", "OUT"], "is a folder"),
+    (["status", "SPEC", "--storage", "mysql://u@h/db"], "storage='mysql://u@h/db'"),
+])
+def test_more_bad_input_is_a_clean_error(tmp_path, capsys, args, needle):
+    spec = write_spec(tmp_path)
+    (tmp_path / "out").mkdir()
+    args = [str(spec) if a == "SPEC" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("wdstudy: error: "), err
+
+
+def test_negative_seed_in_a_spec_is_refused(tmp_path, capsys):
+    spec = write_spec(tmp_path, search={"seed": -1})
+    assert main(["launch", str(spec)]) == 2
+    assert "search.seed=-1" in capsys.readouterr().err

@@ -42,7 +42,9 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
             "lr": t.params.get("lr"),
             "weight_decay": t.params.get("weight_decay", 0.0 if t.params else None),
             "outcome": t.user_attrs.get("outcome"),
-            "reason": t.user_attrs.get("reason") or t.system_attrs.get("fail_reason"),
+            # a retry inherits its failed parent's attributes: a reason belongs to unfinished trials only
+            "reason": None if t.state == TrialState.COMPLETE
+            else (t.user_attrs.get("reason") or t.system_attrs.get("fail_reason")),
             "retry_of": t.system_attrs.get("failed_trial"),
             "worker": t.user_attrs.get("worker"),
             "cuda_visible_devices": t.user_attrs.get("cuda_visible_devices"),

@@ -24,7 +24,10 @@ def _parse_set(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise WdstudyError(f"{item!r}: expected KEY=VALUE, e.g. width=128")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise WdstudyError(f"{key.strip()}={value!r}: not a valid value (YAML syntax)") from None
     return out
 
 
@@ -112,9 +115,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from .search import Worker, WorkerStopped, install_stop_handlers
 
-    install_stop_handlers()
     torch.set_num_threads(int(os.environ.get("WDSTUDY_THREADS", "1")))
     try:
+        install_stop_handlers()
         n = Worker(spec, url).run()
     except WorkerStopped as exc:
         print(f"wdstudy: worker {os.getpid()} {exc}; its trial was re-queued", file=sys.stderr)
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help="also measure the test split")
     p.add_argument("--data-dir", help="folder of a torchvision dataset")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"], help="Lightning accelerator")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task override, e.g. width=128")
     p.add_argument(
         "--optimizer-set", action="append", default=[], metavar="KEY=VALUE",

@@ -22,7 +22,7 @@ from .analysis import export, progress_frame
 from .errors import WdstudyError
 from .search import ensure_studies
 from .spec import StudySpec, load_spec
-from .storage import default_url, is_rdb, open_storage, release_dead_trials
+from .storage import StudyLock, default_url, is_rdb, open_storage, release_dead_trials
 
 MAX_RESTARTS = 5
 
@@ -68,7 +68,7 @@ class Slot:
 
 
 def _start(slot: Slot, spec_path: str, url: str, log_dir: Path) -> None:
-    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "WDSTUDY_PARENT_PID": str(os.getpid())}
     slot.log = log_dir / f"worker-{slot.index}.log"
     cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, "--storage", url, "--single"]
     with open(slot.log, "a") as f:
@@ -128,6 +128,8 @@ def run_pool(
     for s in pool:
         _start(s, spec_path, url, log_dir)
 
+    # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     tty = sys.stdout.isatty() and not quiet and display
     start = time.monotonic()
     first = progress_frame(storage, spec.name)
@@ -146,7 +148,8 @@ def run_pool(
                     s.finished = True
                     continue
                 # A worker died (killed, crashed): fail and retry its trial, start a replacement.
-                release_dead_trials(storage, names, dead_pids={s.proc.pid})
+                with StudyLock(url, spec.name):
+                    release_dead_trials(storage, names, dead_pids={s.proc.pid})
                 if s.restarts >= MAX_RESTARTS:
                     s.finished = True
                     print(f"wdstudy: worker {s.index} failed {s.restarts + 1} times; see {s.log}", file=sys.stderr)
@@ -172,14 +175,21 @@ def run_pool(
             time.sleep(0.5)
     except KeyboardInterrupt:
         interrupted = True
-        _stop_all(pool, storage, names)
+    finally:  # also on any error in this process: never leave workers behind
+        if interrupted or not all(s.finished for s in pool):
+            _stop_all(pool, storage, names, StudyLock(url, spec.name))
+    signal.signal(signal.SIGTERM, previous)
     if interrupted:
         raise KeyboardInterrupt
     df = progress_frame(storage, spec.name)
     return _remaining_units(df) == 0
 
 
-def _stop_all(pool: list[Slot], storage, names: list[str], timeout: float = 60.0) -> None:
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_all(pool: list[Slot], storage, names: list[str], lock: StudyLock, timeout: float = 60.0) -> None:
     """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers."""
     for s in pool:
         if s.proc is not None and s.proc.poll() is None:
@@ -196,7 +206,8 @@ def _stop_all(pool: list[Slot], storage, names: list[str], timeout: float = 60.0
         except subprocess.TimeoutExpired:
             s.proc.kill()
             s.proc.wait()
-    release_dead_trials(storage, names, dead_pids={s.proc.pid for s in pool if s.proc is not None})
+    with lock:
+        release_dead_trials(storage, names, dead_pids={s.proc.pid for s in pool if s.proc is not None})
 
 
 def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
@@ -205,7 +216,8 @@ def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
     url = resolve_url(spec, storage)
     store = open_storage(url)
     ensure_studies(spec, store, Path(spec_path).read_text())
-    release_dead_trials(store, [n for c in spec.cells() for n in (c.name, c.eval_name)])
+    with StudyLock(url, spec.name):
+        release_dead_trials(store, [n for c in spec.cells() for n in (c.name, c.eval_name)])
     return spec, url
 
 

@@ -109,7 +109,9 @@ def compute_tables(d: ReportData) -> None:
     for name, cell in d.cells.items():
         t = d.trials[d.trials.cell == name] if not d.trials.empty else d.trials
         comp = t[t.state == "COMPLETE"] if len(t) else t
-        e = d.evals[(d.evals.cell == name) & (d.evals.state == "COMPLETE")] if not d.evals.empty else d.evals
+        e_all = d.evals[d.evals.cell == name] if not d.evals.empty else d.evals
+        e = e_all[e_all.state == "COMPLETE"] if len(e_all) else e_all
+        diverged = int((e_all.state == "PRUNED").sum()) if len(e_all) else 0
         best = comp.loc[comp.value.idxmin()] if len(comp) else None
         lr_lo, lr_hi = cell["lr_range"]
         wd_range = cell["weight_decay_range"]
@@ -130,6 +132,7 @@ def compute_tables(d: ReportData) -> None:
             "lr_edge": "" if best is None else _edge(best.lr, lr_lo, lr_hi),
             "weight_decay_edge": "" if best is None or wd_range is None else _edge(best.weight_decay, *wd_range),
             "seeds": test.n,
+            "diverged_seeds": diverged,
             "test_error": test.mean, "test_error_low": test.low, "test_error_high": test.high,
             "train_error": train.mean,
             "gap_error": gap.mean, "gap_error_low": gap.low, "gap_error_high": gap.high,
@@ -176,7 +179,7 @@ def compute_tables(d: ReportData) -> None:
 
     imp_rows = []
     for name, cell in d.cells.items():
-        if cell["weight_decay_range"] is None:
+        if cell["weight_decay_range"] is None or d.trials.empty:
             continue
         t = d.trials[(d.trials.cell == name) & (d.trials.state == "COMPLETE")]
         if len(t) < 4:
@@ -258,7 +261,8 @@ def _status(d: ReportData) -> list[str]:
             "The report shows what exists so far."
         )
     if failed:
-        lines.append(f"{failed} trial(s) failed (killed or crashed workers); their parameters were retried.")
+        lines.append(f"{failed} trial(s) failed (killed or crashed workers); their parameters were queued "
+                     "again, up to 3 times each.")
     no_eval = p[(p.done >= p.budget) & (p.eval_total == 0)]
     for r in no_eval.itertuples():
         lines.append(f"Cell {r.cell}: every search trial was pruned or diverged; nothing to evaluate.")
@@ -392,7 +396,7 @@ def _edges(centers: np.ndarray) -> np.ndarray:
 
 
 def fig_coupling(d: ReportData) -> Figure | None:
-    if d.coupling.empty:
+    if d.coupling.empty or d.trials.empty:
         return None
     keys = list(dict.fromkeys(zip(d.coupling.task, d.coupling.optimizer)))
     regs = [r for r in ("l2", "decoupled") if r in set(d.coupling.regularizer)]
@@ -532,7 +536,8 @@ def summary_rows(d: ReportData) -> list[list[str]]:
     rows = []
     for r in d.summary.itertuples():
         warn = "; ".join(w for w in (
-            f"lr at {r.lr_edge}" if r.lr_edge else "", f"λ at {r.weight_decay_edge}" if r.weight_decay_edge else "") if w)
+            f"lr at {r.lr_edge}" if r.lr_edge else "", f"λ at {r.weight_decay_edge}" if r.weight_decay_edge else "",
+            f"{r.diverged_seeds} seed(s) diverged, left out of the means" if r.diverged_seeds else "") if w)
         rows.append([
             r.task, r.optimizer, REG_LABEL[r.regularizer], _pct(r.best_val) if "error" in d.objective else _num(r.best_val),
             f"{_pct(r.test_error)} ± {100 * (r.test_error_high - r.test_error_low) / 2:.2f}" if r.seeds > 1 else _pct(r.test_error),
@@ -589,12 +594,15 @@ def overview_lines(d: ReportData) -> list[str]:
     wall = d.trials.wall_time_s.sum() + (d.evals.wall_time_s.sum() if not d.evals.empty else 0) if not d.trials.empty else 0
     devices = sorted(set(d.trials.device.dropna()) | (set(d.evals.device.dropna()) if not d.evals.empty else set())) \
         if not d.trials.empty else []
+    per_reg = {REG_LABEL[c["regularizer"]]: c["budget"] for c in cells}
+    budgets = (str(c0["budget"]) if len(set(per_reg.values())) == 1
+               else ", ".join(f"{b} ({r})" for r, b in per_reg.items()))
     ranges = "; ".join(
         f"{REG_LABEL[c['regularizer']]}: {c['weight_decay_range'][0]:.3g}–{c['weight_decay_range'][1]:.3g}"
         for c in {c["regularizer"]: c for c in cells}.values() if c["weight_decay_range"])
     return [
         f"Tasks: {', '.join(tasks)}. Optimizers: {', '.join(opts)}. Regularizers: {', '.join(REG_LABEL[r] for r in regs)}.",
-        f"Search: {c0['sampler']} sampler, seed {c0['seed']}, {c0['budget']} trials per cell, pruner {c0['pruner']}, "
+        f"Search: {c0['sampler']} sampler, seed {c0['seed']}, {budgets} trials per cell, pruner {c0['pruner']}, "
         f"objective {c0['objective']}; learning rate {c0['lr_range'][0]:.3g}–{c0['lr_range'][1]:.3g} (log); λ {ranges} (log).",
         f"Schedule: {c0['schedule']}; {'all parameters regularized' if c0['decay_all'] else 'biases and normalization parameters not regularized'}.",
         f"Evaluation: best configuration of each cell retrained with seeds {', '.join(map(str, c0['eval_seeds']))} "
@@ -719,7 +727,8 @@ def render_html(d: ReportData, figures: list[Figure], pngs: dict) -> str:
     parts.append("<p>best val: the search objective of the best trial (validation split). test error and gaps: "
                  "mean ± half-width of the 95% interval over evaluation seeds; gap = test − train, in error "
                  "points and in cross-entropy. A warning marks a chosen value within 5% (of the log-range) of "
-                 "an edge of its searched range: the optimum may lie outside it.</p>")
+                 "an edge of its searched range (the optimum may lie outside it), and evaluation seeds that diverged "
+                 "(they are left out of the means and the tests).</p>")
     if len(d.comparison):
         parts.append(_table_html(COMPARISON_HEAD, comparison_rows(d)))
     titles = dict(SECTIONS)
@@ -797,7 +806,7 @@ def render_pdf(d: ReportData, figures: list[Figure], pngs: dict[str, bytes], pat
         blocks.append(("pre", _fixed_table(summary_head, [r[:-1] for r in summary_rows(d)])))
         warns = [f"{r[0]} · {r[1]} · {r[2]}: {r[-1]}" for r in summary_rows(d) if r[-1]]
         if warns:
-            blocks.append(("p", "Warnings (chosen value at the edge of its searched range): " + "; ".join(warns)))
+            blocks.append(("p", "Warnings: " + "; ".join(warns)))
         if len(d.comparison):
             blocks.append(("pre", _fixed_table(COMPARISON_HEAD[:-1], [r[:-1] for r in comparison_rows(d)])))
         _text_page(pdf, f"1. Summary — L2 vs decoupled weight decay ({d.study})", blocks)

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from .spec import Cell, StudySpec
 from .storage import (
+    MAX_RETRY,
     StudyLock,
     fail_and_retry,
     is_rdb,
@@ -102,7 +103,7 @@ def _pruner(spec: StudySpec, cell: Cell) -> optuna.pruners.BasePruner:
 def _sampler(spec: StudySpec, cell: Cell, n: int) -> optuna.samplers.BaseSampler:
     """A sampler seeded by (search seed, trial number): reproducible, distinct per trial,
     and the same sequence in every cell (fair), whichever worker asks."""
-    seed = spec.search.seed * 100_003 + n
+    seed = (spec.search.seed * 100_003 + n) % 2**32
     s = spec.search
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -177,10 +178,25 @@ def _eval_study(spec: StudySpec, cell: Cell, storage, search: optuna.Study) -> o
     _metric_names(ev, "test_error")
     ev.set_user_attr("best_trial", best.number)
     ev.set_user_attr("best_value", best.value)
-    ev.set_user_attr("best_params", best.params)
-    for seed in cell_record(spec, cell)["eval_seeds"]:
-        ev.enqueue_trial(best.params, user_attrs={"seed": seed})
+    ev.set_user_attr("best_params", best.params)  # pick_unit queues one run per seed from these
     return ev
+
+
+def _enqueue_missing_seeds(spec: StudySpec, cell: Cell, ev: optuna.Study) -> None:
+    """Queue every evaluation seed that has no live or finished run (an interrupted enqueue,
+    or a run that failed more often than the retry limit)."""
+    trials = ev.get_trials(deepcopy=False)
+    alive = {t.user_attrs.get("seed") for t in trials if t.state != TrialState.FAIL}
+    failures: dict[int, int] = {}
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            failures[t.user_attrs.get("seed")] = failures.get(t.user_attrs.get("seed"), 0) + 1
+    params = ev.user_attrs.get("best_params")
+    if params is None:
+        return
+    for seed in cell_record(spec, cell)["eval_seeds"]:
+        if seed not in alive and failures.get(seed, 0) <= 2 * MAX_RETRY:  # give up on a seed that keeps crashing
+            ev.enqueue_trial(params, user_attrs={"seed": seed})
 
 
 def pick_unit(spec: StudySpec, storage) -> tuple[Unit | None, bool]:
@@ -193,7 +209,8 @@ def pick_unit(spec: StudySpec, storage) -> tuple[Unit | None, bool]:
         budget = spec.budget(cell.regularizer)
         reserved = sum(c.get(s, 0) for s in RESERVED)
         done = sum(c.get(s, 0) for s in DONE)
-        if reserved < budget:
+        # a WAITING trial (a re-queued failure) is runnable even when every slot is reserved
+        if reserved < budget or c.get(TrialState.WAITING, 0):
             finished = False
             if best_search is None or reserved < best_search[0]:
                 best_search = (reserved, i, Unit("search", cell, study))
@@ -204,6 +221,7 @@ def pick_unit(spec: StudySpec, storage) -> tuple[Unit | None, bool]:
         ev = _eval_study(spec, cell, storage, study)
         if ev is None:
             continue
+        _enqueue_missing_seeds(spec, cell, ev)
         ec = _counts(ev.get_trials(deepcopy=False))
         if ec.get(TrialState.WAITING, 0):
             return Unit("eval", cell, ev), False
@@ -237,6 +255,7 @@ class Worker:
         names = [n for c in self.spec.cells() for n in (c.name, c.eval_name)]
         ran = 0
         while max_units is None or ran < max_units:
+            STOP.defer()  # no interruption between "create a trial" and "the trial is owned"
             self.lock.acquire()
             try:
                 release_dead_trials(self.storage, names)
@@ -247,15 +266,18 @@ class Worker:
                     self.lock.release()
                     if finished:
                         return ran
+                    STOP.allow()
                     time.sleep(self.poll)
                     continue
                 self._run_unit(unit)  # releases the lock once its trial exists
+                self._current = None
             except WorkerStopped:
                 self._retry_current("worker stopped by a signal")
                 raise
             finally:
                 self.lock.release()
             ran += 1
+            STOP.allow()
         return ran
 
     def _fail_stale(self, names: list[str]) -> None:
@@ -296,7 +318,9 @@ class Worker:
 
         def guarded(trial: optuna.Trial) -> float:
             try:
-                return objective(trial)
+                value = objective(trial)
+                STOP.defer()  # let Optuna record the result before stopping
+                return value
             except WorkerStopped as exc:
                 trial.set_user_attr("reason", f"worker {exc}")
                 raise
@@ -306,10 +330,12 @@ class Worker:
     # -- objectives -------------------------------------------------------------------------
 
     def _begin(self, trial: optuna.Trial, cell: Cell) -> tuple[float, float]:
-        """First lines of every objective: release the lock, tag the trial, read its params."""
-        self.lock.release()
+        """First lines of every objective: tag the trial, release the lock, read its params."""
         self._current = (trial.study, trial._trial_id)
+        # owned before the lock is released, so a dead worker's trial is always recognisable
         trial.study._storage.set_trial_system_attr(trial._trial_id, "owner", owner_tag())
+        self.lock.release()
+        STOP.allow()  # from here an interruption fails the trial, which is then queued again
         trial.set_user_attr("worker", owner_tag())
         if trial.user_attrs.get("reason") is not None:  # a retry inherits the failed trial's attributes
             trial.set_user_attr("reason", None)
@@ -378,13 +404,52 @@ class Worker:
         )
 
 
-def install_stop_handlers() -> None:
-    """SIGINT / SIGTERM raise WorkerStopped (once), so the running trial ends FAILED and is retried."""
+class _StopSignal:
+    """SIGINT / SIGTERM handling of a worker: raise WorkerStopped, or hold it while deferred.
 
-    def handler(signum, frame):
+    Deferred while the worker holds the study lock and creates a trial, and while Optuna
+    records a finished trial: an interruption there would leave a RUNNING trial that no
+    one owns. The held signal is raised at the next :meth:`allow`.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self.pending: int | None = None
+
+    def handler(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.deferred:
+            self.pending = signum
+            return
         raise WorkerStopped(f"stopped by signal {signum}")
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def allow(self) -> None:
+        self.deferred = False
+        if self.pending is not None:
+            raise WorkerStopped(f"stopped by signal {self.pending}")
+
+
+STOP = _StopSignal()
+
+
+def install_stop_handlers() -> None:
+    """SIGINT / SIGTERM raise WorkerStopped (once), so the running trial ends FAILED and is retried."""
+    handler = STOP.handler
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    parent = os.environ.get("WDSTUDY_PARENT_PID")
+    if parent and sys.platform.startswith("linux"):
+        # started by a launcher: if it dies, stop too (SIGTERM), rather than train on unsupervised
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if str(os.getppid()) != parent:  # it died before we got here
+            os.kill(os.getpid(), signal.SIGTERM)

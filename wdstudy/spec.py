@@ -73,7 +73,7 @@ class SearchSpec(BaseModel):
     grid_points: int | None = Field(None, ge=1, description="grid sampler: points per axis")
     startup_trials: int | None = Field(None, ge=1, description="TPE: random trials before modelling")
     pruner: Literal["none", "median", "hyperband"] = "none"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     objective: Literal["val_error", "val_loss"] = "val_error"
 
     @model_validator(mode="after")
@@ -94,7 +94,7 @@ class SearchSpec(BaseModel):
 class EvaluationSpec(BaseModel):
     model_config = _STRICT
     seeds: int = Field(3, ge=1, description="retrainings of each cell's best configuration")
-    first_seed: int = Field(1000, description="seeds first_seed, first_seed+1, ... (the search uses search.seed)")
+    first_seed: int = Field(1000, ge=0, lt=2**31, description="seeds first_seed, first_seed+1, ... (the search uses search.seed)")
 
 
 class StudySpec(BaseModel):

@@ -6,7 +6,7 @@
   without a server. A worker that dies is noticed by the launcher (its process) or by any
   later worker on the same host (its pid is gone); its RUNNING trial is failed and its
   parameters retried.
-* **PostgreSQL** (``postgresql://...``, or any SQLAlchemy URL): Optuna's ``RDBStorage``
+* **PostgreSQL** (``postgresql://...``; ``sqlite:///PATH`` for one machine): Optuna's ``RDBStorage``
   with heartbeats. A trial whose worker stops beating for ``grace_period`` seconds, on any
   machine, is failed by the next worker and retried with ``RetryHeartbeatStaleTrialCallback``.
 
@@ -49,6 +49,9 @@ def is_rdb(url: str) -> bool:
     return "://" in url
 
 
+RDB_SCHEMES = ("postgresql", "sqlite")
+
+
 def retry_callback() -> RetryHeartbeatStaleTrialCallback:
     """Optuna's retry: enqueue a failed trial's parameters as a WAITING trial (at most 3 times)."""
     with warnings.catch_warnings():
@@ -59,6 +62,12 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open the storage at ``url``: an RDB URL, or a path to a journal file."""
     if is_rdb(url):
+        scheme = url.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in RDB_SCHEMES or url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+            raise WdstudyError(
+                f"storage={url!r}: use postgresql://USER@HOST/DB (many machines), sqlite:///PATH, "
+                "or a journal file path (the default)"
+            )
         try:
             with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -73,7 +82,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WdstudyError(f"storage={url!r}: cannot open ({first})") from None
     path = Path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise WdstudyError(f"storage={url!r}: is a folder; give the journal file, e.g. {path / 'optuna.journal'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WdstudyError(f"storage={url!r}: cannot create its folder ({exc.strerror})") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(str(path)))
@@ -171,10 +185,18 @@ def _alive(pid: int) -> bool:
 
 
 def fail_and_retry(study: optuna.Study, trial_id: int, number: int, reason: str) -> None:
-    """Mark a RUNNING trial FAIL with ``reason`` and enqueue its parameters again."""
+    """Mark a RUNNING trial FAIL with ``reason`` and enqueue its parameters again.
+
+    Does nothing if the trial has finished meanwhile (another process released it).
+    """
     storage = study._storage
-    storage.set_trial_system_attr(trial_id, "fail_reason", reason)
-    if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+    if storage.get_trial(trial_id).state != TrialState.RUNNING:
+        return
+    try:
+        storage.set_trial_system_attr(trial_id, "fail_reason", reason)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:
         return
     retry_callback()(study, storage.get_trial(trial_id))
 

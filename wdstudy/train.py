@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
@@ -290,6 +291,8 @@ def train_run(
     if schedule not in SCHEDULES:
         raise bad_value("schedule", schedule, f"unknown; choose one of {', '.join(SCHEDULES)}")
     lr = check_positive(lr, "lr")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise bad_value("seed", seed, "must be a whole number from 0 to 2**32 - 1")
     reg = make_regularizer(regularizer, weight_decay, decay_all=decay_all)
     if data is None:
         data = task.load_data(with_test=with_test)
@@ -308,8 +311,11 @@ def train_run(
         eval_batch_size=task.eval_batch_size,
         seed=seed,
     )
-    trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator,
-                           gradient_clip_val=task.grad_clip)
+    try:
+        trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator,
+                               gradient_clip_val=task.grad_clip)
+    except MisconfigurationException as exc:
+        raise bad_value("accelerator", accelerator, str(exc).splitlines()[0]) from None
     trainer.fit(module)
 
     model = module.model
