@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 
 from wdstudy.errors import WdstudyError
@@ -52,12 +53,26 @@ class RefClassifier(Classifier):
     def make_optimizer(self):
         return self.opt_factory(self.model)
 
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
+    def objective(self, loss):
         if self.penalty_in_loss:
             decay, _ = split_parameters(self.model)
             loss = loss + 0.5 * self.penalty_in_loss * sum(p.square().sum() for p in decay)
         return loss
+
+
+class AutoRefClassifier(RefClassifier):
+    """Lightning's automatic optimization (for gradient accumulation, which it implements)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.objective(F.cross_entropy(self.model(x), y))
+
+    def on_train_epoch_end(self):
+        pass
 
 
 def groups(model, wd):
@@ -66,15 +81,18 @@ def groups(model, wd):
 
 
 def fit(task, data, opt_factory, callbacks=(), schedule="cosine", clip=None, accumulate=1, penalty_in_loss=0.0):
+    """Train through a real Trainer: the production module (manual optimization), or with
+    ``accumulate`` > 1 Lightning's automatic optimization with gradient accumulation."""
     seed_everything(0, verbose=False)
-    module = RefClassifier(
+    cls = AutoRefClassifier if accumulate > 1 else RefClassifier
+    module = cls(
         task.build_model(), data, optimizer=OptimizerConfig(name="adam"), lr=LR, schedule=schedule,
-        batch_size=task.batch_size, seed=0,
+        batch_size=task.batch_size, seed=0, grad_clip=clip,
     )
     module.opt_factory = opt_factory
     module.penalty_in_loss = penalty_in_loss
-    trainer = make_trainer(EPOCHS, list(callbacks), accelerator="cpu", gradient_clip_val=clip,
-                           accumulate_grad_batches=accumulate)
+    extra = {"accumulate_grad_batches": accumulate} if accumulate > 1 else {}
+    trainer = make_trainer(EPOCHS, list(callbacks), accelerator="cpu", **extra)
     trainer.fit(module)
     assert trainer.global_step >= 50 // accumulate
     return module.model

@@ -27,6 +27,12 @@ from .storage import StudyLock, default_url, is_rdb, open_storage, release_dead_
 MAX_RESTARTS = 5
 
 
+def shown(path) -> str:
+    """A path as a person would type it here: relative below the current folder, else absolute."""
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
 def resolve_url(spec: StudySpec, storage: str | None) -> str:
     return storage or spec.storage or default_url(spec.output_dir())
 
@@ -225,7 +231,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
            quiet: bool = False) -> int:
     slots = plan_slots(devices, workers)
     spec, url = prepare(spec_path, storage)
-    where = url if is_rdb(url) else os.path.relpath(url)
+    where = url if is_rdb(url) else shown(url)
     if not quiet:
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers, storage {where}", flush=True)
     try:
@@ -237,10 +243,10 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
     out = spec.output_dir()
     paths = export(store, spec.name, out)
     print(summary_text(store, spec.name))
-    print(f"exported {', '.join(os.path.relpath(p) for p in paths)}")
+    print(f"exported {', '.join(shown(p) for p in paths)}")
     write_report(spec_path, storage, quiet=quiet)
     if not complete:
-        print("wdstudy: some units did not finish (see the logs in " f"{os.path.relpath(out / 'logs')})", file=sys.stderr)
+        print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
     return 0
 
@@ -251,7 +257,7 @@ def summary_text(storage, study: str) -> str:
 
     trials = trials_frame(storage, study)
     evals = evaluations_frame(storage, study)
-    lines = [f"{'cell':<34} {'best val':>9} {'lr':>9} {'λ':>9} {'test error':>17} {'gap (test−train)':>17}"]
+    lines = [f"{'cell':<34} {'best val':>9} {'lr':>9} {'λ':>9} {'test error ± sd':>17} {'gap (test−train)':>17}"]
     if trials.empty:
         return "no trials yet"
     for cell, g in trials.groupby("cell", sort=True):
@@ -281,9 +287,9 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     url = resolve_url(spec, storage)
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
-    label = url if is_rdb(url) else os.path.relpath(url)
+    label = url if is_rdb(url) else shown(url)
     start = time.monotonic()
     paths = build_report(open_storage(url), spec.name, spec.output_dir(), label)
-    print(f"report: {os.path.relpath(paths.html)} and {os.path.relpath(paths.pdf)} "
+    print(f"report: {shown(paths.html)} and {shown(paths.pdf)} "
           f"({time.monotonic() - start:.1f} s)")
     return 0

@@ -94,8 +94,13 @@ class Classifier(LightningModule):
     """Cross-entropy classification of in-memory tensors with any backbone.
 
     Training batches are sliced from the training split on the training device;
-    nothing is logged per step (only accumulated), so Lightning's per-step cost
-    stays small next to tiny models.
+    nothing is logged per step (only accumulated), and the optimizer is stepped by
+    ``training_step`` itself (Lightning's manual optimization, which skips the
+    automatic loop's closure machinery), so Lightning's per-step cost stays small
+    next to tiny models. The regularizer callbacks still act in
+    ``on_before_optimizer_step``, which Lightning calls inside ``optimizer.step()``;
+    gradient clipping (``grad_clip``) follows them in this module's own hook, so L2
+    is clipped as a loss term would be.
     """
 
     def __init__(
@@ -109,9 +114,12 @@ class Classifier(LightningModule):
         batch_size: int = 128,
         eval_batch_size: int = 2000,
         seed: int = 0,
+        grad_clip: float | None = None,
     ):
         super().__init__()
+        self.automatic_optimization = False
         self.model = model
+        self.grad_clip = grad_clip
         self.data = data
         self.optimizer_cfg = optimizer
         self.lr = lr
@@ -157,6 +165,9 @@ class Classifier(LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        self._scheduler = self.lr_schedulers()
+
     def on_train_epoch_start(self) -> None:
         self._losses, self._wrong, self._sizes = [], [], []
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
@@ -169,7 +180,21 @@ class Classifier(LightningModule):
         self._losses.append(loss.detach())
         self._wrong.append((logits.detach().argmax(1) != y).sum())
         self._sizes.append(len(y))
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(self.objective(loss))
+        opt.step()  # -> callbacks' on_before_optimizer_step (regularizers), then ours (clipping)
+        if self._scheduler is not None:
+            self._scheduler.step()
         return loss
+
+    def objective(self, loss: Tensor) -> Tensor:
+        """What is differentiated: the data loss (override to add explicit terms)."""
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
 
     def on_train_epoch_end(self) -> None:
         sizes = torch.tensor(self._sizes, dtype=torch.float64, device=self.device)
@@ -199,7 +224,7 @@ class Classifier(LightningModule):
         loss, err = (self._val[:2] / self._val[2]).tolist()
         if self.trainer.sanity_checking:
             return
-        self.log("val_loss", loss)
+        self.log("val_loss", loss)  # read by Optuna's pruning callback from trainer.callback_metrics
         self.log("val_error", err)
         self.history.append({"epoch": self.current_epoch, "val_loss": loss, "val_error": err})
 
@@ -240,16 +265,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
-def make_trainer(
-    max_epochs: int,
-    callbacks: list[Callback],
-    accelerator: str = "auto",
-    gradient_clip_val: float | None = None,
-    accumulate_grad_batches: int = 1,
-) -> Trainer:
+def make_trainer(max_epochs: int, callbacks: list[Callback], accelerator: str = "auto", **overrides: Any) -> Trainer:
     """A Trainer with everything a study run does not need turned off."""
     quiet_lightning()
-    return Trainer(
+    settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
@@ -260,9 +279,8 @@ def make_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
-        gradient_clip_val=gradient_clip_val,
-        accumulate_grad_batches=accumulate_grad_batches,
     )
+    return Trainer(**{**settings, **overrides})
 
 
 def train_run(
@@ -310,10 +328,10 @@ def train_run(
         batch_size=task.batch_size,
         eval_batch_size=task.eval_batch_size,
         seed=seed,
+        grad_clip=task.grad_clip,
     )
     try:
-        trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator,
-                               gradient_clip_val=task.grad_clip)
+        trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator)
     except MisconfigurationException as exc:
         raise bad_value("accelerator", accelerator, str(exc).splitlines()[0]) from None
     trainer.fit(module)
