@@ -503,3 +503,26 @@ def test_negative_seed_in_a_spec_is_refused(tmp_path, capsys):
     spec = write_spec(tmp_path, search={"seed": -1})
     assert main(["launch", str(spec)]) == 2
     assert "search.seed=-1" in capsys.readouterr().err
+
+
+def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
+    from wdstudy.report import build_report
+    from wdstudy.search import Worker, ensure_studies
+    from wdstudy.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, regularizers=["none", "l2"],
+                                search={"sampler": "grid", "grid_points": 2, "trials": None,
+                                        "weight_decay": {"low": 1e-5, "high": 1e-3}},
+                                evaluation={"seeds": 1}))
+    url = str(tmp_path / "out" / "optuna.journal")
+    ensure_studies(spec, open_storage(url))
+    Worker(spec, url, poll=0.1, log=lambda m: None).run()
+    storage = open_storage(url)
+    df = trials_frame(storage, "tiny")
+    l2 = df[df.regularizer == "l2"]
+    assert len(df[df.regularizer == "none"]) == 2 and len(l2) == 4
+    points = {(round(r.lr, 12), round(r.weight_decay, 12)) for r in l2.itertuples()}
+    assert points == {(a, b) for a in (1e-3, 1e-2) for b in (1e-5, 1e-3)}
+    paths = build_report(storage, "tiny", tmp_path / "out", url)
+    assert "Heatmap of the grid" in paths.html.read_text()
+    assert "4 (L2)" in paths.html.read_text() or "2 (none)" in paths.html.read_text()

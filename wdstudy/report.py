@@ -365,8 +365,10 @@ def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmi
     if cell["sampler"] == "grid":
         grid = done.assign(x=x, y=y).groupby(["y", "x"]).value.mean().unstack()
         xs, ys = grid.columns.to_numpy(), grid.index.to_numpy()
-        mappable = ax.pcolormesh(_edges(xs), _edges(ys), grid.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax,
-                                 shading="flat")
+        ex, ey = _edges(xs), _edges(ys)
+        mappable = ax.pcolormesh(ex, ey, grid.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
+        ax.set_xlim(ex[0], ex[-1])  # whole cells around the grid points
+        ax.set_ylim(ey[0], ey[-1])
     elif len(done) >= 4 and np.ptp(x) > 0 and np.ptp(y) > 0:
         from scipy.interpolate import griddata
 

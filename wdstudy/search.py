@@ -112,7 +112,8 @@ def _sampler(spec: StudySpec, cell: Cell, n: int) -> optuna.samplers.BaseSampler
         wd = spec.weight_decay_range(cell.regularizer)
         if wd is not None:
             space["weight_decay"] = wd.grid(s.grid_points)
-        return optuna.samplers.GridSampler(space, seed=seed)
+        # the grid's order is shuffled by the seed: it must be the same for every trial
+        return optuna.samplers.GridSampler(space, seed=spec.search.seed)
     startup = s.startup_trials or min(10, max(1, s.trials // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True, multivariate=True)
 
