@@ -7,6 +7,8 @@ its traceback.
 
 from __future__ import annotations
 
+import math
+
 
 class WdstudyError(ValueError):
     """Bad input from the user: a field with a value it cannot take."""
@@ -16,3 +18,14 @@ def bad_value(field: str, value: object, why: str, where: str | None = None) -> 
     """Build the standard message: ``[where: ]field=value: why``."""
     prefix = f"{where}: " if where else ""
     return WdstudyError(f"{prefix}{field}={value!r}: {why}")
+
+
+def check_number(value: object, field: str, *, positive: bool = False) -> float:
+    """``value`` as a float if it is finite and >= 0 (> 0 with ``positive``), else a clear error."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise bad_value(field, value, "must be a number") from None
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise bad_value(field, value, f"must be a finite number {'>' if positive else '>='} 0")
+    return number

@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from .errors import WdstudyError, bad_value
+from .errors import WdstudyError, bad_value, check_number
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -70,17 +70,6 @@ def split_parameters(
     return decay, no_decay
 
 
-def check_weight_decay(value: object, field: str = "weight_decay") -> float:
-    """Return ``value`` as a float if it is a finite number >= 0, else raise a clear error."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise bad_value(field, value, "must be a number") from None
-    if not math.isfinite(number) or number < 0:
-        raise bad_value(field, value, "must be a finite number >= 0")
-    return number
-
-
 class _Regularizer(Callback):
     """Shared machinery: parameter selection, optimizer checks, norms and history."""
 
@@ -89,7 +78,7 @@ class _Regularizer(Callback):
 
     def __init__(self, weight_decay: float = 0.0, decay_all: bool = False) -> None:
         super().__init__()
-        self.weight_decay = check_weight_decay(weight_decay)
+        self.weight_decay = check_number(weight_decay, "weight_decay")
         self.decay_all = bool(decay_all)
         self._params: list[nn.Parameter] = []
         # optimizer id -> [(param_group, regularized params of that group)]
@@ -218,7 +207,7 @@ class NoRegularization(_Regularizer):
     name = "none"
 
     def __init__(self, weight_decay: float = 0.0, decay_all: bool = False) -> None:
-        super().__init__(check_weight_decay(weight_decay), decay_all)
+        super().__init__(check_number(weight_decay, "weight_decay"), decay_all)
         if self.weight_decay != 0.0:
             raise bad_value("weight_decay", weight_decay, "the 'none' regularizer takes no weight decay")
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from .config import validate
-from .errors import WdstudyError, bad_value
+from .errors import WdstudyError, bad_value, check_number
 from .regularizers import make_regularizer
 from .tasks import ShuffledBatches, Split, TaskConfig, TaskData
 
@@ -74,16 +74,6 @@ def build_optimizer(params, cfg: OptimizerConfig, lr: float) -> torch.optim.Opti
 def cosine_factor(step: int, total: int) -> float:
     """Cosine annealing from 1 to 0 over ``total`` steps (0 afterwards)."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def check_positive(value: object, field: str) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise bad_value(field, value, "must be a number") from None
-    if not math.isfinite(number) or number <= 0:
-        raise bad_value(field, value, "must be a finite number > 0")
-    return number
 
 
 class DivergedError(RuntimeError):
@@ -308,7 +298,7 @@ def train_run(
         optimizer = optimizer_config(optimizer)
     if schedule not in SCHEDULES:
         raise bad_value("schedule", schedule, f"unknown; choose one of {', '.join(SCHEDULES)}")
-    lr = check_positive(lr, "lr")
+    lr = check_number(lr, "lr", positive=True)
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise bad_value("seed", seed, "must be a whole number from 0 to 2**32 - 1")
     reg = make_regularizer(regularizer, weight_decay, decay_all=decay_all)
