@@ -127,7 +127,7 @@ def run_pool(
 ) -> bool:
     """Run worker processes until all finish; returns True if every cell is searched and evaluated."""
     storage = open_storage(url)
-    names = [n for c in spec.cells() for n in (c.name, c.eval_name)]
+    names = spec.study_names()
     log_dir = spec.output_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = [Slot(i, env) for i, env in enumerate(slots)]
@@ -223,7 +223,7 @@ def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
     store = open_storage(url)
     ensure_studies(spec, store, Path(spec_path).read_text())
     with StudyLock(url, spec.name):
-        release_dead_trials(store, [n for c in spec.cells() for n in (c.name, c.eval_name)])
+        release_dead_trials(store, spec.study_names())
     return spec, url
 
 

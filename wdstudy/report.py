@@ -804,9 +804,9 @@ def render_pdf(d: ReportData, figures: list[Figure], pngs: dict[str, bytes], pat
         if len(d.comparison):
             blocks.append(("p", "Which method won where:"))
             blocks += [("p", "  • " + x) for x in winners_lines(d)]
-        summary_head = SUMMARY_HEAD[:-1]
-        blocks.append(("pre", _fixed_table(summary_head, [r[:-1] for r in summary_rows(d)])))
-        warns = [f"{r[0]} · {r[1]} · {r[2]}: {r[-1]}" for r in summary_rows(d) if r[-1]]
+        rows = summary_rows(d)
+        blocks.append(("pre", _fixed_table(SUMMARY_HEAD[:-1], [r[:-1] for r in rows])))
+        warns = [f"{r[0]} · {r[1]} · {r[2]}: {r[-1]}" for r in rows if r[-1]]
         if warns:
             blocks.append(("p", "Warnings: " + "; ".join(warns)))
         if len(d.comparison):

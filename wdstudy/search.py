@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -159,15 +160,15 @@ class Unit:
     study: optuna.Study
 
 
-def _counts(trials) -> dict[TrialState, int]:
-    out: dict[TrialState, int] = {}
-    for t in trials:
-        out[t.state] = out.get(t.state, 0) + 1
-    return out
+def _counts(trials) -> Counter[TrialState]:
+    return Counter(t.state for t in trials)
 
 
 def _eval_study(spec: StudySpec, cell: Cell, storage, search: optuna.Study) -> optuna.Study | None:
-    """The cell's evaluation study, created with one WAITING trial per seed when first needed."""
+    """The cell's evaluation study, created (with its best parameters) when first needed.
+
+    Its runs, one per evaluation seed, are queued by :func:`_enqueue_missing_seeds`.
+    """
     names = {s.study_name for s in storage.get_all_studies()}
     if cell.eval_name in names:
         return optuna.load_study(study_name=cell.eval_name, storage=storage)
@@ -188,15 +189,12 @@ def _enqueue_missing_seeds(spec: StudySpec, cell: Cell, ev: optuna.Study) -> Non
     or a run that failed more often than the retry limit)."""
     trials = ev.get_trials(deepcopy=False)
     alive = {t.user_attrs.get("seed") for t in trials if t.state != TrialState.FAIL}
-    failures: dict[int, int] = {}
-    for t in trials:
-        if t.state == TrialState.FAIL:
-            failures[t.user_attrs.get("seed")] = failures.get(t.user_attrs.get("seed"), 0) + 1
+    failures = Counter(t.user_attrs.get("seed") for t in trials if t.state == TrialState.FAIL)
     params = ev.user_attrs.get("best_params")
     if params is None:
         return
     for seed in cell_record(spec, cell)["eval_seeds"]:
-        if seed not in alive and failures.get(seed, 0) <= 2 * MAX_RETRY:  # give up on a seed that keeps crashing
+        if seed not in alive and failures[seed] <= 2 * MAX_RETRY:  # give up on a seed that keeps crashing
             ev.enqueue_trial(params, user_attrs={"seed": seed})
 
 
@@ -253,7 +251,7 @@ class Worker:
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
-        names = [n for c in self.spec.cells() for n in (c.name, c.eval_name)]
+        names = self.spec.study_names()
         ran = 0
         while max_units is None or ran < max_units:
             STOP.defer()  # no interruption between "create a trial" and "the trial is owned"

@@ -188,6 +188,10 @@ class StudySpec(BaseModel):
             for reg in self.regularizers
         ]
 
+    def study_names(self) -> list[str]:
+        """Every Optuna study of this study: each cell's search and evaluation studies."""
+        return [n for c in self.cells() for n in (c.name, c.eval_name)]
+
     def output_dir(self, root: Path | None = None) -> Path:
         return Path(self.output) if self.output else (root or Path("reports")) / self.name
 
