@@ -93,7 +93,8 @@ def running_trials(tmp_path: Path, study: str) -> list:
     if not path.exists():
         return []
     df = trials_frame(open_storage(str(path.resolve())), study)
-    return [] if df.empty else df[df.state == "RUNNING"].to_dict("records")
+    # a trial is RUNNING as soon as it exists; wait until its worker has tagged it
+    return [] if df.empty else df[(df.state == "RUNNING") & df.worker.notna()].to_dict("records")
 
 
 # -- the whole flow ---------------------------------------------------------------------
@@ -392,7 +393,7 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
     try:
         def running():
             df = trials_frame(storage, name)
-            return [] if df.empty else df[df.state == "RUNNING"].to_dict("records")
+            return [] if df.empty else df[(df.state == "RUNNING") & df.worker.notna()].to_dict("records")
 
         victim = wait_for(running, 120, "a running trial on node-b")[0]
         assert victim["worker"].startswith("node-b:")
