@@ -1,25 +1,48 @@
-"""Interchangeable regularizer callbacks: L2 regularization, decoupled weight decay, none.
+"""Interchangeable regularizer callbacks: L2 and L1 penalties, three weight decays, none.
 
-The three callbacks share one constructor shape, ``Cls(weight_decay, decay_all=False)``,
+All callbacks share one constructor shape, ``Cls(weight_decay, decay_all=False)``,
 so that swapping one for another is the only difference between the arms of a
 comparison. Each works through Lightning's ``on_before_optimizer_step`` hook, which
 runs once per optimizer step (also under gradient accumulation), after the gradients
-are complete and before gradient clipping and the optimizer's own update:
+are complete (and, under mixed precision, unscaled) and before gradient clipping and
+the optimizer's own update. With ``λ = weight_decay``, ``w`` a regularized parameter,
+``g`` its gradient, ``η_t`` the current learning rate of its parameter group (after
+any scheduler) and ``η_0`` the group's initial learning rate:
 
-* :class:`L2Regularization` adds ``weight_decay * w`` to the gradient of every
-  regularized parameter, exactly what a ``weight_decay / 2 * ||w||^2`` term in the
-  loss would add. The sum goes *through* the optimizer (Adam divides it by
-  ``sqrt(v) + eps``). With ``Adam(weight_decay=0)`` this reproduces
-  ``Adam(weight_decay=weight_decay)``; with ``SGD`` it reproduces ``SGD(weight_decay=...)``.
-* :class:`DecoupledWeightDecay` multiplies every regularized parameter by
-  ``1 - lr_t * weight_decay``, where ``lr_t`` is the current learning rate of the
-  parameter's group (after any scheduler), before the optimizer step on the plain
-  gradient. With ``Adam(weight_decay=0)`` this reproduces ``AdamW(weight_decay=...)``.
-* :class:`NoRegularization` changes nothing: the baseline arm.
+================  ================================  ==============================================
+name              class                             what it does before the optimizer step
+================  ================================  ==============================================
+``l2``            :class:`L2Regularization`         ``g <- g + λ·w``, the gradient of ``λ/2·‖w‖₂²``
+``l1``            :class:`L1Regularization`         ``g <- g + λ·sign(w)``, the gradient of ``λ·‖w‖₁``
+``decoupled``     :class:`DecoupledWeightDecay`     ``w <- (1 - η_t·λ)·w``
+``independent``   :class:`IndependentWeightDecay`   ``w <- (1 - (η_t/η_0)·λ)·w``
+``l1-decoupled``  :class:`DecoupledL1`              ``w <- sign(w)·max(|w| - η_t·λ, 0)``
+``none``          :class:`NoRegularization`         nothing: the baseline arm
+================  ================================  ==============================================
+
+* The *penalties* (``l2``, ``l1``) change the gradient, so the added term goes
+  *through* gradient clipping and the optimizer (Adam divides it by
+  ``sqrt(v) + eps``), exactly as the same term added to the loss would. With
+  ``Adam(weight_decay=0)``, ``l2`` reproduces ``Adam(weight_decay=λ)``; with ``SGD``
+  it reproduces ``SGD(weight_decay=λ)``.
+* The *decays* (``decoupled``, ``independent``, ``l1-decoupled``) change the weights
+  and leave the gradient alone, so the optimizer then steps on the gradient computed
+  at the weights before the change, as in PyTorch's ``AdamW``. With
+  ``Adam(weight_decay=0)``, ``decoupled`` reproduces ``AdamW(weight_decay=λ)`` and
+  ``independent`` reproduces ``AdamW(weight_decay=λ/η_0)``: its shrink follows the
+  learning-rate schedule but not the base learning rate (the schedule multiplier of
+  Loshchilov & Hutter's AdamW). ``l1-decoupled`` is the proximal step of
+  ``η_t·λ·‖w‖₁`` (soft thresholding): it sets weights to exactly zero.
+
+Under mixed precision with a ``GradScaler`` (Lightning's ``MixedPrecision`` plugin
+with ``precision="16-mixed"``, which unscales the gradients before calling
+``on_before_optimizer_step``), every callback does nothing on a step that the scaler
+skips because a gradient is inf or NaN, just as ``GradScaler.step`` skips ``AdamW``'s
+decay together with the rest of its update.
 
 Which parameters are regularized is decided by :func:`split_parameters`: by default
 every parameter except biases and normalization-layer parameters (as timm and
-torchvision's reference scripts do), or all of them with ``decay_all=True``. Both
+torchvision's reference scripts do), or all of them with ``decay_all=True``. All
 methods use the same function, so they always regularize the same set.
 
 The base optimizer must be built with ``weight_decay=0``: a callback refuses to run
@@ -34,6 +57,7 @@ from collections.abc import Iterable
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from .errors import WdstudyError, bad_value, check_number
 
@@ -70,8 +94,13 @@ def split_parameters(
     return decay, no_decay
 
 
+def _scalar(value: float | torch.Tensor) -> float:
+    """A group's ``lr`` (or ``initial_lr``) as a Python float; it may be a tensor."""
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
 class _Regularizer(Callback):
-    """Shared machinery: parameter selection, optimizer checks, norms and history."""
+    """Shared machinery: parameter selection, optimizer checks, skipped steps, norms, history."""
 
     #: Name used in study specs and storage.
     name: str = ""
@@ -83,7 +112,8 @@ class _Regularizer(Callback):
         self._params: list[nn.Parameter] = []
         # optimizer id -> [(param_group, regularized params of that group)]
         self._groups: dict[int, list[tuple[dict, list[nn.Parameter]]]] = {}
-        #: One row per finished training epoch: ``epoch``, ``weight_norm``, ``l2_penalty``.
+        #: One row per finished training epoch: ``epoch``, ``weight_norm`` and
+        #: ``l2_penalty`` (the value of :meth:`penalty`, whichever norm the arm penalizes).
         self.history: list[dict[str, float | int | None]] = []
 
     def __repr__(self) -> str:
@@ -125,7 +155,7 @@ class _Regularizer(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.apply(optimizer)
+        self.apply(optimizer, scaler=getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.history.append(
@@ -133,14 +163,46 @@ class _Regularizer(Callback):
         )
 
     @torch.no_grad()
-    def apply(self, optimizer: torch.optim.Optimizer) -> None:
-        """Regularize the parameters of ``optimizer`` for the step it is about to take."""
+    def apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Regularize the parameters of ``optimizer`` for the step it is about to take.
+
+        Only parameters that have a gradient are touched, as the optimizer only
+        updates those. With an enabled ``scaler``, the gradients must already be
+        unscaled (``scaler.unscale_(optimizer)``, which Lightning's ``MixedPrecision``
+        plugin calls before ``on_before_optimizer_step``); if the scaler found an inf
+        or NaN gradient, ``scaler.step(optimizer)`` will skip the step and this method
+        changes nothing either.
+
+        Raises:
+            WdstudyError: ``scaler`` is enabled but has not unscaled ``optimizer``'s
+                gradients, as with optimizers that unscale inside their own step
+                (``fused=True``): the regularizer would act on scaled gradients.
+        """
         if self.weight_decay == 0.0:
             return
+        work = []
         for group, params in self._groups.get(id(optimizer), ()):
             with_grad = [p for p in params if p.grad is not None]
             if with_grad:
-                self._apply_group(group, with_grad)
+                work.append((group, with_grad))
+        if not work or (scaler is not None and self._scaler_skips(scaler, optimizer)):
+            return
+        for group, params in work:
+            self._apply_group(group, params)
+
+    def _scaler_skips(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``scaler.step(optimizer)`` will skip this step (inf/NaN gradients)."""
+        if not scaler.is_enabled():
+            return False
+        # GradScaler keeps no public record of what unscale_ found; these are the
+        # attributes its own step() reads (torch.amp.grad_scaler.GradScaler._maybe_opt_step).
+        if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.UNSCALED:
+            raise WdstudyError(
+                f"{type(self).__name__} needs unscaled gradients, but the GradScaler has not unscaled "
+                f"those of {type(optimizer).__name__} (optimizers that unscale inside their own step, "
+                "such as fused ones, cannot be used with mixed precision here)"
+            )
+        return any(bool(found) for found in scaler._found_inf_per_device(optimizer).values())
 
     def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
         raise NotImplementedError
@@ -159,10 +221,33 @@ class _Regularizer(Callback):
         """Euclidean norm of all regularized parameters taken together."""
         return math.sqrt(self.squared_norm())
 
-    def penalty(self) -> float | None:
-        """The L2 term ``weight_decay / 2 * ||w||^2`` this method adds to the objective.
+    @torch.no_grad()
+    def l1_norm(self) -> float:
+        """``sum(|w|)`` over the regularized parameters, accumulated in float64."""
+        if not self._params:
+            return 0.0
+        norms = torch._foreach_norm([p.detach() for p in self._params], 1, dtype=torch.float64)
+        return float(torch.stack(norms).sum())
 
-        ``None`` for methods that add no term to the objective (decoupled decay, none).
+    @torch.no_grad()
+    def zero_fraction(self) -> float:
+        """Fraction of the regularized parameters' entries that are exactly zero.
+
+        Counts ``0.0`` and ``-0.0`` alike over all regularized parameters taken
+        together; ``0.0`` when there are none.
+        """
+        total = sum(p.numel() for p in self._params)
+        if not total:
+            return 0.0
+        zeros = sum(int((p.detach() == 0).sum()) for p in self._params)
+        return zeros / total
+
+    def penalty(self) -> float | None:
+        """The term this method adds to the objective, at the current weights.
+
+        ``weight_decay / 2 * ||w||_2^2`` for L2 regularization,
+        ``weight_decay * ||w||_1`` for L1 regularization, and ``None`` for methods
+        that add no term to the objective (the weight decays, none).
         """
         return None
 
@@ -170,7 +255,7 @@ class _Regularizer(Callback):
 class L2Regularization(_Regularizer):
     """L2 regularization: ``g <- g + weight_decay * w`` before the optimizer sees ``g``.
 
-    Equivalent to adding ``weight_decay / 2 * ||w||^2`` to the loss, including its
+    Equivalent to adding ``weight_decay / 2 * ||w||_2^2`` to the loss, including its
     place before gradient clipping.
     """
 
@@ -182,6 +267,25 @@ class L2Regularization(_Regularizer):
 
     def penalty(self) -> float | None:
         return 0.5 * self.weight_decay * self.squared_norm()
+
+
+class L1Regularization(_Regularizer):
+    """L1 regularization: ``g <- g + weight_decay * sign(w)`` before the optimizer sees ``g``.
+
+    Equivalent, bit for bit, to adding ``weight_decay * ||w||_1`` to the loss and
+    differentiating with autograd (whose derivative of ``|w|`` is ``sign(w)``, ``0``
+    at ``w = 0``), including its place before gradient clipping. A subgradient
+    method: it drives weights towards zero but does not set them to exactly zero.
+    """
+
+    name = "l1"
+
+    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params]
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=self.weight_decay)
+
+    def penalty(self) -> float | None:
+        return self.weight_decay * self.l1_norm()
 
 
 class DecoupledWeightDecay(_Regularizer):
@@ -196,9 +300,74 @@ class DecoupledWeightDecay(_Regularizer):
     name = "decoupled"
 
     def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-        torch._foreach_mul_(params, 1 - lr * self.weight_decay)
+        torch._foreach_mul_(params, 1 - _scalar(group["lr"]) * self.weight_decay)
+
+
+class IndependentWeightDecay(_Regularizer):
+    """Learning-rate-independent weight decay: ``w <- (1 - s_t * weight_decay) * w`` before the step.
+
+    ``s_t = lr_t / lr_0`` is the schedule multiplier: ``lr_t`` is the parameter
+    group's current learning rate and ``lr_0`` its ``initial_lr`` (which PyTorch's
+    learning-rate schedulers set), or, if the group has none, its learning rate when
+    the callback was attached (at the start of training). The shrink therefore follows
+    the schedule but not the base learning rate, as in Loshchilov & Hutter's AdamW
+    algorithm: with a constant schedule it multiplies every regularized weight by
+    ``1 - weight_decay`` before each step. With ``Adam(weight_decay=0)`` this
+    reproduces ``AdamW(weight_decay=weight_decay / lr_0)``.
+
+    Raises:
+        WdstudyError: at :meth:`attach`, if a group holding regularized parameters
+            starts with a learning rate of zero (``s_t`` is undefined).
+    """
+
+    name = "independent"
+
+    def __init__(self, weight_decay: float = 0.0, decay_all: bool = False) -> None:
+        super().__init__(weight_decay, decay_all)
+        # id(param_group) -> learning rate at attach time (used without "initial_lr")
+        self._lr_at_attach: dict[int, float] = {}
+
+    def attach(self, module: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        super().attach(module, optimizers)
+        self._lr_at_attach = {}
+        for groups in self._groups.values():
+            for group, params in groups:
+                self._lr_at_attach[id(group)] = _scalar(group["lr"])
+                if params and self.weight_decay and not self._initial_lr(group):
+                    raise bad_value(
+                        "lr", self._initial_lr(group),
+                        "independent weight decay divides by the initial learning rate, which must not be 0",
+                    )
+
+    def _initial_lr(self, group: dict) -> float:
+        if "initial_lr" in group:
+            return _scalar(group["initial_lr"])
+        return self._lr_at_attach[id(group)]
+
+    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+        multiplier = _scalar(group["lr"]) / self._initial_lr(group)
+        torch._foreach_mul_(params, 1 - multiplier * self.weight_decay)
+
+
+class DecoupledL1(_Regularizer):
+    """Decoupled L1 (soft thresholding): ``w <- sign(w) * max(|w| - lr_t * weight_decay, 0)``.
+
+    Applied before the step, like :class:`DecoupledWeightDecay`, with ``lr_t`` the
+    parameter group's current learning rate; the gradient the optimizer then uses was
+    computed at the weights before the thresholding. This is the proximal operator of
+    ``lr_t * weight_decay * ||w||_1``: every entry moves towards zero by
+    ``lr_t * weight_decay``, and entries within that distance of zero become exactly
+    zero (see :meth:`zero_fraction`). Computed as ``w - clamp(w, -t, t)`` with
+    ``t = lr_t * weight_decay``, which equals the formula above exactly in floating point.
+    """
+
+    name = "l1-decoupled"
+
+    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+        t = _scalar(group["lr"]) * self.weight_decay
+        inside = torch._foreach_clamp_max(params, t)
+        torch._foreach_clamp_min_(inside, -t)
+        torch._foreach_sub_(params, inside)
 
 
 class NoRegularization(_Regularizer):
@@ -216,12 +385,21 @@ class NoRegularization(_Regularizer):
 
 
 REGULARIZERS: dict[str, type[_Regularizer]] = {
-    cls.name: cls for cls in (L2Regularization, DecoupledWeightDecay, NoRegularization)
+    cls.name: cls
+    for cls in (
+        L2Regularization,
+        DecoupledWeightDecay,
+        NoRegularization,
+        IndependentWeightDecay,
+        L1Regularization,
+        DecoupledL1,
+    )
 }
 
 
 def make_regularizer(name: str, weight_decay: float = 0.0, decay_all: bool = False) -> _Regularizer:
-    """Build a regularizer callback by its name: ``l2``, ``decoupled`` or ``none``."""
+    """Build a regularizer callback by its registry name (a key of :data:`REGULARIZERS`):
+    ``l2``, ``decoupled``, ``none``, ``independent``, ``l1`` or ``l1-decoupled``."""
     try:
         cls = REGULARIZERS[name]
     except KeyError:
