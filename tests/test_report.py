@@ -16,11 +16,12 @@ from scipy import stats as st
 
 from wdstudy.config import validate
 from wdstudy.report import SECTIONS, build_report
-from wdstudy.search import Worker, ensure_studies
+from wdstudy.cells import ensure_studies
+from wdstudy.worker import Worker
 from wdstudy.spec import StudySpec
 from wdstudy.stats import coupling, mean_ci, welch_test
 from wdstudy.storage import open_storage
-from wdstudy.synthetic import add_evaluation, add_trials, fill
+from benchmarks.synthetic import add_evaluation, add_trials, fill
 
 # -- statistics against scipy ---------------------------------------------------------------
 

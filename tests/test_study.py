@@ -88,6 +88,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def retries_of(df: pd.DataFrame, failed) -> pd.DataFrame:
+    """The other attempts at a failed trial's slot: same cell, generation and slot."""
+    return df[(df.cell == failed["cell"]) & (df.generation == failed["generation"]) & (df.slot == failed["slot"])
+              & (df.trial != failed["trial"])]
+
+
 def running_trials(tmp_path: Path, study: str) -> list:
     path = tmp_path / "out" / "optuna.journal"
     if not path.exists():
@@ -228,7 +234,7 @@ def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     failed = df[df.state == "FAIL"]
     assert list(failed.trial) == [victim["trial"]]
     assert "died" in failed.reason.iloc[0]
-    retry = df[df.retry_of == victim["trial"]]
+    retry = retries_of(df, victim)
     assert len(retry) == 1 and retry.state.iloc[0] == "COMPLETE"
     assert retry.lr.iloc[0] == victim["lr"] and retry.weight_decay.iloc[0] == victim["weight_decay"]
 
@@ -247,7 +253,8 @@ def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
     assert (df.state != "RUNNING").all()
     interrupted = df[df.state == "FAIL"]
     assert len(interrupted) >= 1
-    assert (df.state == "WAITING").sum() == len(interrupted)  # each one queued again
+    for _, t in interrupted.iterrows():  # each one queued again
+        assert (retries_of(df, t).state == "WAITING").sum() == 1
 
     r = cli("launch", str(spec), "--workers", "2", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -255,7 +262,7 @@ def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
     assert_exact(storage, "tiny", budget=4, seeds=2, cells=2)
     df = trials_frame(storage, "tiny")
     for _, t in df[df.state == "FAIL"].iterrows():
-        retry = df[(df.retry_of == t.trial) & (df.cell == t.cell)]
+        retry = retries_of(df, t)
         assert len(retry) == 1 and retry.lr.iloc[0] == t.lr
 
 
@@ -322,7 +329,7 @@ BAD_SPECS = [
      "equally wide in decades"),
     ({"tasks": ["mlp-imagenet"]}, "tasks.0.name='mlp-imagenet'"),
     ({"optimizers": ["rmsprop"]}, "optimizers.0.name='rmsprop'"),
-    ({"regularizers": ["l1"]}, "regularizers=['l1']: unknown regularizer 'l1'"),
+    ({"regularizers": ["l3"]}, "regularizers=['l3']: unknown regularizer 'l3'"),
     ({"optimizers": [{"name": "adam", "weight_decay": 0.01}]}, "optimizers.0.weight_decay=0.01"),
     ({"search": {"sampler": "cmaes"}}, "search.sampler='cmaes'"),
     ({"search": {"pruner": "asha"}}, "search.pruner='asha'"),
@@ -385,7 +392,7 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
     spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
                       task_defaults={"epochs": 40}, evaluation={"seeds": 1})
-    fast_beat = {**os.environ, "WDSTUDY_HEARTBEAT_INTERVAL": "1", "WDSTUDY_GRACE_PERIOD": "3"}
+    fast_beat = {**os.environ, "WDSTUDY_LEASE_INTERVAL": "1", "WDSTUDY_GRACE_PERIOD": "3"}
     other = subprocess.Popen([sys.executable, "-m", "wdstudy", "worker", str(spec), "--single"],
                              env={**fast_beat, "WDSTUDY_HOSTNAME": "node-b"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -405,7 +412,8 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
         df = trials_frame(storage, name)
         failed = df[df.state == "FAIL"]
         assert list(failed.trial) == [victim["trial"]]
-        retry = df[df.retry_of == victim["trial"]]
+        assert "lease of node-b" in failed.reason.iloc[0]
+        retry = retries_of(df, victim)
         assert len(retry) == 1 and retry.state.iloc[0] == "COMPLETE" and retry.lr.iloc[0] == victim["lr"]
     finally:
         if other.poll() is None:
@@ -436,55 +444,6 @@ def test_slot_planning_and_progress_text():
     assert line == "[0:01:05] trials 4/10 · evaluation 0/3 · running 2 · failed 1 · pruned 1"
 
 
-# -- states that once made workers wait forever, in-process ------------------------------------
-
-
-def test_a_requeued_trial_runs_even_when_every_slot_is_taken(tmp_path):
-    from wdstudy.search import pick_unit
-    from wdstudy.spec import load_spec
-    from wdstudy.synthetic import add_trials
-
-    spec = load_spec(write_spec(tmp_path, regularizers=["decoupled"],
-                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}))
-    storage = open_storage(str(tmp_path / "j.journal"))
-    from wdstudy.search import ensure_studies
-
-    ensure_studies(spec, storage)
-    (cell,) = spec.cells()
-    rng = np.random.default_rng(0)
-    add_trials(spec, cell, storage, 2, 2, rng)
-    add_trials(spec, cell, storage, 1, 2, rng, state=optuna.trial.TrialState.FAIL)
-    study = optuna.load_study(study_name=cell.name, storage=storage)
-    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))[0]
-    study.enqueue_trial(failed.params)  # its retry: 2 complete + 1 waiting = the budget
-    unit, finished = pick_unit(spec, storage)
-    assert unit is not None and unit.kind == "search" and not finished
-
-
-def test_missing_evaluation_seeds_are_queued_again(tmp_path):
-    from wdstudy.search import ensure_studies, pick_unit
-    from wdstudy.spec import load_spec
-    from wdstudy.synthetic import add_trials
-
-    spec = load_spec(write_spec(tmp_path, regularizers=["decoupled"],
-                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
-                                evaluation={"seeds": 3}))
-    storage = open_storage(str(tmp_path / "j.journal"))
-    ensure_studies(spec, storage)
-    (cell,) = spec.cells()
-    add_trials(spec, cell, storage, 2, 2, np.random.default_rng(0))
-    unit, _ = pick_unit(spec, storage)  # creates the eval study, queues the 3 seeds
-    ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
-    assert unit.kind == "eval" and sorted(t.user_attrs["seed"] for t in ev.trials) == [1000, 1001, 1002]
-    # a run that failed past the retry limit leaves its seed without a run: it is queued again
-    waiting = ev.trials[0]
-    ev._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.RUNNING)
-    ev._storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.FAIL)
-    pick_unit(spec, storage)
-    seeds = [t.user_attrs["seed"] for t in ev.get_trials() if t.state != optuna.trial.TrialState.FAIL]
-    assert sorted(seeds) == [1000, 1001, 1002]
-
-
 @pytest.mark.parametrize("args,needle", [
     (["train", "--task", "mlp-mnist1d", "--set", "width=[1,"], "width='[1,'"),
     (["train", "--task", "mlp-mnist1d", "--seed=-1", "--epochs", "1"], "seed=-1"),
@@ -507,9 +466,10 @@ def test_negative_seed_in_a_spec_is_refused(tmp_path, capsys):
 
 
 def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
+    from wdstudy.cells import ensure_studies
     from wdstudy.report import build_report
-    from wdstudy.search import Worker, ensure_studies
     from wdstudy.spec import load_spec
+    from wdstudy.worker import Worker
 
     spec = load_spec(write_spec(tmp_path, regularizers=["none", "l2"],
                                 search={"sampler": "grid", "grid_points": 2, "trials": None,
@@ -522,8 +482,15 @@ def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
     df = trials_frame(storage, "tiny")
     l2 = df[df.regularizer == "l2"]
     assert len(df[df.regularizer == "none"]) == 2 and len(l2) == 4
-    points = {(round(r.lr, 12), round(r.weight_decay, 12)) for r in l2.itertuples()}
-    assert points == {(a, b) for a in (1e-3, 1e-2) for b in (1e-5, 1e-3)}
+    points = {(r.lr, r.weight_decay) for r in l2.itertuples()}
+    assert points == {(a, b) for a in (1e-3, 1e-2) for b in (1e-5, 1e-3)}  # endpoints exactly
     paths = build_report(storage, "tiny", tmp_path / "out", url)
     assert "Heatmap of the grid" in paths.html.read_text()
     assert "4 (L2)" in paths.html.read_text() or "2 (none)" in paths.html.read_text()
+
+
+def test_spec_names_every_regularizer_arm_and_nothing_else():
+    from wdstudy.regularizers import REGULARIZERS
+    from wdstudy.spec import REGULARIZER_NAMES
+
+    assert sorted(REGULARIZERS) == sorted(REGULARIZER_NAMES)

@@ -13,7 +13,9 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .search import METRIC_KEYS
+from . import records as R
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -23,7 +25,7 @@ def cell_studies(storage, study: str) -> dict[str, tuple[optuna.study.StudySumma
     summaries = {s.study_name: s for s in storage.get_all_studies()}
     out = {}
     for name, s in summaries.items():
-        if name.startswith(f"{study}/") and not name.endswith("/eval") and "cell" in s.user_attrs:
+        if name.startswith(f"{study}/") and not name.endswith("/eval") and R.CELL in s.user_attrs:
             out[name] = (s, summaries.get(f"{name}/eval"))
     return dict(sorted(out.items()))
 
@@ -41,20 +43,21 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
             "value": t.value,
             "lr": t.params.get("lr"),
             "weight_decay": t.params.get("weight_decay", 0.0 if t.params else None),
-            "outcome": t.user_attrs.get("outcome"),
-            # a retry inherits its failed parent's attributes: a reason belongs to unfinished trials only
+            "generation": t.user_attrs.get(R.GENERATION),
+            "slot": t.user_attrs.get(R.SLOT),
+            "outcome": t.user_attrs.get(R.OUTCOME),
             "reason": None if t.state == TrialState.COMPLETE
-            else (t.user_attrs.get("reason") or t.system_attrs.get("fail_reason")),
-            "retry_of": t.system_attrs.get("failed_trial"),
-            "worker": t.user_attrs.get("worker"),
-            "cuda_visible_devices": t.user_attrs.get("cuda_visible_devices"),
+            else (t.user_attrs.get(R.REASON) or t.system_attrs.get(R.FAIL_REASON)),
+            "fail_kind": t.system_attrs.get(R.FAIL_KIND),
+            "worker": t.user_attrs.get(R.WORKER),
+            "cuda_visible_devices": t.user_attrs.get(R.CUDA_VISIBLE_DEVICES),
             "start": t.datetime_start,
             "end": t.datetime_complete,
         }
-        for k in METRIC_KEYS:
+        for k in R.METRIC_KEYS:
             row[k] = t.user_attrs.get(k)
         if kind == "eval" and row["seed"] is None:
-            row["seed"] = t.user_attrs.get("seed")
+            row["seed"] = t.user_attrs.get(R.SEED)
         rows.append(row)
     return rows
 
@@ -62,8 +65,12 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
 def trials_frame(storage, study: str) -> pd.DataFrame:
     """One row per search trial of every cell."""
     rows = []
-    for name, (s, _) in cell_studies(storage, study).items():
-        rows += _rows(storage, s, s.user_attrs["cell"], "search")
+    for name, (s, ev) in cell_studies(storage, study).items():
+        chosen = ev.user_attrs.get(R.BEST_TRIAL) if ev is not None else None
+        cell_rows = _rows(storage, s, s.user_attrs[R.CELL], "search")
+        for row in cell_rows:
+            row["chosen"] = row["trial"] == chosen  # the configuration its evaluation retrains
+        rows += cell_rows
     return pd.DataFrame(rows)
 
 
@@ -72,7 +79,7 @@ def evaluations_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
-            rows += _rows(storage, ev, s.user_attrs["cell"], "eval")
+            rows += _rows(storage, ev, s.user_attrs[R.CELL], "eval")
     return pd.DataFrame(rows)
 
 
@@ -80,7 +87,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
     """Per cell: budget, trials by state, best objective so far, evaluation runs done."""
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
-        cell = s.user_attrs["cell"]
+        cell = s.user_attrs[R.CELL]
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
         counts = {st: 0 for st in STATES}
         best = math.inf

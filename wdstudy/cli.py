@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
-    return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet)
+    return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet,
+                  threads=args.threads)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -104,22 +105,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     spec, url = prepare(args.spec, args.storage)  # creates the cells if this worker is first
     if not args.single:
-        slots = plan_slots(args.devices, args.workers)
+        slots = plan_slots(args.devices, args.workers, args.threads)
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
         except KeyboardInterrupt:
             print("wdstudy: worker pool stopped; its trials were re-queued.", file=sys.stderr)
             return 130
     # one worker, in this process (what launch starts per device)
-    import torch
+    from . import signals
+    from .worker import Worker
 
-    from .search import Worker, WorkerStopped, install_stop_handlers
-
-    torch.set_num_threads(int(os.environ.get("WDSTUDY_THREADS", "1")))
+    signals.install()
+    threads = args.threads or int(os.environ.get("WDSTUDY_THREADS", "1"))
     try:
-        install_stop_handlers()
+        import torch
+
+        torch.set_num_threads(threads)
         n = Worker(spec, url).run()
-    except WorkerStopped as exc:
+    except signals.WorkerStopped as exc:
         print(f"wdstudy: worker {os.getpid()} {exc}; its trial was re-queued", file=sys.stderr)
         return 130
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
@@ -167,8 +170,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .regularizers import REGULARIZERS
-    from .train import OPTIMIZERS, SCHEDULES
+    from .spec import OPTIMIZERS, REGULARIZER_NAMES, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="wdstudy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one training run of a task, printing its metrics")
     p.add_argument("--task", required=True, help="e.g. mlp-mnist1d, cnn-mnist1d, gru-mnist1d, cnn-cifar10")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--regularizer", default="decoupled", choices=list(REGULARIZERS))
+    p.add_argument("--regularizer", default="decoupled", choices=list(REGULARIZER_NAMES))
     p.add_argument("--weight-decay", type=float, default=0.0, help="λ (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--devices", default="auto",
                        help="auto (one worker per GPU, else CPU workers), cpu, or device ids like 0,1")
         p.add_argument("--workers", type=int, help="number of CPU workers (default: one per core)")
+        p.add_argument("--threads", type=int,
+                       help="torch threads per worker (default: the cores divided between the workers)")
         p.add_argument("--quiet", action="store_true", help="no live progress display")
 
     p = sub.add_parser("launch", help="run a study: search every cell, evaluate, export")

@@ -3,9 +3,13 @@
 One worker per visible GPU (pinned through ``CUDA_VISIBLE_DEVICES``), or N CPU workers
 with the cores' threads divided between them, or one worker per device of an explicit
 ``--devices`` list. Each worker is ``python -m wdstudy worker SPEC --single``: the same
-process that joins a study from another machine. Killed workers are replaced and their
-trials retried; Ctrl-C stops every worker and leaves no trial RUNNING; running the same
-command again resumes (budgets are totals).
+process that joins a study from another machine. The launcher itself imports no torch:
+it creates the cells and starts the workers first, then watches them.
+
+A worker that dies is replaced and its trial re-queued; only a slot that *crash-loops*
+(:data:`CRASH_LOOP` deaths in a row without finishing a unit) is given up. Ctrl-C stops
+every worker and leaves no trial RUNNING; running the same command again resumes
+(budgets are totals).
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .analysis import export, progress_frame
+from .cells import Cells, ensure_studies
 from .errors import WdstudyError
-from .search import ensure_studies
 from .spec import StudySpec, load_spec
-from .storage import StudyLock, default_url, is_rdb, open_storage, release_dead_trials
+from .storage import StudyLock, default_url, is_rdb, open_storage
 
-MAX_RESTARTS = 5
+#: A slot is given up after this many deaths in a row without finishing a unit.
+CRASH_LOOP = 8
 
 
 def shown(path) -> str:
@@ -37,28 +44,50 @@ def resolve_url(spec: StudySpec, storage: str | None) -> str:
     return storage or spec.storage or default_url(spec.output_dir())
 
 
-def plan_slots(devices: str, workers: int | None) -> list[dict[str, str]]:
-    """Environment of each worker slot: its ``CUDA_VISIBLE_DEVICES`` and thread count."""
-    cores = os.cpu_count() or 1
-    if devices == "auto":
-        import torch
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, without importing torch: the entries of
+    ``CUDA_VISIBLE_DEVICES`` (ids, UUIDs or MIG ids, in order) when it is set, else the
+    devices ``nvidia-smi -L`` lists, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    import shutil
 
-        n_gpu = torch.cuda.device_count()
-        ids = [str(i) for i in range(n_gpu)] if n_gpu and workers is None else None
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def plan_slots(devices: str, workers: int | None, threads: int | None = None) -> list[dict[str, str]]:
+    """Environment of each worker slot: its ``CUDA_VISIBLE_DEVICES``, accelerator and thread count.
+
+    ``threads`` (torch threads per worker) defaults to the cores divided between the workers.
+    """
+    cores = os.cpu_count() or 1
+    if threads is not None and threads < 1:
+        raise WdstudyError(f"--threads={threads}: must be >= 1")
+    if devices == "auto":
+        gpus = visible_gpus() if workers is None else []
+        ids = gpus or None
     elif devices == "cpu":
         ids = None
     else:
-        ids = [d.strip() for d in devices.split(",") if d.strip()]
-        if not ids or len(set(ids)) != len(ids):
+        picked = [d.strip() for d in devices.split(",") if d.strip()]
+        if not picked or len(set(picked)) != len(picked):
             raise WdstudyError(f"--devices={devices!r}: give 'auto', 'cpu' or distinct device ids like 0,1")
+        ids = picked
     if ids is not None:
-        threads = max(1, cores // len(ids))
-        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(threads)} for d in ids]
+        n_threads = threads or max(1, cores // len(ids))
+        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(n_threads)} for d in ids]
     n = workers if workers is not None else cores
     if n < 1:
         raise WdstudyError(f"--workers={n}: must be >= 1")
-    threads = max(1, cores // n)
-    return [{"CUDA_VISIBLE_DEVICES": "", "WDSTUDY_THREADS": str(threads), "WDSTUDY_ACCELERATOR": "cpu"}
+    n_threads = threads or max(1, cores // n)
+    return [{"CUDA_VISIBLE_DEVICES": "", "WDSTUDY_THREADS": str(n_threads), "WDSTUDY_ACCELERATOR": "cpu"}
             for _ in range(n)]
 
 
@@ -67,15 +96,26 @@ class Slot:
     index: int
     env: dict[str, str]
     proc: subprocess.Popen | None = None
-    restarts: int = 0
+    deaths: int = 0  # in a row, without finishing a unit
+    restart_at: float = 0.0
     finished: bool = False
     log: Path | None = None
-    dead_pids: list[int] = field(default_factory=list)
+    progress: Path | None = None
+    units_at_start: int = 0
+
+    def units(self) -> int:
+        try:
+            return self.progress.stat().st_size if self.progress else 0
+        except FileNotFoundError:
+            return 0
 
 
 def _start(slot: Slot, spec_path: str, url: str, log_dir: Path) -> None:
-    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "WDSTUDY_PARENT_PID": str(os.getpid())}
     slot.log = log_dir / f"worker-{slot.index}.log"
+    slot.progress = log_dir / f"worker-{slot.index}.units"
+    slot.units_at_start = slot.units()
+    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "WDSTUDY_PARENT_PID": str(os.getpid()),
+           "WDSTUDY_PROGRESS_FILE": str(slot.progress)}
     cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, "--storage", url, "--single"]
     with open(slot.log, "a") as f:
         slot.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,10 +164,16 @@ def run_pool(
     *,
     quiet: bool = False,
     display: bool = True,
+    warm: Callable[[], None] | None = None,
 ) -> bool:
-    """Run worker processes until all finish; returns True if every cell is searched and evaluated."""
+    """Run worker processes until all finish; returns True if every cell is searched and evaluated.
+
+    ``warm`` runs in a background thread once a worker has finished its first unit (the
+    workers are then past their own start-up): the launcher's idle time pays for the
+    imports of what it does at the end.
+    """
     storage = open_storage(url)
-    names = spec.study_names()
+    cells = Cells(spec, storage)
     log_dir = spec.output_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = [Slot(i, env) for i, env in enumerate(slots)]
@@ -141,7 +187,7 @@ def run_pool(
     first = progress_frame(storage, spec.name)
     remaining0 = _remaining_units(first)
     last_print, drawn = 0.0, 0
-    interrupted = False
+    interrupted = complete = False
     try:
         while True:
             for s in pool:
@@ -153,19 +199,29 @@ def run_pool(
                 if rc == 0:
                     s.finished = True
                     continue
-                # A worker died (killed, crashed): fail and retry its trial, start a replacement.
+                # A worker died (killed, crashed): fail and re-queue its trial, start a replacement
                 with StudyLock(url, spec.name):
-                    release_dead_trials(storage, names, dead_pids={s.proc.pid})
-                if s.restarts >= MAX_RESTARTS:
+                    cells.release_dead(dead_pids={s.proc.pid})
+                s.deaths = 0 if s.units() > s.units_at_start else s.deaths + 1
+                if s.deaths >= CRASH_LOOP:
                     s.finished = True
-                    print(f"wdstudy: worker {s.index} failed {s.restarts + 1} times; see {s.log}", file=sys.stderr)
+                    print(f"wdstudy: worker {s.index} died {s.deaths} times in a row without finishing a unit; "
+                          f"giving it up (see {s.log})", file=sys.stderr)
                     continue
-                s.restarts += 1
-                _start(s, spec_path, url, log_dir)
-            done = all(s.finished for s in pool)
+                s.proc = None
+                s.restart_at = time.monotonic() + min(30.0, 0.5 * 2 ** max(0, s.deaths - 1)) * (s.deaths > 1)
+            for s in pool:
+                if not s.finished and s.proc is None and time.monotonic() >= s.restart_at:
+                    _start(s, spec_path, url, log_dir)
+            if warm is not None and any(s.units() for s in pool):
+                threading.Thread(target=warm, name="warm", daemon=True).start()
+                warm = None
+            df = progress_frame(storage, spec.name)
+            # every unit recorded: go on while the workers exit by themselves (a second, with torch)
+            complete = _remaining_units(df) == 0
+            done = complete or all(s.finished for s in pool)
             now = time.monotonic()
             if not quiet and display and (done or now - last_print >= (1.0 if tty else 15.0)):
-                df = progress_frame(storage, spec.name)
                 elapsed = now - start
                 rem = _remaining_units(df)
                 finished_units = remaining0 - rem
@@ -182,8 +238,8 @@ def run_pool(
     except KeyboardInterrupt:
         interrupted = True
     finally:  # also on any error in this process: never leave workers behind
-        if interrupted or not all(s.finished for s in pool):
-            _stop_all(pool, storage, names, StudyLock(url, spec.name))
+        if interrupted or not (complete or all(s.finished for s in pool)):
+            _stop_all(pool, cells, StudyLock(url, spec.name))
     signal.signal(signal.SIGTERM, previous)
     if interrupted:
         raise KeyboardInterrupt
@@ -195,7 +251,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _stop_all(pool: list[Slot], storage, names: list[str], lock: StudyLock, timeout: float = 60.0) -> None:
+def _stop_all(pool: list[Slot], cells: Cells, lock: StudyLock, timeout: float = 60.0) -> None:
     """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers."""
     for s in pool:
         if s.proc is not None and s.proc.poll() is None:
@@ -213,7 +269,7 @@ def _stop_all(pool: list[Slot], storage, names: list[str], lock: StudyLock, time
             s.proc.kill()
             s.proc.wait()
     with lock:
-        release_dead_trials(storage, names, dead_pids={s.proc.pid for s in pool if s.proc is not None})
+        cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
 
 
 def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
@@ -221,21 +277,22 @@ def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
     spec = load_spec(spec_path)
     url = resolve_url(spec, storage)
     store = open_storage(url)
-    ensure_studies(spec, store, Path(spec_path).read_text())
     with StudyLock(url, spec.name):
-        release_dead_trials(store, spec.study_names())
+        ensure_studies(spec, store, Path(spec_path).read_text())
+        Cells(spec, store).release_dead()
     return spec, url
 
 
 def launch(spec_path: str, storage: str | None = None, devices: str = "auto", workers: int | None = None,
-           quiet: bool = False) -> int:
-    slots = plan_slots(devices, workers)
+           quiet: bool = False, threads: int | None = None) -> int:
+    slots = plan_slots(devices, workers, threads)
     spec, url = prepare(spec_path, storage)
     where = url if is_rdb(url) else shown(url)
     if not quiet:
-        print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers, storage {where}", flush=True)
+        print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers × "
+              f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}", flush=True)
     try:
-        complete = run_pool(spec_path, spec, url, slots, quiet=quiet)
+        complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report)
     except KeyboardInterrupt:
         print("\nwdstudy: stopped; no trial is left running. Run the same command to resume.", file=sys.stderr)
         return 130
@@ -249,6 +306,10 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
     return 0
+
+
+def _import_report() -> None:
+    import wdstudy.report  # noqa: F401  (matplotlib, seaborn, scipy: seconds, paid while workers train)
 
 
 def summary_text(storage, study: str) -> str:
@@ -266,7 +327,8 @@ def summary_text(storage, study: str) -> str:
         if comp.empty:
             lines.append(f"{label:<34} {'—':>9}")
             continue
-        best = comp.loc[comp.value.idxmin()]
+        chosen = comp[comp.chosen] if "chosen" in comp else comp.iloc[:0]
+        best = chosen.iloc[0] if len(chosen) else comp.loc[comp.value.idxmin()]
         e = evals[(evals.cell == cell) & (evals.state == "COMPLETE")] if not evals.empty else evals
         if len(e):
             te = f"{100 * e.test_error.mean():.2f}±{100 * e.test_error.std(ddof=1) if len(e) > 1 else 0:.2f}% (n={len(e)})"

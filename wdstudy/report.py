@@ -35,6 +35,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
+from . import records as R  # noqa: E402
 from .analysis import cell_studies, evaluations_frame, progress_frame, trials_frame  # noqa: E402
 from .stats import coupling, mean_ci, welch_test  # noqa: E402
 
@@ -87,14 +88,14 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
         from .errors import WdstudyError
 
         raise WdstudyError(f"study={study!r}: no cells of this study in storage {storage_label}")
-    cells = {name: s.user_attrs["cell"] for name, (s, _) in studies.items()}
+    cells = {name: s.user_attrs[R.CELL] for name, (s, _) in studies.items()}
     first = next(iter(studies.values()))[0].user_attrs
     trials = trials_frame(storage, study)
     evals = evaluations_frame(storage, study)
     progress = progress_frame(storage, study)
     objective = next(iter(cells.values()))["objective"]
     return ReportData(study, storage_label, cells, trials, evals, progress,
-                      first.get("spec_yaml", ""), first.get("versions", {}), objective)
+                      first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
 
 
 def _edge(value: float, lo: float, hi: float) -> str:
@@ -112,7 +113,8 @@ def compute_tables(d: ReportData) -> None:
         e_all = d.evals[d.evals.cell == name] if not d.evals.empty else d.evals
         e = e_all[e_all.state == "COMPLETE"] if len(e_all) else e_all
         diverged = int((e_all.state == "PRUNED").sum()) if len(e_all) else 0
-        best = comp.loc[comp.value.idxmin()] if len(comp) else None
+        picked = comp[comp.chosen] if len(comp) and "chosen" in comp else comp.iloc[:0]
+        best = picked.iloc[0] if len(picked) else (comp.loc[comp.value.idxmin()] if len(comp) else None)
         lr_lo, lr_hi = cell["lr_range"]
         wd_range = cell["weight_decay_range"]
         test = mean_ci(e.test_error) if len(e) else mean_ci([])
@@ -375,7 +377,7 @@ def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmi
         gx, gy = np.meshgrid(np.linspace(*lx, 80), np.linspace(*ly, 80))
         try:
             gz = griddata((x, y), np.clip(v, vmin, vmax), (gx, gy), method="linear")
-            mappable = ax.pcolormesh(gx, gy, gz, cmap=cmap, vmin=vmin, vmax=vmax, shading="auto")
+            mappable = ax.pcolormesh(gx, gy, gz, cmap=cmap, vmin=vmin, vmax=vmax, shading="auto", rasterized=True)
         except Exception:  # degenerate point sets (collinear): points only
             mappable = None
     sc = ax.scatter(x, y, c=np.clip(v, vmin, vmax), cmap=cmap, vmin=vmin, vmax=vmax, s=26,
@@ -486,13 +488,13 @@ def _eval_histories(d: ReportData, storage) -> pd.DataFrame:
     for name, (s, ev) in cell_studies(storage, d.study).items():
         if ev is None:
             continue
-        cell = s.user_attrs["cell"]
+        cell = s.user_attrs[R.CELL]
         for t in storage.get_all_trials(ev._study_id, deepcopy=False):
             if t.state != optuna.trial.TrialState.COMPLETE:
                 continue
-            for h in t.user_attrs.get("history", []):
+            for h in t.user_attrs.get(R.HISTORY, []):
                 rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
-                             "regularizer": cell["regularizer"], "seed": t.user_attrs.get("seed"), **h})
+                             "regularizer": cell["regularizer"], "seed": t.user_attrs.get(R.SEED), **h})
     return pd.DataFrame(rows)
 
 
@@ -649,20 +651,25 @@ def build_report(storage, study: str, out_dir: Path, storage_label: str) -> Repo
         df.to_csv(p, index=False)
         tables.append(p)
 
+    html_path, pdf_path = out_dir / "report.html", out_dir / "report.pdf"
+    pdf_proc = _in_child(render_pdf, d, figures, pdf_path)  # the PDF in a second process, if one can fork
     pngs: dict[str, bytes] = {}
     fig_paths = []
-    for f in figures:  # rendered once, for the PNG file, the HTML and the PDF page
+    for f in figures:  # rendered once, for the PNG file and the HTML
         buf = io.BytesIO()
         f.fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight")
-        plt.close(f.fig)
         pngs[f.key] = buf.getvalue()
         (fig_dir / f"{f.key}.png").write_bytes(pngs[f.key])
         fig_paths.append(fig_dir / f"{f.key}.png")
-
-    html_path = out_dir / "report.html"
     html_path.write_text(render_html(d, figures, {k: base64.b64encode(v).decode() for k, v in pngs.items()}))
-    pdf_path = out_dir / "report.pdf"
-    render_pdf(d, figures, pngs, pdf_path)
+    if pdf_proc is None:
+        render_pdf(d, figures, pdf_path)
+    else:
+        pdf_proc.join()
+        if pdf_proc.exitcode != 0:
+            raise RuntimeError(f"writing {pdf_path} failed in its process (exit code {pdf_proc.exitcode})")
+    for f in figures:
+        plt.close(f.fig)
     return ReportPaths(html_path, pdf_path, fig_paths, tables)
 
 
@@ -781,21 +788,28 @@ def _fixed_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
 
 
-def _figure_page(pdf: PdfPages, title: str, caption: str, png: bytes) -> None:
-    """One A4-landscape page: title, the figure scaled to fit, and its caption as text."""
-    img = plt.imread(io.BytesIO(png))
-    page = plt.figure(figsize=(11.69, 8.27))
-    page.text(0.04, 0.95, title, fontsize=14, weight="bold")
-    ax = page.add_axes((0.04, 0.12, 0.92, 0.80))
-    ax.imshow(img, interpolation="lanczos")
-    ax.set_anchor("N")
-    ax.axis("off")
-    page.text(0.04, 0.035, textwrap.fill(caption, 170), fontsize=9, va="bottom")
-    pdf.savefig(page)
-    plt.close(page)
+def _figure_page(pdf: PdfPages, title: str, caption: str, fig: plt.Figure) -> None:
+    """The figure itself as a vector page (sized to it), its title above and its caption below."""
+    w, _ = fig.get_size_inches()
+    lines = textwrap.wrap(caption, max(60, int(w * 15)))
+    fig.text(0.0, 1.02, title, fontsize=13, weight="bold", ha="left", va="bottom", transform=fig.transFigure)
+    fig.text(0.0, -0.02, "\n".join(lines), fontsize=8.5, ha="left", va="top", transform=fig.transFigure)
+    pdf.savefig(fig, bbox_inches="tight", pad_inches=0.4, dpi=200)  # rasterized parts at 200 dpi
 
 
-def render_pdf(d: ReportData, figures: list[Figure], pngs: dict[str, bytes], path: Path) -> None:
+def _in_child(fn, *args):
+    """Run ``fn(*args)`` in a forked process (it inherits the figures already drawn); None where
+    fork is unavailable. The PDF and the PNGs are then written by two cores at once."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        return None
+    proc = mp.get_context("fork").Process(target=fn, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def render_pdf(d: ReportData, figures: list[Figure], path: Path) -> None:
     with PdfPages(path) as pdf:
         blocks = [("p", f"Study {d.study}, read from {d.storage_label}, on "
                         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")]
@@ -815,7 +829,7 @@ def render_pdf(d: ReportData, figures: list[Figure], pngs: dict[str, bytes], pat
         section_of = {"gap": "2.", "landscape_": "3.", "coupling": "4.", "dynamics_": "5.", "importance": "6."}
         for f in figures:
             num = next(v for k, v in section_of.items() if f.key.startswith(k))
-            _figure_page(pdf, f"{num} {f.title}", f.caption, pngs[f.key])
+            _figure_page(pdf, f"{num} {f.title}", f.caption, f.fig)
         if len(d.coupling):
             _text_page(pdf, "4. Coupling table", [("pre", _fixed_table(COUPLING_HEAD, coupling_rows(d)))])
         appendix = [("pre", _fixed_table(list(d.counts.columns),

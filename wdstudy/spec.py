@@ -25,11 +25,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import validate
 from .errors import WdstudyError
-from .regularizers import REGULARIZERS
 from .tasks import TaskConfig
-from .train import OptimizerConfig
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+#: The regularizer arms by registry name (``wdstudy.regularizers.REGULARIZERS`` has one class each).
+REGULARIZER_NAMES = ("none", "l2", "decoupled", "independent", "l1", "l1-decoupled")
+#: Trials per generation when a spec does not say (never derived from the number of workers).
+DEFAULT_BATCH = 4
+
+
+class OptimizerConfig(BaseModel):
+    """A base optimizer and its settings other than the learning rate and regularization."""
+
+    model_config = _STRICT
+
+    name: Literal["adam", "sgd"]
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _no_own_decay(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError(
+                "the base optimizer is always built with weight_decay=0: the regularizer "
+                "callback is the only source of regularization (set the regularizer's λ instead)"
+            )
+        return v
 
 
 class LogRange(BaseModel):
@@ -52,10 +80,12 @@ class LogRange(BaseModel):
         return math.log10(self.high / self.low)
 
     def grid(self, points: int) -> list[float]:
+        """``points`` values evenly spaced in log, from ``low`` to ``high`` exactly (and inside them)."""
         if points == 1:
-            return [math.sqrt(self.low * self.high)]
+            return [min(max(math.sqrt(self.low * self.high), self.low), self.high)]
         a, b = math.log10(self.low), math.log10(self.high)
-        return [10 ** (a + (b - a) * i / (points - 1)) for i in range(points)]
+        inner = [min(max(10 ** (a + (b - a) * i / (points - 1)), self.low), self.high) for i in range(1, points - 1)]
+        return [self.low, *inner, self.high]
 
     def at_edge(self, value: float, fraction: float = 0.05) -> bool:
         """True if ``value`` lies within ``fraction`` of the range's width (in log) of an edge."""
@@ -72,7 +102,8 @@ class SearchSpec(BaseModel):
     trials: int | None = Field(None, ge=1, description="budget per cell; grid: points per axis squared")
     grid_points: int | None = Field(None, ge=1, description="grid sampler: points per axis")
     startup_trials: int | None = Field(None, ge=1, description="TPE: random trials before modelling")
-    pruner: Literal["none", "median", "hyperband"] = "none"
+    pruner: Literal["none", "median"] = "none"
+    batch: int = Field(DEFAULT_BATCH, ge=1, description="trials per generation: proposals see finished generations only")
     seed: int = Field(0, ge=0, lt=2**31)
     objective: Literal["val_error", "val_loss"] = "val_error"
 
@@ -135,8 +166,8 @@ class StudySpec(BaseModel):
     @classmethod
     def _known_regularizers(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name not in REGULARIZERS:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZERS)}")
+            if name not in REGULARIZER_NAMES:
+                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZER_NAMES)}")
         if len(set(v)) != len(v):
             raise ValueError("a regularizer is listed twice")
         return v

@@ -1,18 +1,24 @@
-"""Where trials live: the embedded journal file, or a shared RDB (PostgreSQL) for many machines.
+"""Where trials live, who owns a running one, and the lock every reservation takes.
 
 * **Embedded default**: Optuna's journal file storage (``JournalFileBackend``) at
   ``OUTPUT/optuna.journal``. Every write is an append under a file lock, so many worker
   processes on one machine share it without SQLite's "database is locked" failures and
-  without a server. A worker that dies is noticed by the launcher (its process) or by any
-  later worker on the same host (its pid is gone); its RUNNING trial is failed and its
-  parameters retried.
-* **PostgreSQL** (``postgresql://...``; ``sqlite:///PATH`` for one machine): Optuna's ``RDBStorage``
-  with heartbeats. A trial whose worker stops beating for ``grace_period`` seconds, on any
-  machine, is failed by the next worker and retried with ``RetryHeartbeatStaleTrialCallback``.
+  without a server.
+* **PostgreSQL** (``postgresql://...``; ``sqlite:///PATH`` for one machine): Optuna's
+  ``RDBStorage`` behind its trial cache, for workers on many machines.
 
-:class:`StudyLock` serializes the one critical section of a worker, "count a cell's
-trials, then create one", so that a cell ends with exactly its budget: an ``flock`` on a
-file beside the journal, or a PostgreSQL advisory lock (both released if the holder dies).
+**Owners and leases** (the same on every storage): a worker tags each trial it runs with
+its owner ``host:pid`` and renews a lease, a wall-clock timestamp, every
+:data:`LEASE_INTERVAL` seconds from a background thread (:class:`Lease`). A RUNNING trial
+is *stale* (:func:`stale_reason`) when its owner is a process of this host that no
+longer exists, or when its lease is older than :data:`GRACE_PERIOD` seconds — a worker
+killed on another machine, a host that vanished, a restarted container, a reused pid.
+Any worker fails a stale trial and re-queues it (``cells``).
+
+:class:`StudyLock` serializes the storage changes that must not interleave — reserving a
+unit, opening a generation, failing and re-queuing a trial — so budgets come out exact:
+an ``flock`` on a file beside the journal, or a PostgreSQL advisory lock (both released
+if the holder dies).
 """
 
 from __future__ import annotations
@@ -23,18 +29,18 @@ import os
 import socket
 from pathlib import Path
 
-import optuna
+import threading
+import time
 import warnings
 
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+import optuna
 
+from . import records as R
 from .errors import WdstudyError
 
-#: Heartbeat settings for RDB storages (seconds); overridable for tests by environment.
-HEARTBEAT_INTERVAL = int(os.environ.get("WDSTUDY_HEARTBEAT_INTERVAL", "10"))
-GRACE_PERIOD = int(os.environ.get("WDSTUDY_GRACE_PERIOD", "60"))
-MAX_RETRY = 3
+#: Lease settings (seconds); overridable by environment (tests, clusters with slow storage).
+LEASE_INTERVAL = float(os.environ.get("WDSTUDY_LEASE_INTERVAL", "10"))
+GRACE_PERIOD = float(os.environ.get("WDSTUDY_GRACE_PERIOD", "60"))
 
 #: This machine in trial owner tags ("host:pid"); WDSTUDY_HOSTNAME overrides it (containers that
 #: share a hostname, or tests that play several machines on one).
@@ -52,13 +58,6 @@ def is_rdb(url: str) -> bool:
 RDB_SCHEMES = ("postgresql", "sqlite")
 
 
-def retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    """Optuna's retry: enqueue a failed trial's parameters as a WAITING trial (at most 3 times)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=False)
-
-
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open the storage at ``url``: an RDB URL, or a path to a journal file."""
     if is_rdb(url):
@@ -71,13 +70,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         try:
             with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=HEARTBEAT_INTERVAL,
-                    grace_period=GRACE_PERIOD,
-                    heartbeat_stale_trial_callback=retry_callback(),
-                    engine_kwargs={"pool_pre_ping": True},
-                )
+                rdb = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+                # Optuna's trial cache: later reads fetch only new and unfinished trials
+                return optuna.storages.get_storage(rdb)
         except Exception as exc:  # bad URL, server down, missing driver
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WdstudyError(f"storage={url!r}: cannot open ({first})") from None
@@ -184,43 +179,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_and_retry(study: optuna.Study, trial_id: int, number: int, reason: str) -> None:
-    """Mark a RUNNING trial FAIL with ``reason`` and enqueue its parameters again.
+def stale_reason(trial: optuna.trial.FrozenTrial, now: float | None = None, dead_pids=None) -> str | None:
+    """Why a RUNNING trial has no live owner, or None if it may still be running.
 
-    Does nothing if the trial has finished meanwhile (another process released it).
+    ``dead_pids``: pids of this host known to be dead (reaped by a launcher), which
+    are trusted even if the pid has been reused since.
     """
-    storage = study._storage
-    if storage.get_trial(trial_id).state != TrialState.RUNNING:
-        return
-    try:
-        storage.set_trial_system_attr(trial_id, "fail_reason", reason)
-        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            return
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return
-    retry_callback()(study, storage.get_trial(trial_id))
+    owner = trial.system_attrs.get(R.OWNER, "")
+    host, _, pid = owner.rpartition(":")
+    if host == HOST and pid.isdigit():
+        if (dead_pids is not None and int(pid) in dead_pids) or (dead_pids is None and not _alive(int(pid))):
+            return f"worker {owner} died"
+    if dead_pids is not None:
+        return None
+    now = time.time() if now is None else now
+    lease = trial.system_attrs.get(R.LEASE)
+    if lease is None and trial.datetime_start is not None:
+        lease = trial.datetime_start.timestamp()
+    if lease is not None and now - float(lease) > GRACE_PERIOD:
+        who = f" of {owner}" if owner else ""
+        return f"lease{who} expired ({now - float(lease):.0f} s since its last renewal)"
+    return None
 
 
-def release_dead_trials(storage: optuna.storages.BaseStorage, study_names: list[str], dead_pids=None) -> int:
-    """Fail and retry RUNNING trials owned by processes on this host that no longer exist.
+class Lease:
+    """Renew a running trial's lease every :data:`LEASE_INTERVAL` seconds from a daemon thread.
 
-    ``dead_pids`` restricts the check to those pids (known dead, e.g. reaped children);
-    otherwise each owner pid on this host is probed. Trials of other hosts are left to the
-    heartbeat (RDB storages). Returns the number of trials released.
+    Stops by itself when the trial has finished (for example failed by another worker
+    after this one stalled for longer than the grace period). Use as a context manager.
     """
-    released = 0
-    existing = {s.study_name for s in storage.get_all_studies()}
-    for name in study_names:
-        if name not in existing:
-            continue
-        study = optuna.load_study(study_name=name, storage=storage)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = t.system_attrs.get("owner", "")
-            host, _, pid = owner.rpartition(":")
-            if host != HOST or not pid.isdigit():
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float | None = None):
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = LEASE_INTERVAL if interval is None else interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{trial_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_system_attr(self.trial_id, R.LEASE, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return
+            except Exception:  # a storage hiccup: try again at the next renewal
                 continue
-            pid_i = int(pid)
-            if (dead_pids is not None and pid_i in dead_pids) or (dead_pids is None and not _alive(pid_i)):
-                fail_and_retry(study, t._trial_id, t.number, f"worker {owner} died")
-                released += 1
-    return released
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

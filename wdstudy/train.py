@@ -18,46 +18,19 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from .config import validate
 from .errors import WdstudyError, bad_value, check_number
 from .regularizers import make_regularizer
+from .spec import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from .tasks import ShuffledBatches, Split, TaskConfig, TaskData
-
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine")
-
-
-class OptimizerConfig(BaseModel):
-    """A base optimizer and its settings other than the learning rate and regularization."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: Literal["adam", "sgd"]
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = 0.0
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _no_own_decay(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError(
-                "the base optimizer is always built with weight_decay=0: the regularizer "
-                "callback is the only source of regularization (set the regularizer's λ instead)"
-            )
-        return v
-
 
 def optimizer_config(name: str, **settings: Any) -> OptimizerConfig:
     """Build an :class:`OptimizerConfig`; bad input raises WdstudyError."""

@@ -11,8 +11,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import DATASETS, INPUT_SHAPES, NUM_CLASSES, ShuffledBatches, Split, TaskData, load_data
-from .models import MODELS, build_model
+from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES
+
+#: Loaded on first use, so that specs and reports can use TaskConfig without importing torch.
+_LAZY = {"ShuffledBatches": "data", "Split": "data", "TaskData": "data", "load_data": "data", "build_model": "models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TASKS: tuple[str, ...] = tuple(f"{m}-{d}" for m in MODELS for d in DATASETS)
 
@@ -83,9 +93,13 @@ class TaskConfig(BaseModel):
         return kwargs
 
     def build_model(self):
+        from .models import build_model
+
         return build_model(self.model, self.input_shape, NUM_CLASSES, **self.model_kwargs())
 
-    def load_data(self, with_test: bool = False) -> TaskData:
+    def load_data(self, with_test: bool = False):
+        from .data import load_data
+
         return load_data(
             self.dataset,
             val_fraction=self.val_fraction,

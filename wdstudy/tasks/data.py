@@ -28,16 +28,7 @@ from torch import Tensor
 
 from ..errors import bad_value
 
-DATASETS = ("mnist1d", "mnist", "fashionmnist", "cifar10")
-
-#: Shape of one input example (without the batch dimension), per dataset.
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {
-    "mnist1d": (40,),
-    "mnist": (1, 28, 28),
-    "fashionmnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-}
-NUM_CLASSES = 10
+from .names import DATASETS, INPUT_SHAPES, NUM_CLASSES
 
 
 @dataclass(frozen=True)

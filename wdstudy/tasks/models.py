@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-MODELS = ("mlp", "cnn", "gru", "lstm")
+from .names import MODELS
 
 
 class MLP(nn.Module):

@@ -15,8 +15,10 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from .search import cell_record, ensure_studies, package_versions
-from .spec import Cell, StudySpec
+from wdstudy import records as R
+from wdstudy.cells import cell_record, distributions, ensure_studies
+from wdstudy.records import package_versions
+from wdstudy.spec import Cell, StudySpec
 
 
 def synthetic_value(reg: str, log_lr: float, log_wd: float, rng: np.random.Generator) -> float:
@@ -62,24 +64,18 @@ def fill(spec: StudySpec, storage, *, trials: int | None = None, seeds: int | No
         add_evaluation(spec, cell, storage, seeds or spec.evaluation.seeds, epochs, rng)
 
 
-def _dists(spec: StudySpec, cell: Cell) -> dict:
-    d = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
-    wd = spec.weight_decay_range(cell.regularizer)
-    if wd is not None:
-        d["weight_decay"] = FloatDistribution(wd.low, wd.high, log=True)
-    return d
-
-
 def add_trials(spec: StudySpec, cell: Cell, storage, n: int, epochs: int, rng, state=TrialState.COMPLETE) -> None:
     study = optuna.load_study(study_name=cell.name, storage=storage)
-    dists = _dists(spec, cell)
+    dists = distributions(spec, cell)
     batch = []
-    for _ in range(n):
+    first = len(study.get_trials(deepcopy=False))
+    for i in range(first, first + n):
         params = {k: float(10 ** rng.uniform(math.log10(d.low), math.log10(d.high))) for k, d in dists.items()}
         value = synthetic_value(cell.regularizer, math.log10(params["lr"]),
                                 math.log10(params.get("weight_decay", 1e-8)), rng)
         attrs = {**_metrics(value, spec.search.seed, False, rng), "history": _history(epochs, value, rng),
-                 "outcome": "complete", "worker": "synthetic:0"}
+                 "outcome": "complete", "worker": "synthetic:0",
+                 R.GENERATION: i // spec.search.batch, R.SLOT: i % spec.search.batch}
         batch.append(create_trial(state=state, params=params, distributions=dists,
                                   value=value if state == TrialState.COMPLETE else None,
                                   user_attrs=attrs,
@@ -91,8 +87,10 @@ def add_evaluation(spec: StudySpec, cell: Cell, storage, seeds: int, epochs: int
     search = optuna.load_study(study_name=cell.name, storage=storage)
     best = search.best_trial
     ev = optuna.create_study(study_name=cell.eval_name, storage=storage, direction="minimize", load_if_exists=True)
-    ev.set_user_attr("best_trial", best.number)
-    dists = _dists(spec, cell)
+    ev.set_user_attr(R.BEST_TRIAL, best.number)
+    ev.set_user_attr(R.BEST_VALUE, best.value)
+    ev.set_user_attr(R.BEST_PARAMS, best.params)
+    dists = distributions(spec, cell)
     for s in cell_record(spec, cell)["eval_seeds"][:seeds]:
         m = _metrics(best.value, s, True, rng)
         ev.add_trial(create_trial(state=TrialState.COMPLETE, params=best.params, distributions=dists,

@@ -1,0 +1,308 @@
+"""The study engine under timing, faults and crashes: generations, retries, leases, repair.
+
+Real worker processes and real storages (journal files; PostgreSQL where it matters);
+faults are real signals, or exceptions raised from inside a worker's training call.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from wdstudy import records as R
+from wdstudy.analysis import evaluations_frame, trials_frame
+from wdstudy.cells import MAX_RETRY, Cells, GenerationPruner, ensure_studies, grid_order
+from wdstudy.spec import LogRange, load_spec
+from wdstudy.storage import HOST, StudyLock, open_storage
+from wdstudy.worker import Worker
+
+from .test_study import PG_URL, assert_exact, cli, journal, popen, running_trials, wait_for, write_spec
+
+
+def _worker(spec, url) -> Worker:
+    return Worker(spec, url, poll=0.05, log=lambda m: None)
+
+
+def _setup(tmp_path, **over):
+    spec = load_spec(write_spec(tmp_path, **over))
+    url = str((tmp_path / "out" / "optuna.journal").resolve())
+    ensure_studies(spec, open_storage(url))
+    return spec, url
+
+
+def _search_key(df: pd.DataFrame) -> pd.DataFrame:
+    done = df[df.state.isin(["COMPLETE", "PRUNED"])]
+    cols = ["cell", "generation", "slot", "lr", "weight_decay", "state", "value", "chosen"]
+    return done[cols].sort_values(["cell", "generation", "slot"]).reset_index(drop=True)
+
+
+# -- reproducibility -----------------------------------------------------------------------------
+
+
+def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_path):
+    over = dict(
+        regularizers=["l2", "decoupled"],
+        search={"sampler": "tpe", "startup_trials": 4, "trials": 12, "batch": 3, "pruner": "median",
+                "lr": {"low": 1e-4, "high": 1.0}},
+        task_defaults={"epochs": 6}, evaluation={"seeds": 2},
+    )
+    runs = {}
+    for n in (1, 2):
+        path = tmp_path / f"w{n}"
+        path.mkdir()
+        spec = write_spec(path, **over)
+        r = cli("launch", str(spec), "--workers", str(n), "--threads", "1", "--quiet")
+        assert r.returncode == 0, r.stdout + r.stderr
+        storage = journal(path)
+        assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
+        runs[n] = (trials_frame(storage, "tiny"), evaluations_frame(storage, "tiny"))
+    one, two = runs[1][0], runs[2][0]
+    assert two.worker.nunique() == 2  # both workers took trials
+    pd.testing.assert_frame_equal(_search_key(one), _search_key(two))
+    assert (one.state == "PRUNED").sum() >= 1  # the median pruner did prune, identically in both
+    assert set(one.generation) == {0, 1, 2, 3}
+    e1, e2 = (e[["cell", "seed", "lr", "weight_decay", "value"]].sort_values(["cell", "seed"]).reset_index(drop=True)
+              for e in (runs[1][1], runs[2][1]))
+    pd.testing.assert_frame_equal(e1, e2)
+
+
+def test_generation_pruner_sees_earlier_generations_only():
+    seen = {}
+
+    class Spy(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            seen["numbers"] = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
+            return False
+
+    study = optuna.create_study()
+    for gen in (0, 0, 1, 1, 2):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={R.GENERATION: gen}))
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={R.GENERATION: 2})
+    GenerationPruner(Spy()).prune(study, trial)
+    assert seen["numbers"] == [0, 1, 2, 3]
+
+
+def test_grid_points_lie_inside_their_range_exactly():
+    r = LogRange(low=0.1, high=0.3)
+    pts = r.grid(7)
+    assert pts[0] == 0.1 and pts[-1] == 0.3
+    assert all(0.1 <= p <= 0.3 for p in pts) and pts == sorted(pts)
+    assert LogRange(low=1e-6, high=3.0).grid(1)[0] <= 3.0
+
+
+def test_grid_order_is_fixed_and_covers_each_point_once(tmp_path):
+    spec = load_spec(write_spec(tmp_path, search={"sampler": "grid", "grid_points": 3, "trials": None,
+                                                  "weight_decay": {"l2": {"low": 0.1, "high": 0.3},
+                                                                   "decoupled": {"low": 1.0, "high": 3.0}}}))
+    cell = spec.cells()[0]
+    a, b = grid_order(spec, cell), grid_order(spec, cell)
+    assert a == b and len({tuple(p.values()) for p in a}) == 9
+
+
+# -- faults inside a trial -----------------------------------------------------------------------
+
+
+def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path, monkeypatch):
+    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
+    real = Worker._train
+    calls = {"n": 0}
+
+    def flaky(self, cell, lr, wd, seed, callbacks, with_test):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(self, cell, lr, wd, seed, callbacks, with_test)
+
+    monkeypatch.setattr(Worker, "_train", flaky)
+    ran = _worker(spec, url).run()
+    assert ran == 5  # 3 trials + 1 retry + 1 evaluation seed
+    storage = open_storage(url)
+    assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
+    df = trials_frame(storage, "tiny")
+    failed = df[df.state == "FAIL"]
+    assert len(failed) == 1 and failed.fail_kind.iloc[0] == "error"
+    assert failed.reason.iloc[0] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
+    retry = df[(df.generation == failed.generation.iloc[0]) & (df.slot == failed.slot.iloc[0]) & (df.state == "COMPLETE")]
+    assert len(retry) == 1 and retry.lr.iloc[0] == failed.lr.iloc[0]
+
+
+def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path, monkeypatch):
+    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
+    real = Worker._train
+    cursed = {}
+
+    def poisoned(self, cell, lr, wd, seed, callbacks, with_test):
+        cursed.setdefault("lr", lr)  # the first configuration always raises
+        if lr == cursed["lr"]:
+            raise ValueError("bad configuration")
+        return real(self, cell, lr, wd, seed, callbacks, with_test)
+
+    monkeypatch.setattr(Worker, "_train", poisoned)
+    _worker(spec, url).run()
+    storage = open_storage(url)
+    assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
+    df = trials_frame(storage, "tiny")
+    failed = df[df.state == "FAIL"]
+    assert len(failed) == MAX_RETRY + 1 and (failed.lr == cursed["lr"]).all()
+    slot = df[(df.generation == failed.generation.iloc[0]) & (df.slot == failed.slot.iloc[0])]
+    replacement = slot[slot.state == "COMPLETE"]
+    assert len(replacement) == 1 and replacement.lr.iloc[0] != cursed["lr"]
+    raw = optuna.load_study(study_name=spec.cells()[0].name, storage=storage).get_trials()
+    assert sum(t.user_attrs.get(R.VARIANT) == 1 for t in raw) == 1
+
+
+# -- trials whose owner is gone ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+@pytest.mark.parametrize("owner", ["node-b:4242", "SELF"])
+def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, backend, owner):
+    """A trial left RUNNING by another host (journal or PostgreSQL), or by a pid of this host
+    that has been reused by a live process: its lease expires and any worker retries it."""
+    name = f"lease-{uuid.uuid4().hex[:8]}"
+    storage_url = PG_URL if backend == "postgresql" else None
+    spec = load_spec(write_spec(tmp_path, name=name, regularizers=["decoupled"], storage=storage_url,
+                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
+                                evaluation={"seeds": 1}))
+    url = storage_url or str((tmp_path / "out" / "optuna.journal").resolve())
+    storage = open_storage(url)
+    try:
+        ensure_studies(spec, storage)
+        with StudyLock(url, spec.name):
+            unit, _ = Cells(spec, storage).reserve()
+        owner = f"{HOST}:{os.getpid()}" if owner == "SELF" else owner  # a live pid, not a worker
+        tid = unit.trial._trial_id
+        storage.set_trial_system_attr(tid, R.OWNER, owner)
+        storage.set_trial_system_attr(tid, R.LEASE, time.time() - 3600)  # its owner stopped renewing
+        _worker(spec, url).run()
+        assert_exact(storage, name, budget=2, seeds=1, cells=1)
+        df = trials_frame(storage, name)
+        failed = df[df.state == "FAIL"]
+        assert list(failed.trial) == [unit.trial.number]
+        assert f"lease of {owner} expired" in failed.reason.iloc[0] and failed.fail_kind.iloc[0] == "lost"
+    finally:
+        if backend == "postgresql":
+            for s in storage.get_all_studies():
+                if s.study_name.startswith(f"{name}/"):
+                    optuna.delete_study(study_name=s.study_name, storage=storage)
+
+
+def test_a_half_created_evaluation_study_is_repaired(tmp_path):
+    from benchmarks.synthetic import add_trials
+
+    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 4}, evaluation={"seeds": 2})
+    storage = open_storage(url)
+    (cell,) = spec.cells()
+    add_trials(spec, cell, storage, 4, 2, np.random.default_rng(0))  # a finished search
+    optuna.create_study(study_name=cell.eval_name, storage=storage)  # killed before its configuration was recorded
+    _worker(spec, url).run()
+    assert_exact(storage, "tiny", budget=4, seeds=2, cells=1)
+    ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
+    best = optuna.load_study(study_name=cell.name, storage=storage).best_trial
+    assert ev.user_attrs[R.BEST_PARAMS] == best.params and ev.user_attrs[R.BEST_TRIAL] == best.number
+    assert all(t.params == best.params for t in ev.trials)
+
+
+def test_a_failed_trial_that_was_never_requeued_is_requeued(tmp_path):
+    """Its worker died between failing it and queuing the retry: the slot is repaired."""
+    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2}, evaluation={"seeds": 1})
+    storage = open_storage(url)
+    with StudyLock(url, spec.name):
+        unit, _ = Cells(spec, storage).reserve()
+    storage.set_trial_state_values(unit.trial._trial_id, TrialState.FAIL)  # no retry queued
+    _worker(spec, url).run()
+    assert_exact(storage, "tiny", budget=2, seeds=1, cells=1)
+
+
+# -- whole processes -----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 60, "batch": 4}, task_defaults={"epochs": 12},
+                      evaluation={"seeds": 2})
+    launcher = popen("launch", str(spec), "--workers", "2", "--threads", "1", "--quiet")
+    rng = random.Random(0)
+    kills = 0
+    try:
+        wait_for(lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
+        while kills < 20 and launcher.poll() is None:
+            time.sleep(rng.uniform(2, 6))
+            workers = _children(launcher.pid)
+            if workers:
+                os.kill(rng.choice(workers), signal.SIGKILL)
+                kills += 1
+        out, err = launcher.communicate(timeout=900)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert kills == 20, f"the study ended after {kills} kills; make it longer"
+    assert launcher.returncode == 0, err
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=60, seeds=2, cells=2)
+    df = trials_frame(storage, "tiny")
+    assert (df.state == "FAIL").sum() >= 1 and (df[df.state == "FAIL"].fail_kind == "lost").all()
+
+
+def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 20})
+    launcher = popen("launch", str(spec), "--workers", "2", "--quiet")
+    try:
+        wait_for(lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
+        workers = _children(launcher.pid)
+        launcher.kill()
+        launcher.wait()
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in workers),
+                 60, "the workers to stop")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    df = trials_frame(journal(tmp_path), "tiny")
+    assert (df.state != "RUNNING").all()  # each worker failed and re-queued its own trial
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert_exact(journal(tmp_path), "tiny", budget=4, seeds=2, cells=2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else "alive"
+    except OSError:
+        return "gone"
+
+
+def test_status_and_analysis_do_not_import_torch(tmp_path):
+    spec = write_spec(tmp_path)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "wdstudy", "status", str(spec)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert "optuna" in imported and not {"torch", "lightning"} & imported

@@ -1,0 +1,430 @@
+"""Cells: their Optuna studies, their proposals in generations, and what runs next.
+
+A cell (task × optimizer × regularizer) is one Optuna study; its evaluation runs are a
+second study, ``CELL/eval``. Everything here runs in a worker (or the launcher) while it
+holds the :class:`~wdstudy.storage.StudyLock`, and imports no torch.
+
+**Generations.** A cell's search proposes its trials in generations of ``search.batch``
+trials (a spec field, never derived from the number of workers). Generation ``g`` is
+opened only when every trial of generations ``< g`` has finished; its proposals are drawn
+at once from those finished trials alone, by a sampler seeded with (search seed, ``g``),
+and queued as WAITING trials tagged with their generation and slot. Whichever worker runs
+them, and in whatever order they finish, the proposals — and so, with the same threads per
+worker, the values and the chosen configuration — are the same with 1 or 8 workers.
+TPE therefore needs no constant liar, and the median pruner compares a trial only with
+trials of earlier generations (:class:`GenerationPruner`). Workers fill the wait for a
+generation's last trial with other cells' work.
+
+**Retries.** A trial that fails — the run raised (``error``), or its worker died, was
+stopped or let its lease expire (``lost``) — is re-queued with the same parameters, slot
+and generation in the same locked block that failed it, so a cell's budget is exact. A slot
+gives up on its parameters after :data:`MAX_RETRY` errors (or :data:`MAX_LOST` losses)
+and is refilled with a replacement proposal (``variant`` 1, 2, …, drawn from the same
+history with another seed); an evaluation seed is given up after as many, and the report
+counts it as failed. Anything a crash could leave half done — a generation partly queued, a
+failed trial not yet re-queued, an evaluation study without its configuration — is
+repaired by :meth:`Cells.reserve` the next time it finds the cell idle.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from . import records as R
+from .errors import WdstudyError
+from .spec import Cell, StudySpec
+from .storage import owner_tag, stale_reason
+
+MAX_RETRY = 3  #: re-runs of a configuration whose run raised, before it is replaced (search) or given up (eval)
+MAX_LOST = 10  #: re-runs of a configuration whose worker was lost (killed, stopped, lease expired)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# -- what a cell is ---------------------------------------------------------------------------
+
+def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
+    """What defines a cell; stored with its study, and checked again on resume."""
+    wd = spec.weight_decay_range(cell.regularizer)
+    return {
+        "study": spec.name,
+        "task": cell.task.model_dump(),
+        "optimizer": cell.optimizer.model_dump(mode="json"),
+        "regularizer": cell.regularizer,
+        "schedule": spec.schedule,
+        "decay_all": spec.decay_all,
+        "lr_range": [spec.search.lr.low, spec.search.lr.high],
+        "weight_decay_range": [wd.low, wd.high] if wd else None,
+        "sampler": spec.search.sampler,
+        "budget": spec.budget(cell.regularizer),
+        "batch": spec.search.batch,
+        "pruner": spec.search.pruner,
+        "seed": spec.search.seed,
+        "objective": spec.search.objective,
+        "eval_seeds": eval_seeds(spec),
+    }
+
+
+def eval_seeds(spec: StudySpec) -> list[int]:
+    first = spec.evaluation.first_seed
+    return list(range(first, first + spec.evaluation.seeds))
+
+
+def distributions(spec: StudySpec, cell: Cell) -> dict[str, FloatDistribution]:
+    """The searched parameters of a cell: ``lr`` and (unless the arm is ``none``) ``weight_decay``."""
+    out = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
+    wd = spec.weight_decay_range(cell.regularizer)
+    if wd is not None:
+        out["weight_decay"] = FloatDistribution(wd.low, wd.high, log=True)
+    return out
+
+
+def _metric_names(study: optuna.Study, name: str) -> None:
+    """Name the objective, so the dashboard labels its axes with it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([name])
+
+
+def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> None:
+    """Create every cell's study (idempotent) and record what it is; refuse a changed spec."""
+    versions = R.package_versions()
+    for cell in spec.cells():
+        study = optuna.create_study(study_name=cell.name, storage=storage, direction="minimize", load_if_exists=True)
+        record = cell_record(spec, cell)
+        stored = study.user_attrs.get(R.CELL)
+        if stored is None:
+            _metric_names(study, spec.search.objective)
+            study.set_user_attr(R.CELL, record)
+            study.set_user_attr(R.VERSIONS, versions)
+            if spec_yaml is not None:
+                study.set_user_attr(R.SPEC_YAML, spec_yaml)
+        elif stored != record:
+            changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
+            raise WdstudyError(
+                f"study {cell.name!r}: the spec changed since this study started "
+                f"({', '.join(changed)} differ); use a new study name or output folder"
+            )
+
+
+# -- proposals ----------------------------------------------------------------------------------
+
+def _sampler_seed(spec: StudySpec, generation: int, variant: int) -> int:
+    """The same in every cell (fair), distinct per generation and replacement variant."""
+    return (spec.search.seed * 1_000_003 + generation * 7_919 + variant * 104_729) % 2**32
+
+
+def grid_order(spec: StudySpec, cell: Cell) -> list[dict[str, float]]:
+    """Every grid point of a cell once, in one order fixed by the search seed."""
+    import numpy as np
+
+    s = spec.search
+    lrs = spec.search.lr.grid(s.grid_points)
+    wd = spec.weight_decay_range(cell.regularizer)
+    points = [{"lr": a, "weight_decay": b} for a in lrs for b in wd.grid(s.grid_points)] if wd else [{"lr": a} for a in lrs]
+    order = np.random.default_rng(s.seed).permutation(len(points))
+    return [points[i] for i in order]
+
+
+def propose(spec: StudySpec, cell: Cell, history: list[FrozenTrial], generation: int, n: int,
+            variant: int = 0) -> list[dict[str, float]]:
+    """``n`` proposals for ``generation`` from the finished trials of earlier generations.
+
+    A pure function of its arguments: the sampler is seeded by (search seed, generation,
+    variant) and sees ``history`` in (generation, slot) order, so every worker that asks
+    gets the same proposals.
+    """
+    s = spec.search
+    if s.sampler == "grid":
+        points = grid_order(spec, cell)
+        return [points[generation * s.batch + i] for i in range(n)]  # a grid point is its own replacement
+    seed = _sampler_seed(spec, generation, variant)
+    if s.sampler == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        startup = s.startup_trials or min(10, max(1, s.trials // 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+    dists = distributions(spec, cell)
+    study = optuna.create_study(sampler=sampler, direction="minimize")  # in memory
+    for t in sorted(history, key=_slot_key):
+        study.add_trial(create_trial(
+            state=t.state, value=t.value if t.state == TrialState.COMPLETE else None,
+            params=t.params, distributions=dists, intermediate_values=t.intermediate_values,
+        ))
+    # asked trials stay RUNNING, which TPE without a constant liar ignores: all n come from one model
+    return [study.ask(dists).params for _ in range(n)]
+
+
+def _slot_key(t: FrozenTrial) -> tuple[int, int, int]:
+    return (t.user_attrs.get(R.GENERATION, 0), t.user_attrs.get(R.SLOT, 0), t.user_attrs.get(R.VARIANT, 0))
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The lowest objective among COMPLETE trials; ties go to the earliest (generation, slot)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    return min(complete, key=lambda t: (t.value, _slot_key(t))) if complete else None
+
+
+class GenerationPruner(optuna.pruners.BasePruner):
+    """Let ``inner`` judge a trial against trials of earlier generations only.
+
+    Trials of the same generation run concurrently in any order; comparing with them
+    would make the decision depend on timing.
+    """
+
+    def __init__(self, inner: optuna.pruners.BasePruner):
+        self.inner = inner
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self.inner.prune(_EarlierGenerations(study, trial.user_attrs.get(R.GENERATION, 0)), trial)
+
+
+class _EarlierGenerations:
+    """What a pruner sees of a study: its direction, and the trials of generations before ``g``."""
+
+    def __init__(self, study: optuna.Study, generation: int):
+        self._study = study
+        self._generation = generation
+        self.direction = study.direction
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.user_attrs.get(R.GENERATION, 0) < self._generation]
+
+
+def pruner(spec: StudySpec, cell: Cell) -> optuna.pruners.BasePruner:
+    if spec.search.pruner == "median":
+        inner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, cell.task.epochs // 5))
+        return GenerationPruner(inner)
+    return optuna.pruners.NopPruner()
+
+
+# -- units of work -------------------------------------------------------------------------------
+
+@dataclass
+class Unit:
+    """One reserved run: a search trial of a cell, or one evaluation seed of its chosen configuration."""
+
+    kind: str  # "search" or "eval"
+    cell: Cell
+    study: optuna.Study
+    trial: optuna.Trial
+
+
+class Cells:
+    """One worker's (or the launcher's) view of a study's cells over one storage.
+
+    Call its methods while holding the study's :class:`~wdstudy.storage.StudyLock`.
+    Cells whose search (or search and evaluation) is complete are remembered, so
+    later reservations do not read them again.
+    """
+
+    def __init__(self, spec: StudySpec, storage: optuna.storages.BaseStorage):
+        self.spec = spec
+        self.storage = storage
+        self._studies: dict[str, optuna.Study] = {}
+        self._searched: set[str] = set()
+        self._done: set[str] = set()
+
+    # -- studies
+    def study(self, name: str, create: bool = False) -> optuna.Study | None:
+        if name not in self._studies:
+            try:
+                study = optuna.load_study(study_name=name, storage=self.storage,
+                                          sampler=optuna.samplers.RandomSampler())
+            except KeyError:
+                if not create:
+                    return None
+                study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
+                                            load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+            self._studies[name] = study
+        return self._studies[name]
+
+    # -- reservation
+    def reserve(self) -> tuple[Unit | None, bool]:
+        """Take the next runnable unit in any cell; returns ``(unit, every_cell_finished)``.
+
+        The unit's trial is RUNNING, owned by this process and leased; run it outside
+        the lock.
+        """
+        finished = True
+        for cell in self.spec.cells():
+            if cell.name in self._done:
+                continue
+            unit, cell_done = self._reserve_in(cell)
+            if unit is not None:
+                return unit, False
+            if cell_done:
+                self._done.add(cell.name)
+            else:
+                finished = False
+        return None, finished
+
+    def _reserve_in(self, cell: Cell) -> tuple[Unit | None, bool]:
+        search = self.study(cell.name)
+        if search is None:
+            raise WdstudyError(f"study {cell.name!r} is missing from the storage (was it launched with this spec?)")
+        if cell.name not in self._searched:
+            unit, idle = self._take_or_advance(cell, search, "search")
+            if unit is not None or not idle:
+                return unit, False
+            self._searched.add(cell.name)
+        ev = self._eval_study(cell, search)
+        if ev is None:
+            return None, True  # nothing to evaluate: no search trial completed
+        unit, idle = self._take_or_advance(cell, ev, "eval")
+        return unit, idle and unit is None
+
+    def _take_or_advance(self, cell: Cell, study: optuna.Study, kind: str) -> tuple[Unit | None, bool]:
+        """A WAITING trial of ``study`` reserved, or (None, True) when it has nothing left to run."""
+        trials = study.get_trials(deepcopy=False)
+        if self._release_stale(study, [t for t in trials if t.state == TrialState.RUNNING]):
+            trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return self._take(cell, study, kind), False
+        if any(t.state == TrialState.RUNNING for t in trials):
+            return None, False
+        queued = self._advance_search(cell, study, trials) if kind == "search" else self._advance_eval(study, trials)
+        if queued:
+            return self._take(cell, study, kind), False
+        return None, True
+
+    def _take(self, cell: Cell, study: optuna.Study, kind: str) -> Unit:
+        study.pruner = pruner(self.spec, cell) if kind == "search" else optuna.pruners.NopPruner()
+        trial = study.ask(distributions(self.spec, cell))
+        study._storage.set_trial_system_attr(trial._trial_id, R.OWNER, owner_tag())
+        study._storage.set_trial_system_attr(trial._trial_id, R.LEASE, time.time())
+        return Unit(kind, cell, study, trial)
+
+    # -- search: generations
+    def _advance_search(self, cell: Cell, study: optuna.Study, trials: list[FrozenTrial]) -> bool:
+        """Repair, or open the next generation; True if something was queued."""
+        slots: dict[tuple[int, int], list[FrozenTrial]] = defaultdict(list)
+        for t in trials:
+            if R.GENERATION in t.user_attrs:
+                slots[(t.user_attrs[R.GENERATION], t.user_attrs[R.SLOT])].append(t)
+        queued = False
+        for key, ts in sorted(slots.items()):
+            if all(t.state == TrialState.FAIL for t in ts):  # failed, never re-queued (its worker died there)
+                queued |= self._requeue(study, max(ts, key=lambda t: t.number), trials)
+        if queued:
+            return True
+        batch, budget = self.spec.search.batch, self.spec.budget(cell.regularizer)
+        generation = max((g for g, _ in slots), default=-1)
+        size = lambda g: min(batch, budget - g * batch)  # noqa: E731
+        if generation < 0 or sum(1 for g, _ in slots if g == generation) >= size(generation):
+            generation += 1  # the last generation is whole (and, here, finished): open the next
+        if generation * batch >= budget:
+            return False
+        history = [t for t in trials if t.state in FINISHED and t.user_attrs.get(R.GENERATION, 0) < generation]
+        proposals = propose(self.spec, cell, history, generation, size(generation))
+        for slot, params in enumerate(proposals):
+            if (generation, slot) not in slots:
+                study.enqueue_trial(params, user_attrs={R.GENERATION: generation, R.SLOT: slot})
+                queued = True
+        return queued
+
+    # -- evaluation
+    def _eval_study(self, cell: Cell, search: optuna.Study) -> optuna.Study | None:
+        """The cell's evaluation study, created with its chosen configuration (or repaired)."""
+        ev = self.study(cell.eval_name)
+        if ev is not None and R.BEST_PARAMS in ev.user_attrs:
+            return ev
+        best = best_trial(search.get_trials(deepcopy=False))
+        if best is None:
+            return None
+        if ev is None:
+            ev = self.study(cell.eval_name, create=True)
+            _metric_names(ev, "test_error")
+        ev.set_user_attr(R.BEST_TRIAL, best.number)
+        ev.set_user_attr(R.BEST_VALUE, best.value)
+        ev.set_user_attr(R.BEST_PARAMS, best.params)  # last: its presence marks the study as complete
+        return ev
+
+    def _advance_eval(self, ev: optuna.Study, trials: list[FrozenTrial]) -> bool:
+        """Queue each evaluation seed that has no run yet, or re-queue a failed one."""
+        by_seed: dict[int, list[FrozenTrial]] = defaultdict(list)
+        for t in trials:
+            by_seed[t.user_attrs.get(R.SEED)].append(t)
+        queued = False
+        for seed in eval_seeds(self.spec):
+            ts = by_seed.get(seed)
+            if not ts:
+                ev.enqueue_trial(ev.user_attrs[R.BEST_PARAMS], user_attrs={R.SEED: seed})
+                queued = True
+            elif all(t.state == TrialState.FAIL for t in ts):
+                queued |= self._requeue(ev, max(ts, key=lambda t: t.number), trials)
+        return queued
+
+    # -- failures
+    def fail(self, study: optuna.Study, trial_id: int, reason: str, kind: str) -> None:
+        """End a RUNNING trial FAIL with its reason and re-queue it (or its replacement)."""
+        storage = study._storage
+        try:
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                return  # finished meanwhile (e.g. failed by another worker after a lease expired)
+            storage.set_trial_system_attr(trial_id, R.FAIL_REASON, reason)
+            storage.set_trial_system_attr(trial_id, R.FAIL_KIND, kind)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        self._requeue(study, storage.get_trial(trial_id), study.get_trials(deepcopy=False))
+
+    def _requeue(self, study: optuna.Study, failed: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        """Queue the next attempt of ``failed``'s slot or seed; False if it is given up."""
+        ua = failed.user_attrs
+        if R.GENERATION in ua:
+            same = [t for t in trials if t.state == TrialState.FAIL and _slot_key(t) == _slot_key(failed)]
+            attrs = {R.GENERATION: ua[R.GENERATION], R.SLOT: ua[R.SLOT], R.VARIANT: ua.get(R.VARIANT, 0)}
+        else:
+            same = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(R.SEED) == ua.get(R.SEED)]
+            attrs = {R.SEED: ua.get(R.SEED)}
+        if all(t.number != failed.number for t in same):
+            same.append(failed)
+        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
+        params = failed.params
+        if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
+            if R.GENERATION not in ua:
+                return False  # an evaluation seed that keeps failing is given up (and reported)
+            attrs[R.VARIANT] += 1
+            cell = next(c for c in self.spec.cells() if c.name == study.study_name)
+            history = [t for t in trials if t.state in FINISHED and t.user_attrs.get(R.GENERATION, 0) < ua[R.GENERATION]]
+            params = propose(self.spec, cell, history, ua[R.GENERATION], ua[R.SLOT] + 1, attrs[R.VARIANT])[ua[R.SLOT]]
+        if not attrs.get(R.VARIANT, 1):
+            del attrs[R.VARIANT]
+        study.enqueue_trial(params, user_attrs=attrs)
+        return True
+
+    def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None) -> int:
+        now = time.time()
+        released = 0
+        for t in running:
+            reason = stale_reason(t, now, dead_pids)
+            if reason is not None:
+                self.fail(study, t._trial_id, reason, R.LOST)
+                released += 1
+        return released
+
+    def release_dead(self, dead_pids=None) -> int:
+        """Fail and re-queue every stale RUNNING trial of the study (of ``dead_pids`` only, if given)."""
+        released = 0
+        existing = {s.study_name for s in self.storage.get_all_studies()}
+        for name in self.spec.study_names():
+            if name in existing:
+                study = self.study(name)
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                released += self._release_stale(study, running, dead_pids)
+        return released

@@ -1,0 +1,75 @@
+"""Every key wdstudy writes to an Optuna storage, and the package-version record.
+
+One owner for the storage's vocabulary: the engine (``cells``, ``worker``, ``storage``)
+writes these keys and the read side (``analysis``, ``report``) reads them, and neither
+spells a key itself. Plain data only (no torch), so reading a study stays fast.
+
+Per study (user attributes):
+
+* search study ``STUDY/TASK/OPT/REG``: :data:`CELL` (what defines the cell, checked on
+  resume), :data:`VERSIONS`, :data:`SPEC_YAML`;
+* evaluation study ``.../eval``: :data:`BEST_TRIAL`, :data:`BEST_VALUE`,
+  :data:`BEST_PARAMS` (the configuration its runs retrain).
+
+Per trial:
+
+* user attributes, shown in the dashboard and the exports: :data:`GENERATION` and
+  :data:`SLOT` (search), :data:`SEED` (evaluation), :data:`VARIANT` (a replacement
+  proposal after a slot's retries ran out), :data:`OUTCOME`, :data:`REASON`,
+  :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, the metrics :data:`METRIC_KEYS` and
+  :data:`HISTORY`;
+* system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
+  :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
+  :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
+  stopped or let its lease expire).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+
+# -- studies ---------------------------------------------------------------------------------
+CELL = "cell"
+VERSIONS = "versions"
+SPEC_YAML = "spec_yaml"
+BEST_TRIAL = "best_trial"
+BEST_VALUE = "best_value"
+BEST_PARAMS = "best_params"
+
+# -- trials: user attributes -----------------------------------------------------------------
+GENERATION = "generation"
+SLOT = "slot"
+VARIANT = "variant"
+SEED = "seed"
+OUTCOME = "outcome"  # complete | pruned | diverged
+REASON = "reason"
+WORKER = "worker"
+CUDA_VISIBLE_DEVICES = "cuda_visible_devices"
+HISTORY = "history"
+METRIC_KEYS = (
+    "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
+    "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
+    "epochs", "steps", "wall_time_s", "device", "seed",
+)
+
+# -- trials: system attributes ---------------------------------------------------------------
+OWNER = "owner"
+LEASE = "lease"
+FAIL_REASON = "fail_reason"
+FAIL_KIND = "fail_kind"
+ERROR = "error"
+LOST = "lost"
+
+PACKAGES = ("wdstudy", "torch", "torchvision", "lightning", "optuna", "optuna-integration", "pandas", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the main packages' versions, from their metadata (imports nothing)."""
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out

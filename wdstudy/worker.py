@@ -1,0 +1,175 @@
+"""The worker loop: reserve a unit, run it, record it — until every cell is searched and evaluated.
+
+Any number of workers, on any number of machines, run :class:`Worker` on the same spec and
+storage. Each turn of the loop has three steps, Optuna's ask-and-tell:
+
+1. **reserve** (under the study lock, signals held): :meth:`Cells.reserve
+   <wdstudy.cells.Cells.reserve>` asks for the next WAITING trial of any cell (opening a
+   generation or queuing evaluation seeds as needed) and tags it with this worker as owner;
+2. **run** (no lock; a :class:`~wdstudy.storage.Lease` renews ownership): one training
+   run — a search trial measured on the validation split, or an evaluation seed measured on
+   the test split;
+3. **record** (signals held): ``study.tell`` the value, or PRUNED for a pruned or diverged
+   run. A run that raises ends FAIL with the exception's one-line reason and is re-queued
+   under the lock; the worker goes on. SIGINT / SIGTERM fail and re-queue the running trial,
+   then stop the worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from . import records as R
+from .cells import Cells, Unit
+from .signals import STOP, WorkerStopped
+from .spec import Cell, StudySpec
+from .storage import Lease, StudyLock, open_storage, owner_tag
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class Worker:
+    """Runs units until every cell is searched and evaluated."""
+
+    def __init__(self, spec: StudySpec, url: str, *, log: Callable[[str], None] | None = None, poll: float = 1.0):
+        self.spec = spec
+        self.url = url
+        self.storage = open_storage(url)
+        self.lock = StudyLock(url, spec.name)
+        self.cells = Cells(spec, self.storage)
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.poll = poll
+        self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
+        self._data: dict[tuple, object] = {}
+
+    def run(self, max_units: int | None = None) -> int:
+        """Work until done (or ``max_units`` units); returns the number of units run."""
+        ran = 0
+        while max_units is None or ran < max_units:
+            with STOP.held(), self.lock:
+                unit, finished = self.cells.reserve()
+            if unit is None:
+                if finished:
+                    return ran
+                time.sleep(self.poll)  # other workers hold the rest of the current generations
+                continue
+            self.execute(unit)
+            ran += 1
+            if self.progress_file:
+                with open(self.progress_file, "a") as f:
+                    f.write(f"{unit.kind} {unit.study.study_name} {unit.trial.number}\n")
+        return ran
+
+    def execute(self, unit: Unit) -> None:
+        """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
+        trial = unit.trial
+        try:
+            with Lease(self.storage, trial._trial_id):
+                value = self._search(unit) if unit.kind == "search" else self._evaluate(unit)
+        except WorkerStopped as exc:
+            with STOP.held(), self.lock:
+                self.cells.fail(unit.study, trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
+            raise
+        except Exception as exc:  # a bug in a model, CUDA out of memory, ...: fail this trial, go on
+            self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed:\n{traceback.format_exc()}")
+            with STOP.held(), self.lock:
+                self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
+            return
+        with STOP.held():
+            if value is None:
+                frozen = unit.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            else:
+                frozen = unit.study.tell(trial, value, skip_if_finished=True)
+        if frozen.state == TrialState.FAIL:
+            self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
+                     f"({frozen.system_attrs.get(R.FAIL_REASON)}); its result is discarded")
+
+    # -- the two kinds of unit ---------------------------------------------------------------
+
+    def _begin(self, unit: Unit) -> tuple[float, float]:
+        trial = unit.trial
+        trial.set_user_attr(R.WORKER, owner_tag())
+        trial.set_user_attr(R.CUDA_VISIBLE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return trial.params["lr"], trial.params.get("weight_decay", 0.0)
+
+    def _search(self, unit: Unit) -> float | None:
+        """One search trial: the validation objective, or None if pruned or diverged."""
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        from .train import DivergedError
+
+        trial, cell = unit.trial, unit.cell
+        lr, wd = self._begin(unit)
+        gen = trial.user_attrs.get(R.GENERATION)
+        self.log(f"[{owner_tag()}] {cell.name} trial {trial.number} (generation {gen}, slot "
+                 f"{trial.user_attrs.get(R.SLOT)}): lr={lr:.3g} λ={wd:.3g}")
+        pruning = PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective)
+        try:
+            result = self._train(cell, lr, wd, self.spec.search.seed, [pruning], with_test=False)
+        except DivergedError as exc:
+            trial.set_user_attr(R.OUTCOME, "diverged")
+            trial.set_user_attr(R.REASON, str(exc))
+            return None
+        except optuna.TrialPruned:
+            trial.set_user_attr(R.OUTCOME, "pruned")
+            return None
+        self._store(trial, result)
+        value = result.metrics[self.spec.search.objective]
+        if not math.isfinite(value):
+            trial.set_user_attr(R.OUTCOME, "diverged")
+            trial.set_user_attr(R.REASON, f"objective is {value}")
+            return None
+        trial.set_user_attr(R.OUTCOME, "complete")
+        return value
+
+    def _evaluate(self, unit: Unit) -> float | None:
+        """One evaluation seed of the chosen configuration: test error, or None if diverged."""
+        from .train import DivergedError
+
+        trial, cell = unit.trial, unit.cell
+        lr, wd = self._begin(unit)
+        seed = int(trial.user_attrs[R.SEED])
+        self.log(f"[{owner_tag()}] {cell.eval_name} seed {seed}: lr={lr:.3g} λ={wd:.3g}")
+        try:
+            result = self._train(cell, lr, wd, seed, [], with_test=True)
+        except DivergedError as exc:
+            trial.set_user_attr(R.OUTCOME, "diverged")
+            trial.set_user_attr(R.REASON, str(exc))
+            return None
+        self._store(trial, result)
+        trial.set_user_attr(R.OUTCOME, "complete")
+        return result.metrics["test_error"]
+
+    def _store(self, trial: optuna.Trial, result) -> None:
+        for k in R.METRIC_KEYS:
+            if k in result.metrics:
+                trial.set_user_attr(k, result.metrics[k])
+        trial.set_user_attr(R.HISTORY, result.history)
+
+    def data(self, cell: Cell, with_test: bool):
+        """The cell's splits, loaded once per worker and kept in memory."""
+        key = (cell.task.dataset, cell.task.val_fraction, cell.task.split_seed, cell.task.max_train,
+               cell.task.data_dir, with_test)
+        if key not in self._data:
+            self._data[key] = cell.task.load_data(with_test=with_test)
+        return self._data[key]
+
+    def _train(self, cell: Cell, lr: float, wd: float, seed: int, callbacks, with_test: bool):
+        from .train import train_run
+
+        return train_run(
+            cell.task, cell.optimizer, cell.regularizer, lr, wd,
+            seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
+            with_test=with_test, callbacks=callbacks, data=self.data(cell, with_test),
+            accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
+        )
