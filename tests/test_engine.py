@@ -306,3 +306,62 @@ def test_status_and_analysis_do_not_import_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
     assert "optuna" in imported and not {"torch", "lightning"} & imported
+
+
+def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
+    """Workers that die at start-up, every time: launch gives the slots up and exits 1."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('WDSTUDY_PARENT_PID'):\n    raise SystemExit('broken worker environment')\n")
+    spec = write_spec(tmp_path, search={"trials": 2})
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "1", "--quiet"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "died 8 times in a row without finishing a unit" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "out" / "logs" / "worker-0.log").read_text().count("SystemExit: broken worker environment") == 8
+
+
+def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path, monkeypatch):
+    from wdstudy.cells import MAX_VARIANT
+
+    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
+                       evaluation={"seeds": 1})
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("this model cannot be built")
+
+    monkeypatch.setattr(Worker, "_train", broken)
+    _worker(spec, url).run()  # returns: nothing left that could run
+    df = trials_frame(open_storage(url), "tiny")
+    assert (df.state == "FAIL").all() and (df.reason == "RuntimeError: this model cannot be built").all()
+    assert len(df) == 2 * (MAX_VARIANT + 1) * (MAX_RETRY + 1)  # per slot: 3 proposals, 4 attempts each
+
+
+@pytest.mark.parametrize("visible,devices,expected", [
+    ("2,3", "auto", ["2", "3"]),
+    ("2,3", "1", ["3"]),
+    ("GPU-8f2c1d3e-aaaa-bbbb-cccc-0123456789ab,GPU-11112222-3333-4444-5555-666677778888", "auto",
+     ["GPU-8f2c1d3e-aaaa-bbbb-cccc-0123456789ab", "GPU-11112222-3333-4444-5555-666677778888"]),
+    ("MIG-GPU-8f2c1d3e/1/0,MIG-GPU-8f2c1d3e/2/0,MIG-GPU-8f2c1d3e/3/0", "0,2",
+     ["MIG-GPU-8f2c1d3e/1/0", "MIG-GPU-8f2c1d3e/3/0"]),
+])
+def test_dry_run_pins_workers_to_the_devices_the_job_was_given(tmp_path, visible, devices, expected):
+    spec = write_spec(tmp_path)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+    r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--devices", devices, "--dry-run"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split()[2].split("=", 1)[1] for ln in lines] == expected
+    assert all(ln.startswith(f"slot {i}: ") for i, ln in enumerate(lines))
+    assert not (tmp_path / "out").exists()  # the plan touched no storage
+
+
+def test_dry_run_refuses_a_device_index_outside_the_job(tmp_path):
+    spec = write_spec(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--devices", "0,2", "--dry-run"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert r.returncode == 2 and "--devices='0,2': 2 is not an index" in r.stderr and "Traceback" not in r.stderr

@@ -118,7 +118,7 @@ def test_html_has_every_section_and_cell(real_report):
         assert cell.task.name in page
     assert page.count("<figure") == len(paths.figures) >= 5
     assert "http://" not in page.replace("http://www.w3.org", "") and "<script" not in page  # self-contained
-    assert "Welch" in page and "p = " in page
+    assert "paired" in page and "Holm" in page
 
 
 def test_pdf_pages_and_summary_numbers(real_report):
@@ -155,9 +155,10 @@ def test_summary_numbers_equal_the_storage(real_report):
         lo, hi = st.t.interval(0.95, len(test) - 1, loc=test.mean(), scale=st.sem(test))
         assert (row.test_error_low, row.test_error_high) == (pytest.approx(lo), pytest.approx(hi))
         assert row.gap_error == pytest.approx(gap.mean(), abs=1e-12)
-        tests[cell.regularizer] = test
-    p = st.ttest_ind(tests["decoupled"], tests["l2"], equal_var=False).pvalue
-    assert comparison.test_error_p.iloc[0] == pytest.approx(p)
+        tests[cell.regularizer] = [t.user_attrs["test_error"] for t in sorted(runs, key=lambda t: t.user_attrs["seed"])]
+    p = st.ttest_rel(tests["decoupled"], tests["l2"]).pvalue  # the arms share their seeds: paired
+    row = comparison[(comparison.arm == "decoupled") & (comparison.reference == "l2")].iloc[0]
+    assert row.test_error_p == pytest.approx(p) and row.n_pairs == 3
 
 
 def test_figures_and_tables_written(real_report):
@@ -167,7 +168,8 @@ def test_figures_and_tables_written(real_report):
     assert any(n.startswith("landscape_") for n in names) and any(n.startswith("dynamics_") for n in names)
     for p in paths.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {p.stem for p in paths.tables} == {"summary", "comparison", "coupling", "importance", "trial_counts"}
+    assert {p.stem for p in paths.tables} == {"summary", "comparison", "pruning", "coupling", "importance",
+                                              "trial_counts"}
 
 
 # -- partial studies and hostile names -----------------------------------------------------------

@@ -381,8 +381,11 @@ def test_shipped_specs_are_valid():
         assert spec.cells()
     quick = load_spec(root / "quickstart.yaml")
     assert [c.label for c in quick.cells()] == [
-        f"{t}/adam/{r}" for t in ("mlp-mnist1d", "cnn-mnist1d", "gru-mnist1d") for r in ("l2", "decoupled")
+        f"{t}/adam/{r}" for t in ("mlp-mnist1d", "cnn-mnist1d", "gru-mnist1d") for r in ("none", "l2", "decoupled")
     ]
+    for p in root.glob("*.yaml"):  # shipped specs do not prune (it biases the comparison)
+        assert load_spec(p).search.pruner == "none"
+    assert quick.evaluation.seeds == 5 and "independent" in load_spec(root / "mnist1d-full.yaml").regularizers
 
 
 def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):

@@ -19,9 +19,10 @@ generation's last trial with other cells' work.
 stopped or let its lease expire (``lost``) — is re-queued with the same parameters, slot
 and generation in the same locked block that failed it, so a cell's budget is exact. A slot
 gives up on its parameters after :data:`MAX_RETRY` errors (or :data:`MAX_LOST` losses)
-and is refilled with a replacement proposal (``variant`` 1, 2, …, drawn from the same
-history with another seed); an evaluation seed is given up after as many, and the report
-counts it as failed. Anything a crash could leave half done — a generation partly queued, a
+and is refilled with a replacement proposal (``variant`` 1, 2, drawn from the same history
+with another seed); a slot whose :data:`MAX_VARIANT` replacements fail too is given up, as is
+an evaluation seed after as many failures: the study ends short of its budget, the launch
+exits 1 and the report counts what is missing, rather than retrying forever. Anything a crash could leave half done — a generation partly queued, a
 failed trial not yet re-queued, an evaluation study without its configuration — is
 repaired by :meth:`Cells.reserve` the next time it finds the cell idle.
 """
@@ -46,6 +47,7 @@ from .storage import owner_tag, stale_reason
 
 MAX_RETRY = 3  #: re-runs of a configuration whose run raised, before it is replaced (search) or given up (eval)
 MAX_LOST = 10  #: re-runs of a configuration whose worker was lost (killed, stopped, lease expired)
+MAX_VARIANT = 2  #: replacement proposals of a search slot; after those the slot is given up
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -397,8 +399,8 @@ class Cells:
         errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
         params = failed.params
         if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
-            if R.GENERATION not in ua:
-                return False  # an evaluation seed that keeps failing is given up (and reported)
+            if R.GENERATION not in ua or attrs[R.VARIANT] >= MAX_VARIANT:
+                return False  # given up (and reported): an evaluation seed, or a slot whose every proposal fails
             attrs[R.VARIANT] += 1
             cell = next(c for c in self.spec.cells() if c.name == study.study_name)
             history = [t for t in trials if t.state in FINISHED and t.user_attrs.get(R.GENERATION, 0) < ua[R.GENERATION]]

@@ -97,7 +97,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
     return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet,
-                  threads=args.threads)
+                  threads=args.threads, dry_run=args.dry_run)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a study: search every cell, evaluate, export")
     spec_and_storage(p)
     pool_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the planned worker slots (devices, threads, accelerator) and exit; touches no storage")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("worker", help="join a study's workers (e.g. from another machine)")

@@ -79,6 +79,14 @@ def plan_slots(devices: str, workers: int | None, threads: int | None = None) ->
         picked = [d.strip() for d in devices.split(",") if d.strip()]
         if not picked or len(set(picked)) != len(picked):
             raise WdstudyError(f"--devices={devices!r}: give 'auto', 'cpu' or distinct device ids like 0,1")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:  # indexes into what the machine gave this job (SLURM, a scheduler)
+            entries = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+            bad = [d for d in picked if not d.isdigit() or int(d) >= len(entries)]
+            if bad:
+                raise WdstudyError(f"--devices={devices!r}: {', '.join(bad)} is not an index into this job's "
+                                   f"CUDA_VISIBLE_DEVICES={visible!r} ({len(entries)} device(s))")
+            picked = [entries[int(d)] for d in picked]
         ids = picked
     if ids is not None:
         n_threads = threads or max(1, cores // len(ids))
@@ -209,7 +217,7 @@ def run_pool(
                           f"giving it up (see {s.log})", file=sys.stderr)
                     continue
                 s.proc = None
-                s.restart_at = time.monotonic() + min(30.0, 0.5 * 2 ** max(0, s.deaths - 1)) * (s.deaths > 1)
+                s.restart_at = time.monotonic() + (min(10.0, 0.25 * 2 ** (s.deaths - 1)) if s.deaths > 1 else 0.0)
             for s in pool:
                 if not s.finished and s.proc is None and time.monotonic() >= s.restart_at:
                     _start(s, spec_path, url, log_dir)
@@ -283,9 +291,20 @@ def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
     return spec, url
 
 
+def format_plan(slots: list[dict[str, str]]) -> str:
+    """One line per planned worker slot: its device pinning, threads and accelerator."""
+    return "\n".join(
+        f"slot {i}: CUDA_VISIBLE_DEVICES={s['CUDA_VISIBLE_DEVICES'] or '(none)'} threads={s['WDSTUDY_THREADS']} "
+        f"accelerator={s.get('WDSTUDY_ACCELERATOR', 'auto')}" for i, s in enumerate(slots))
+
+
 def launch(spec_path: str, storage: str | None = None, devices: str = "auto", workers: int | None = None,
-           quiet: bool = False, threads: int | None = None) -> int:
+           quiet: bool = False, threads: int | None = None, dry_run: bool = False) -> int:
     slots = plan_slots(devices, workers, threads)
+    if dry_run:  # the plan only: nothing is opened or written
+        load_spec(spec_path)
+        print(format_plan(slots))
+        return 0
     spec, url = prepare(spec_path, storage)
     where = url if is_rdb(url) else shown(url)
     if not quiet:

@@ -50,7 +50,7 @@ HISTORY = "history"
 METRIC_KEYS = (
     "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
-    "epochs", "steps", "wall_time_s", "device", "seed",
+    "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", "device", "seed",
 )
 
 # -- trials: system attributes ---------------------------------------------------------------

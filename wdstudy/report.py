@@ -37,12 +37,14 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from . import records as R  # noqa: E402
 from .analysis import cell_studies, evaluations_frame, progress_frame, trials_frame  # noqa: E402
-from .stats import coupling, mean_ci, welch_test  # noqa: E402
+from .stats import binomial_se, coupling, holm, mean_ci, paired  # noqa: E402
 
 matplotlib.rcParams.update({"pdf.fonttype": 42, "figure.dpi": 100})
 PNG_DPI = 130
-PALETTE = {"l2": "#d1495b", "decoupled": "#00798c", "none": "#8d8d8d"}
-REG_LABEL = {"l2": "L2", "decoupled": "decoupled", "none": "none"}
+PALETTE = {"l2": "#d1495b", "decoupled": "#00798c", "none": "#8d8d8d", "independent": "#edae49",
+           "l1": "#66a182", "l1-decoupled": "#2e4057"}
+REG_LABEL = {"l2": "L2", "decoupled": "decoupled", "none": "none", "independent": "independent",
+             "l1": "L1", "l1-decoupled": "L1 decoupled"}
 TOP_QUANTILE = 0.25
 EDGE = 0.05
 ALPHA = 0.05
@@ -73,6 +75,7 @@ class ReportData:
     objective: str
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pruning: pd.DataFrame = field(default_factory=pd.DataFrame)
     coupling: pd.DataFrame = field(default_factory=pd.DataFrame)
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)
     counts: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -117,6 +120,8 @@ def compute_tables(d: ReportData) -> None:
         best = picked.iloc[0] if len(picked) else (comp.loc[comp.value.idxmin()] if len(comp) else None)
         lr_lo, lr_hi = cell["lr_range"]
         wd_range = cell["weight_decay_range"]
+        sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
+        val_size = int(sizes.iloc[0]) if len(sizes) else 0
         test = mean_ci(e.test_error) if len(e) else mean_ci([])
         gap = mean_ci(e.gap_error) if len(e) else mean_ci([])
         gap_loss = mean_ci(e.gap_loss) if len(e) else mean_ci([])
@@ -135,6 +140,10 @@ def compute_tables(d: ReportData) -> None:
             "weight_decay_edge": "" if best is None or wd_range is None else _edge(best.weight_decay, *wd_range),
             "seeds": test.n,
             "diverged_seeds": diverged,
+            "val_size": val_size,
+            "val_se": binomial_se(None if best is None else best.value, val_size)
+            if "error" in cell["objective"] else math.nan,
+            "top5_spread": float(comp.nsmallest(5, "value").value.std(ddof=1)) if len(comp) >= 2 else math.nan,
             "test_error": test.mean, "test_error_low": test.low, "test_error_high": test.high,
             "train_error": train.mean,
             "gap_error": gap.mean, "gap_error_low": gap.low, "gap_error_high": gap.high,
@@ -143,23 +152,8 @@ def compute_tables(d: ReportData) -> None:
         rows.append(row)
     d.summary = pd.DataFrame(rows).sort_values(["task", "optimizer", "regularizer"], key=_reg_order)
 
-    comp_rows = []
-    for (task, opt), g in d.summary.groupby(["task", "optimizer"], sort=True):
-        regs = set(g.regularizer)
-        if not {"l2", "decoupled"} <= regs:
-            continue
-        a = _eval_values(d, task, opt, "l2", "test_error")
-        b = _eval_values(d, task, opt, "decoupled", "test_error")
-        ga = _eval_values(d, task, opt, "l2", "gap_error")
-        gb = _eval_values(d, task, opt, "decoupled", "gap_error")
-        te, gp = welch_test(b, a), welch_test(gb, ga)
-        comp_rows.append({
-            "task": task, "optimizer": opt, "n_l2": len(a), "n_decoupled": len(b),
-            "test_error_diff": te.difference, "test_error_p": te.p_value,
-            "gap_error_diff": gp.difference, "gap_error_p": gp.p_value,
-            "verdict": _verdict(te.difference, te.p_value, len(a), len(b)),
-        })
-    d.comparison = pd.DataFrame(comp_rows)
+    d.comparison = compare_arms(d)
+    d.pruning = pruning_audit(d)
 
     coup_rows = []
     for name, cell in d.cells.items():
@@ -196,7 +190,7 @@ def compute_tables(d: ReportData) -> None:
 
 def _reg_order(col: pd.Series) -> pd.Series:
     if col.name == "regularizer":
-        return col.map({"none": 0, "l2": 1, "decoupled": 2}).fillna(3)
+        return col.map({"none": 0, "l2": 1, "decoupled": 2, "independent": 3, "l1": 4, "l1-decoupled": 5}).fillna(6)
     return col
 
 
@@ -208,14 +202,139 @@ def _eval_values(d: ReportData, task: str, opt: str, reg: str, col: str) -> list
     return [float(v) for v in e[col].dropna()]
 
 
-def _verdict(diff: float, p: float, na: int, nb: int) -> str:
-    if na < 2 or nb < 2 or math.isnan(p):
-        return "not tested (fewer than 2 evaluation seeds per arm)"
-    who = "decoupled" if diff < 0 else "L2"
-    size = f"{abs(diff) * 100:.2f} points lower test error"
-    if p < ALPHA:
-        return f"{who} wins: {size} (p = {p:.3g})"
-    return f"no significant difference ({who} {size}, p = {p:.3g})"
+#: (arm, reference) pairs compared where a study has both, as arm − reference
+PAIRS = [("decoupled", "l2"), ("independent", "l2"), ("independent", "decoupled"), ("l1-decoupled", "l1"),
+         ("l2", "none"), ("decoupled", "none"), ("independent", "none"), ("l1", "none"), ("l1-decoupled", "none")]
+
+
+def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
+    if d.evals.empty:
+        return {}
+    e = d.evals[(d.evals.cell == cell) & (d.evals.state == "COMPLETE")]
+    return {int(r.seed): float(getattr(r, col)) for r in e.itertuples() if getattr(r, col) is not None}
+
+
+def _seed_problems(d: ReportData, cell: str) -> str:
+    """'diverged on 1 of 5 seeds', 'failed on ...', or '' — every seed the arm did not complete."""
+    seeds = d.cells[cell]["eval_seeds"]
+    e = d.evals[d.evals.cell == cell] if not d.evals.empty else d.evals
+    done = set(e[e.state == "COMPLETE"].seed.astype(int)) if len(e) else set()
+    diverged = set(e[e.state == "PRUNED"].seed.astype(int)) if len(e) else set()
+    failed = (set(e[e.state == "FAIL"].seed.astype(int)) if len(e) else set()) - done - diverged
+    label = REG_LABEL.get(d.cells[cell]["regularizer"], d.cells[cell]["regularizer"])
+    out = []
+    if diverged:
+        out.append(f"{label} diverged on {len(diverged)} of {len(seeds)} seeds")
+    if failed:
+        out.append(f"{label} failed on {len(failed)} of {len(seeds)} seeds")
+    missing = len(seeds) - len(done) - len(diverged) - len(failed)
+    if missing > 0 and len(e):
+        out.append(f"{label} has {missing} of {len(seeds)} seeds still to run")
+    return "; ".join(out)
+
+
+def compare_arms(d: ReportData) -> pd.DataFrame:
+    """Every arm against its references on the same evaluation seeds, with verdicts.
+
+    Paired differences (arm − reference) of test error and gap; the paired t-test's p-values
+    are Holm-corrected across all comparisons of the report.
+    """
+    if d.summary.empty:
+        return pd.DataFrame()
+    rows = []
+    by_key = {(r.task, r.optimizer, r.regularizer): r for r in d.summary.itertuples()}
+    for (task, opt) in sorted({(r.task, r.optimizer) for r in d.summary.itertuples()}):
+        for arm, ref in PAIRS:
+            ra, rb = by_key.get((task, opt, arm)), by_key.get((task, opt, ref))
+            if ra is None or rb is None:
+                continue
+            ta, tb = _seed_values(d, ra.cell, "test_error"), _seed_values(d, rb.cell, "test_error")
+            ga, gb = _seed_values(d, ra.cell, "gap_error"), _seed_values(d, rb.cell, "gap_error")
+            common = sorted(set(ta) & set(tb))
+            te = paired([ta[s] for s in common], [tb[s] for s in common])
+            gp = paired([ga[s] for s in common if s in ga and s in gb], [gb[s] for s in common if s in ga and s in gb])
+            noise = 2 * math.sqrt(ra.val_se ** 2 + rb.val_se ** 2) if not (math.isnan(ra.val_se) or math.isnan(rb.val_se)) else math.nan
+            rows.append({
+                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "n_pairs": te.n,
+                "test_error_diff": te.mean_diff, "test_error_low": te.low, "test_error_high": te.high,
+                "test_error_t": te.t, "test_error_p": te.p_t, "p_wilcoxon": te.p_wilcoxon, "p_signflip": te.p_signflip,
+                "effect_dz": te.effect_dz, "mde": te.mde,
+                "gap_error_diff": gp.mean_diff, "gap_error_low": gp.low, "gap_error_high": gp.high, "gap_error_p": gp.p_t,
+                "val_diff": (ra.best_val - rb.best_val) if ra.best_val is not None and rb.best_val is not None else math.nan,
+                "val_noise": noise,
+                "edges": "; ".join(x for x in (_edge_note(ra), _edge_note(rb)) if x),
+                "seed_problems": "; ".join(x for x in (_seed_problems(d, ra.cell), _seed_problems(d, rb.cell)) if x),
+            })
+    if not rows:
+        return pd.DataFrame()
+    out = pd.DataFrame(rows)
+    out["p_holm"] = holm(out.test_error_p.tolist())
+    out["verdict"] = [_verdict(r) for r in out.itertuples()]
+    return out
+
+
+def pruning_audit(d: ReportData) -> pd.DataFrame:
+    """Where in its λ range the pruner stopped trials, against where completed trials lie.
+
+    Per cell with pruned trials: the position of log λ within the range (0 = low edge,
+    1 = high edge) of pruned and of completed trials, the Mann–Whitney U test of the two, and
+    a warning when pruning fell mostly on one side (p < 0.05, or at least 80% of the pruned
+    trials in one half of the range while the completed ones are not).
+    """
+    rows = []
+    if d.trials.empty:
+        return pd.DataFrame()
+    from scipy.stats import mannwhitneyu
+
+    for name, cell in d.cells.items():
+        wd = cell["weight_decay_range"]
+        t = d.trials[d.trials.cell == name]
+        pruned = t[(t.state == "PRUNED") & (t.outcome == "pruned")]
+        if wd is None or pruned.empty:
+            continue
+        done = t[t.state == "COMPLETE"]
+        lo, hi = math.log10(wd[0]), math.log10(wd[1])
+        pos = lambda x: (np.log10(x.astype(float)) - lo) / (hi - lo)  # noqa: E731
+        pp, pc = pos(pruned.weight_decay), pos(done.weight_decay)
+        p = float(mannwhitneyu(pp, pc).pvalue) if len(pp) >= 3 and len(pc) >= 3 else math.nan
+        high_share = float((pp > 0.5).mean())
+        side = "high" if high_share >= 0.5 else "low"
+        one_sided = max(high_share, 1 - high_share) >= 0.8 and abs(float((pc > 0.5).mean()) - high_share) >= 0.3
+        warn = len(pp) >= 3 and len(pc) >= 3 and (p < ALPHA or one_sided)
+        rows.append({"cell": name, "pruned": len(pp), "complete": len(pc),
+                     "pruned_position": float(pp.mean()), "complete_position": float(pc.mean()) if len(pc) else math.nan,
+                     "pruned_high_share": high_share, "p_mannwhitney": p,
+                     "warning": (f"pruning fell mostly on {side} λ ({len(pp)} pruned, mean position "
+                                 f"{pp.mean():.2f} vs {pc.mean():.2f} for completed trials): it may have "
+                                 "steered the search away from that side") if warn else ""})
+    return pd.DataFrame(rows)
+
+
+def _edge_note(r) -> str:
+    label = REG_LABEL.get(r.regularizer, r.regularizer)
+    parts = [f"{label} lr at the {r.lr_edge}" if r.lr_edge else "", f"{label} λ at the {r.weight_decay_edge}" if r.weight_decay_edge else ""]
+    return ", ".join(x for x in parts if x)
+
+
+def _verdict(r) -> str:
+    """One sentence: who wins by how much, or why it cannot be said; then every caveat."""
+    a, b = REG_LABEL.get(r.arm, r.arm), REG_LABEL.get(r.reference, r.reference)
+    caveats = [x for x in (r.seed_problems,) if x]
+    if not math.isnan(r.val_diff) and not math.isnan(r.val_noise) and abs(r.val_diff) < r.val_noise:
+        caveats.append(f"the chosen configurations are within the validation noise "
+                       f"(Δ {100 * r.val_diff:+.2f} pts, noise ±{100 * r.val_noise:.2f})")
+    tail = "".join(f"; {c}" for c in caveats)
+    diff = (f"{a} − {b} = {100 * r.test_error_diff:+.2f} pts test error (95% CI {100 * r.test_error_low:+.2f} to "
+            f"{100 * r.test_error_high:+.2f})") if r.n_pairs >= 2 else ""
+    if r.edges:
+        return f"inconclusive: widen the range ({r.edges}){tail}"
+    if r.n_pairs < 2:
+        return f"not tested: fewer than 2 seeds completed by both{tail}"
+    if r.p_holm < ALPHA:
+        who = a if r.test_error_diff < 0 else b
+        return f"{who} wins: {diff}, Holm p = {r.p_holm:.2g}{tail}"
+    return (f"no significant difference: {diff}, Holm p = {r.p_holm:.2g}; these {r.n_pairs} seeds detect "
+            f"about {100 * r.mde:.2f} pts{tail}")
 
 
 def top_trials(d: ReportData, cell: str) -> pd.DataFrame:
@@ -265,6 +384,9 @@ def _status(d: ReportData) -> list[str]:
     if failed:
         lines.append(f"{failed} trial(s) failed (killed or crashed workers); their parameters were queued "
                      "again, up to 3 times each.")
+    for r in (d.pruning.itertuples() if len(d.pruning) else []):
+        if r.warning:
+            lines.append(f"Cell {r.cell}: {r.warning}.")
     no_eval = p[(p.done >= p.budget) & (p.eval_total == 0)]
     for r in no_eval.itertuples():
         lines.append(f"Cell {r.cell}: every search trial was pruned or diverged; nothing to evaluate.")
@@ -541,7 +663,8 @@ def summary_rows(d: ReportData) -> list[list[str]]:
     for r in d.summary.itertuples():
         warn = "; ".join(w for w in (
             f"lr at {r.lr_edge}" if r.lr_edge else "", f"λ at {r.weight_decay_edge}" if r.weight_decay_edge else "",
-            f"{r.diverged_seeds} seed(s) diverged, left out of the means" if r.diverged_seeds else "") if w)
+            f"diverged on {r.diverged_seeds} of {len(d.cells[r.cell]['eval_seeds'])} seeds (named in the verdicts)"
+            if r.diverged_seeds else "") if w)
         rows.append([
             r.task, r.optimizer, REG_LABEL[r.regularizer], _pct(r.best_val) if "error" in d.objective else _num(r.best_val),
             f"{_pct(r.test_error)} ± {100 * (r.test_error_high - r.test_error_low) / 2:.2f}" if r.seeds > 1 else _pct(r.test_error),
@@ -561,12 +684,19 @@ SUMMARY_HEAD = ["task", "optimizer", "regularizer", "best val", "test error (95%
 
 
 def comparison_rows(d: ReportData) -> list[list[str]]:
-    return [[r.task, r.optimizer, f"{100 * r.test_error_diff:+.2f} pts" if not math.isnan(r.test_error_diff) else "—",
-             _num(r.test_error_p), f"{100 * r.gap_error_diff:+.2f} pts" if not math.isnan(r.gap_error_diff) else "—",
-             _num(r.gap_error_p), r.verdict] for r in d.comparison.itertuples()]
+    rows = []
+    for r in d.comparison.itertuples():
+        te = "—" if math.isnan(r.test_error_diff) else (
+            f"{100 * r.test_error_diff:+.2f} [{100 * r.test_error_low:+.2f}, {100 * r.test_error_high:+.2f}]"
+            if not math.isnan(r.test_error_low) else f"{100 * r.test_error_diff:+.2f}")
+        gp = "—" if math.isnan(r.gap_error_diff) else f"{100 * r.gap_error_diff:+.2f}"
+        rows.append([r.task, r.optimizer, f"{REG_LABEL.get(r.arm, r.arm)} − {REG_LABEL.get(r.reference, r.reference)}",
+                     str(r.n_pairs), te, _num(r.p_holm, ".2g"), gp, r.verdict])
+    return rows
 
 
-COMPARISON_HEAD = ["task", "optimizer", "Δ test error (decoupled − L2)", "p", "Δ gap (decoupled − L2)", "p", "verdict"]
+COMPARISON_HEAD = ["task", "optimizer", "comparison", "paired seeds", "Δ test error, pts [95% CI]", "p (Holm)",
+                   "Δ gap, pts", "verdict"]
 
 
 def coupling_rows(d: ReportData) -> list[list[str]]:
@@ -610,8 +740,11 @@ def overview_lines(d: ReportData) -> list[str]:
         f"objective {c0['objective']}; learning rate {c0['lr_range'][0]:.3g}–{c0['lr_range'][1]:.3g} (log); λ {ranges} (log).",
         f"Schedule: {c0['schedule']}; {'all parameters regularized' if c0['decay_all'] else 'biases and normalization parameters not regularized'}.",
         f"Evaluation: best configuration of each cell retrained with seeds {', '.join(map(str, c0['eval_seeds']))} "
-        "and measured on the test split (never seen by the search). Intervals are 95% Student-t; "
-        "L2 and decoupled are compared with Welch's two-sided t-test on the evaluation seeds.",
+        "and measured on the test split (never seen by the search). Intervals are 95% Student-t. "
+        "Arms are compared on the same seeds (same initialization and data order): the paired difference "
+        "with its 95% interval and paired t-test, Holm-corrected across every comparison in this report "
+        "(Wilcoxon and sign-flip p-values in tables/comparison.csv); a chosen λ or learning rate at an edge "
+        "of its range makes a comparison inconclusive.",
         f"Compute: {wall / 3600:.2f} h of training in total on {', '.join(devices) or '—'}.",
     ]
 
@@ -645,7 +778,7 @@ def build_report(storage, study: str, out_dir: Path, storage_label: str) -> Repo
     tab_dir.mkdir(exist_ok=True)
 
     tables = []
-    for name, df in (("summary", d.summary), ("comparison", d.comparison), ("coupling", d.coupling),
+    for name, df in (("summary", d.summary), ("comparison", d.comparison), ("pruning", d.pruning), ("coupling", d.coupling),
                      ("importance", d.importance), ("trial_counts", d.counts)):
         p = tab_dir / f"{name}.csv"
         df.to_csv(p, index=False)
@@ -737,7 +870,7 @@ def render_html(d: ReportData, figures: list[Figure], pngs: dict) -> str:
                  "mean ± half-width of the 95% interval over evaluation seeds; gap = test − train, in error "
                  "points and in cross-entropy. A warning marks a chosen value within 5% (of the log-range) of "
                  "an edge of its searched range (the optimum may lie outside it), and evaluation seeds that diverged "
-                 "(they are left out of the means and the tests).</p>")
+                 "(left out of the means and intervals, and named in every verdict that uses them).</p>")
     if len(d.comparison):
         parts.append(_table_html(COMPARISON_HEAD, comparison_rows(d)))
     titles = dict(SECTIONS)

@@ -2,6 +2,10 @@
 
 * :func:`mean_ci`: mean and two-sided Student-t interval of a small sample (seeds).
 * :func:`welch_test`: Welch's unequal-variance t-test of two samples, two-sided.
+* :func:`paired`: two arms on the same seeds: mean difference and interval, paired t,
+  Wilcoxon and sign-flip checks, effect size and the smallest detectable difference.
+* :func:`holm`: Holm's correction across the comparisons of one report.
+* :func:`binomial_se`: the noise floor of an error rate measured on n examples.
 * :func:`coupling`: how strongly the best λ depends on the learning rate among a cell's
   best trials: the OLS slope of log10 λ on log10 η and Spearman's ρ, each with a 95%
   interval (t-based for the slope, percentile bootstrap for ρ).
@@ -103,3 +107,113 @@ def coupling(log_lr, log_wd, *, boot: int = 2000, seed: int = 0) -> Coupling:
     lo, hi = (np.percentile(rhos, [2.5, 97.5]) if len(rhos) else (nan, nan))
     return Coupling(n, float(fit.slope), float(fit.slope - q * fit.stderr), float(fit.slope + q * fit.stderr),
                     rho, float(lo), float(hi), float(fit.intercept))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Arm A against arm B on the seeds both completed (A − B; negative = A lower)."""
+
+    n: int
+    mean_diff: float
+    low: float
+    high: float
+    t: float
+    p_t: float
+    p_wilcoxon: float
+    p_signflip: float
+    effect_dz: float
+    mde: float  # smallest |mean difference| detectable at α = 0.05 with 80% power, given n and the spread
+
+
+def paired(a, b, *, alpha: float = 0.05, power: float = 0.8) -> Paired:
+    """Paired comparison of two arms measured on the same seeds (``a[i]`` and ``b[i]``: seed i).
+
+    * mean difference with its two-sided Student-t interval, and the paired t-test;
+    * two checks that do not assume normal differences: the exact Wilcoxon signed-rank test
+      and the exact sign-flip permutation test of the mean difference (all 2^n sign patterns);
+    * effect size d_z = mean / sd of the differences;
+    * ``mde``: the smallest true mean difference that a two-sided paired t-test at ``alpha``
+      would detect with probability ``power`` given n and the observed spread
+      (:func:`detectable_difference`).
+    """
+    x = np.asarray(a, dtype=float)
+    y = np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError("paired samples must have the same length")
+    d = x - y
+    n = len(d)
+    nan = math.nan
+    if n == 0:
+        return Paired(0, nan, nan, nan, nan, nan, nan, nan, nan, nan)
+    mean = float(d.mean())
+    if n < 2:
+        return Paired(1, mean, nan, nan, nan, nan, nan, nan, nan, nan)
+    sd = float(d.std(ddof=1))
+    q = float(st.t.ppf(1 - alpha / 2, df=n - 1))
+    if sd == 0:
+        t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+        p_t = 1.0 if mean == 0 else 0.0
+        low = high = mean
+    else:
+        sem = sd / math.sqrt(n)
+        t = mean / sem
+        p_t = float(2 * st.t.sf(abs(t), df=n - 1))
+        low, high = mean - q * sem, mean + q * sem
+    nonzero = d[d != 0]
+    p_w = float(st.wilcoxon(d, zero_method="wilcox", method="exact").pvalue) if len(nonzero) else 1.0
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T  # every sign pattern
+    flipped = np.abs((signs * np.abs(d)).mean(axis=1))
+    p_sf = float(np.mean(flipped >= abs(mean) - 1e-15))
+    dz = mean / sd if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    mde = detectable_difference(sd, n, alpha=alpha, power=power)
+    return Paired(n, mean, float(low), float(high), float(t), p_t, p_w, p_sf, float(dz), float(mde))
+
+
+def detectable_difference(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided one-sample (paired) t-test detects with ``power``.
+
+    Exact, from the noncentral t distribution: the δ at which
+    P(|T| > t_{1−α/2, n−1}) = power for T ~ t'(n − 1, δ·√n / sd).
+    """
+    if n < 2 or not sd > 0:
+        return math.nan if n < 2 else 0.0
+    from scipy.optimize import brentq
+
+    df = n - 1
+    crit = float(st.t.ppf(1 - alpha / 2, df))
+
+    from scipy.integrate import quad
+
+    def gap(effect: float) -> float:  # effect = δ / sd
+        # P(|Z + nc| > crit·√(V/df)) with V ~ χ²(df), integrated over V (stable where scipy's nct is not)
+        nc = effect * math.sqrt(n)
+
+        def inner(v: float) -> float:
+            c = crit * math.sqrt(v / df)
+            return (st.norm.sf(c - nc) + st.norm.cdf(-c - nc)) * st.chi2.pdf(v, df)
+
+        return quad(inner, 0, math.inf, limit=200)[0] - power
+
+    effect = brentq(gap, 1e-9, 60.0, xtol=1e-12)
+    return effect * sd
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (family-wise error); NaN stays NaN."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(len(p), math.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return [float(v) for v in out]
+
+
+def binomial_se(error: float, n: int) -> float:
+    """Standard error of an error rate measured on ``n`` independent examples."""
+    if n is None or not n > 0 or error is None or math.isnan(error):
+        return math.nan
+    return math.sqrt(error * (1 - error) / n)

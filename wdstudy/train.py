@@ -311,6 +311,8 @@ def train_run(
         m["gap_error"] = m["test_error"] - m["train_error"]
     m["weight_norm"] = reg.weight_norm()
     m["l2_penalty"] = reg.penalty()
+    m["zero_fraction"] = reg.zero_fraction()
+    m["val_size"] = len(data.val)
     m["epochs"] = trainer.current_epoch
     m["steps"] = trainer.global_step
     m["wall_time_s"] = time.perf_counter() - start

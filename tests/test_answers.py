@@ -1,0 +1,183 @@
+"""Answers that hold: paired statistics, Holm correction, verdicts that name every caveat,
+and the audit of what a pruner did. Statistics are checked against scipy and statsmodels on
+fixed inputs; verdicts on generated storages (no training) in the report's own code path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+from scipy import stats as st
+
+from benchmarks.synthetic import add_evaluation, add_trials, fill
+from wdstudy import records as R
+from wdstudy.cells import distributions, ensure_studies
+from wdstudy.config import validate
+from wdstudy.report import compute_tables, load_report_data
+from wdstudy.spec import StudySpec
+from wdstudy.stats import detectable_difference, holm, paired
+from wdstudy.storage import open_storage
+
+A = [0.312, 0.334, 0.301, 0.351, 0.322, 0.309]
+B = [0.331, 0.342, 0.330, 0.362, 0.318, 0.329]
+
+
+def test_paired_comparison_matches_scipy():
+    r = paired(A, B)
+    d = np.subtract(A, B)
+    assert r.n == 6 and r.mean_diff == pytest.approx(d.mean(), abs=1e-15)
+    lo, hi = st.t.interval(0.95, df=5, loc=d.mean(), scale=st.sem(d))
+    assert (r.low, r.high) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    ref = st.ttest_rel(A, B)
+    assert r.t == pytest.approx(ref.statistic, rel=1e-12) and r.p_t == pytest.approx(ref.pvalue, rel=1e-10)
+    assert r.p_wilcoxon == pytest.approx(st.wilcoxon(d, method="exact").pvalue, rel=1e-12)
+    perm = st.permutation_test((A, B), lambda x, y: np.mean(x - y), permutation_type="samples",
+                               n_resamples=np.inf, alternative="two-sided")
+    assert r.p_signflip == pytest.approx(perm.pvalue, rel=1e-12)
+    assert r.effect_dz == pytest.approx(d.mean() / d.std(ddof=1), rel=1e-12)
+    assert math.isnan(paired([0.1], [0.2]).p_t) and paired([], []).n == 0
+
+
+def test_detectable_difference_and_holm_match_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.power import TTestPower
+
+    for n in (2, 3, 5, 10):
+        effect = TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8, alternative="two-sided")
+        assert detectable_difference(0.02, n) == pytest.approx(0.02 * effect, rel=1e-6)
+    ps = [0.01, 0.04, 0.03, 0.2, 0.004]
+    assert holm(ps) == pytest.approx(list(multipletests(ps, method="holm")[1]), rel=1e-12)
+    assert math.isnan(holm([0.01, math.nan])[1]) and holm([0.01, math.nan])[0] == pytest.approx(0.01)
+
+
+# -- verdicts on generated studies -----------------------------------------------------------
+
+
+def _spec(tmp_path: Path, **search) -> StudySpec:
+    return validate(StudySpec, {
+        "name": "ans",
+        "tasks": [{"name": "mlp-mnist1d"}],
+        "optimizers": ["adam"],
+        "regularizers": ["none", "l2", "decoupled"],
+        "search": {"lr": {"low": 1e-4, "high": 1e-1},
+                   "weight_decay": {"l2": {"low": 1e-6, "high": 1e-1}, "decoupled": {"low": 1e-3, "high": 100.0}},
+                   "sampler": "random", "trials": 24, **search},
+        "evaluation": {"seeds": 5},
+        "output": str(tmp_path / "out"),
+    })
+
+
+def _data(storage):
+    d = load_report_data(storage, "ans", "test")
+    compute_tables(d)
+    return d
+
+
+def _row(d, arm, ref):
+    c = d.comparison
+    return c[(c.arm == arm) & (c.reference == ref)].iloc[0]
+
+
+def test_every_arm_is_compared_with_l2_and_none_on_paired_seeds_with_holm(tmp_path):
+    spec = _spec(tmp_path)
+    storage = open_storage(str(tmp_path / "j.journal"))
+    fill(spec, storage, trials=24, seeds=5)
+    d = _data(storage)
+    pairs = {(r.arm, r.reference) for r in d.comparison.itertuples()}
+    assert pairs == {("decoupled", "l2"), ("l2", "none"), ("decoupled", "none")}
+    r = _row(d, "decoupled", "l2")
+    seeds = {}
+    for reg in ("decoupled", "l2"):
+        e = d.evals[(d.evals.regularizer == reg) & (d.evals.state == "COMPLETE")].sort_values("seed")
+        seeds[reg] = e.test_error.to_numpy()
+    assert r.n_pairs == 5 and r.test_error_p == pytest.approx(st.ttest_rel(seeds["decoupled"], seeds["l2"]).pvalue)
+    assert list(d.comparison.p_holm) == pytest.approx(holm(list(d.comparison.test_error_p)))
+    assert r.verdict.startswith(("decoupled wins", "L2 wins", "no significant difference", "inconclusive"))
+
+
+def test_a_diverged_seed_is_named_in_the_verdict(tmp_path):
+    spec = _spec(tmp_path)
+    storage = open_storage(str(tmp_path / "j.journal"))
+    rng = np.random.default_rng(0)
+    ensure_studies(spec, storage)
+    for cell in spec.cells():
+        add_trials(spec, cell, storage, 24, 3, rng)
+        add_evaluation(spec, cell, storage, 4 if cell.regularizer == "decoupled" else 5, 3, rng)
+    dec = next(c for c in spec.cells() if c.regularizer == "decoupled")
+    ev = optuna.load_study(study_name=dec.eval_name, storage=storage)
+    ev.add_trial(create_trial(state=TrialState.PRUNED, params=ev.user_attrs[R.BEST_PARAMS],
+                              distributions=distributions(spec, dec),
+                              user_attrs={R.SEED: 1004, R.OUTCOME: "diverged", R.REASON: "loss is nan"}))
+    d = _data(storage)
+    r = _row(d, "decoupled", "l2")
+    assert r.n_pairs == 4
+    assert "decoupled diverged on 1 of 5 seeds" in r.verdict
+    summary = d.summary.set_index("regularizer")
+    assert summary.loc["decoupled", "diverged_seeds"] == 1
+
+
+def test_an_optimum_at_the_edge_of_its_range_is_inconclusive(tmp_path):
+    spec = _spec(tmp_path)
+    storage = open_storage(str(tmp_path / "j.journal"))
+    rng = np.random.default_rng(1)
+    ensure_studies(spec, storage)
+    for cell in spec.cells():
+        add_trials(spec, cell, storage, 23, 3, rng)
+        if cell.regularizer == "decoupled":  # the best trial sits on the high edge of λ
+            study = optuna.load_study(study_name=cell.name, storage=storage)
+            study.add_trial(create_trial(params={"lr": 1e-3, "weight_decay": 100.0}, distributions=distributions(spec, cell),
+                                         value=0.001, user_attrs={R.GENERATION: 5, R.SLOT: 3}))
+        else:
+            add_trials(spec, cell, storage, 1, 3, rng)
+        add_evaluation(spec, cell, storage, 5, 3, rng)
+    d = _data(storage)
+    assert d.summary.set_index("regularizer").loc["decoupled", "weight_decay_edge"] == "high edge"
+    r = _row(d, "decoupled", "l2")
+    assert r.verdict.startswith("inconclusive: widen the range (decoupled λ at the high edge")
+    assert "no significant difference" not in r.verdict
+
+
+def test_pruning_audit_flags_pruning_that_fell_on_high_lambda(tmp_path):
+    spec = _spec(tmp_path, pruner="median")
+    storage = open_storage(str(tmp_path / "j.journal"))
+    ensure_studies(spec, storage)
+    rng = np.random.default_rng(2)
+    for cell in spec.cells():
+        study = optuna.load_study(study_name=cell.name, storage=storage)
+        dists = distributions(spec, cell)
+        wd = spec.weight_decay_range(cell.regularizer)
+        for i in range(24):
+            params = {"lr": float(10 ** rng.uniform(-4, -1))}
+            pruned = i % 2 == 1
+            if wd is not None:  # pruned trials in the upper 40% of the λ range, completed ones anywhere
+                lo, hi = math.log10(wd.low), math.log10(wd.high)
+                frac = rng.uniform(0.6, 1.0) if pruned else rng.uniform(0.0, 1.0)
+                params["weight_decay"] = float(10 ** (lo + frac * (hi - lo)))
+            study.add_trial(create_trial(
+                state=TrialState.PRUNED if pruned else TrialState.COMPLETE, params=params, distributions=dists,
+                value=None if pruned else float(rng.uniform(0.3, 0.4)), intermediate_values={0: 0.5},
+                user_attrs={R.OUTCOME: "pruned" if pruned else "complete", R.GENERATION: i // 4, R.SLOT: i % 4}))
+    d = _data(storage)
+    audit = d.pruning.set_index("cell")
+    for reg in ("l2", "decoupled"):
+        row = audit.loc[f"ans/mlp-mnist1d/adam/{reg}"]
+        assert row.pruned == 12 and "pruning fell mostly on high λ" in row.warning
+    assert any("pruning fell mostly on high λ" in line for line in d.status_lines)
+
+
+def test_pruning_audit_is_quiet_when_pruning_is_even(tmp_path):
+    spec = _spec(tmp_path, pruner="median")
+    storage = open_storage(str(tmp_path / "j.journal"))
+    fill(spec, storage, trials=24, seeds=2)
+    for cell in spec.cells():  # prune every third trial in order of λ: spread over the whole range
+        study = optuna.load_study(study_name=cell.name, storage=storage)
+        for t in sorted(study.get_trials(), key=lambda t: t.params.get("weight_decay", 0))[1::3]:
+            study.add_trial(create_trial(state=TrialState.PRUNED, params=t.params, distributions=t.distributions,
+                                         intermediate_values={0: 0.5}, user_attrs={R.OUTCOME: "pruned"}))
+    d = _data(storage)
+    assert len(d.pruning) == 2 and not d.pruning.warning.any()
