@@ -66,7 +66,7 @@ def _spec(tmp_path: Path, **search) -> StudySpec:
         "regularizers": ["none", "l2", "decoupled"],
         "search": {"lr": {"low": 1e-4, "high": 1e-1},
                    "weight_decay": {"l2": {"low": 1e-6, "high": 1e-1}, "decoupled": {"low": 1e-3, "high": 100.0}},
-                   "sampler": "random", "trials": 24, **search},
+                   "sampler": "random", "trials": 12, **search},
         "evaluation": {"seeds": 5},
         "output": str(tmp_path / "out"),
     })
@@ -86,7 +86,7 @@ def _row(d, arm, ref):
 def test_every_arm_is_compared_with_l2_and_none_on_paired_seeds_with_holm(tmp_path):
     spec = _spec(tmp_path)
     storage = open_storage(str(tmp_path / "j.journal"))
-    fill(spec, storage, trials=24, seeds=5)
+    fill(spec, storage, trials=12, seeds=5)
     d = _data(storage)
     pairs = {(r.arm, r.reference) for r in d.comparison.itertuples()}
     assert pairs == {("decoupled", "l2"), ("l2", "none"), ("decoupled", "none")}
@@ -106,7 +106,7 @@ def test_a_diverged_seed_is_named_in_the_verdict(tmp_path):
     rng = np.random.default_rng(0)
     ensure_studies(spec, storage)
     for cell in spec.cells():
-        add_trials(spec, cell, storage, 24, 3, rng)
+        add_trials(spec, cell, storage, 12, 3, rng)
         add_evaluation(spec, cell, storage, 4 if cell.regularizer == "decoupled" else 5, 3, rng)
     dec = next(c for c in spec.cells() if c.regularizer == "decoupled")
     ev = optuna.load_study(study_name=dec.eval_name, storage=storage)
@@ -127,7 +127,7 @@ def test_an_optimum_at_the_edge_of_its_range_is_inconclusive(tmp_path):
     rng = np.random.default_rng(1)
     ensure_studies(spec, storage)
     for cell in spec.cells():
-        add_trials(spec, cell, storage, 23, 3, rng)
+        add_trials(spec, cell, storage, 11, 3, rng)
         if cell.regularizer == "decoupled":  # the best trial sits on the high edge of λ
             study = optuna.load_study(study_name=cell.name, storage=storage)
             study.add_trial(create_trial(params={"lr": 1e-3, "weight_decay": 100.0}, distributions=distributions(spec, cell),
@@ -173,7 +173,7 @@ def test_pruning_audit_flags_pruning_that_fell_on_high_lambda(tmp_path):
 def test_pruning_audit_is_quiet_when_pruning_is_even(tmp_path):
     spec = _spec(tmp_path, pruner="median")
     storage = open_storage(str(tmp_path / "j.journal"))
-    fill(spec, storage, trials=24, seeds=2)
+    fill(spec, storage, trials=12, seeds=2)
     for cell in spec.cells():  # prune every third trial in order of λ: spread over the whole range
         study = optuna.load_study(study_name=cell.name, storage=storage)
         for t in sorted(study.get_trials(), key=lambda t: t.params.get("weight_decay", 0))[1::3]:

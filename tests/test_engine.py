@@ -56,7 +56,7 @@ def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_
         regularizers=["l2", "decoupled"],
         search={"sampler": "tpe", "startup_trials": 4, "trials": 12, "batch": 3, "pruner": "median",
                 "lr": {"low": 1e-4, "high": 1.0}},
-        task_defaults={"epochs": 6}, evaluation={"seeds": 2},
+        task_defaults={"epochs": 3}, evaluation={"seeds": 2},
     )
     runs = {}
     for n in (1, 2):

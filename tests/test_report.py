@@ -190,7 +190,7 @@ def test_failed_and_running_cells_are_reported(tmp_path):
     paths = build_report(open_storage(url), "partial", tmp_path / "out", url)
     page = paths.html.read_text()
     assert "This study is not finished" in page and "1 running" in page
-    assert "1 trial(s) failed" in page
+    assert "1 run(s) failed" in page
     pdf_text = PdfReader(str(paths.pdf)).pages[0].extract_text()
     assert "not finished" in pdf_text and "failed" in pdf_text
     counts = pd.read_csv(tmp_path / "out" / "tables" / "trial_counts.csv").set_index("cell")

@@ -188,8 +188,10 @@ def run_pool(
     for s in pool:
         _start(s, spec_path, url, log_dir)
 
-    # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does
+    # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does; SIGINT too, even when
+    # this process was started with it ignored (a background job of a non-interactive shell)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
     tty = sys.stdout.isatty() and not quiet and display
     start = time.monotonic()
     first = progress_frame(storage, spec.name)
@@ -249,6 +251,7 @@ def run_pool(
         if interrupted or not (complete or all(s.finished for s in pool)):
             _stop_all(pool, cells, StudyLock(url, spec.name))
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
     if interrupted:
         raise KeyboardInterrupt
     df = progress_frame(storage, spec.name)

@@ -382,8 +382,9 @@ def _status(d: ReportData) -> list[str]:
             "The report shows what exists so far."
         )
     if failed:
-        lines.append(f"{failed} trial(s) failed (killed or crashed workers); their parameters were queued "
-                     "again, up to 3 times each.")
+        lines.append(f"{failed} run(s) failed (a worker was lost, or the run raised); each was queued again "
+                     "with the same parameters, a configuration failing 4 times was replaced by a new proposal, "
+                     "and the reasons are in trials.csv (reason, fail_kind).")
     for r in (d.pruning.itertuples() if len(d.pruning) else []):
         if r.warning:
             lines.append(f"Cell {r.cell}: {r.warning}.")
