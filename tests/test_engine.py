@@ -319,7 +319,7 @@ def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "1", "--quiet"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 1, r.stderr
-    assert "died 8 times in a row without finishing a unit" in r.stderr and "Traceback" not in r.stderr
+    assert "crashed 8 times in a row without finishing a unit" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "out" / "logs" / "worker-0.log").read_text().count("SystemExit: broken worker environment") == 8
 
 

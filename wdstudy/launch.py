@@ -7,7 +7,8 @@ process that joins a study from another machine. The launcher itself imports no 
 it creates the cells and starts the workers first, then watches them.
 
 A worker that dies is replaced and its trial re-queued; only a slot that *crash-loops*
-(:data:`CRASH_LOOP` deaths in a row without finishing a unit) is given up. Ctrl-C stops
+(:data:`CRASH_LOOP` failures in a row without finishing a unit: the worker exits with an error
+or crashes, as opposed to being killed from outside) is given up. Ctrl-C stops
 every worker and leaves no trial RUNNING; running the same command again resumes
 (budgets are totals).
 """
@@ -30,7 +31,7 @@ from .errors import WdstudyError
 from .spec import StudySpec, load_spec
 from .storage import StudyLock, default_url, is_rdb, open_storage
 
-#: A slot is given up after this many deaths in a row without finishing a unit.
+#: A slot is given up after this many crashes in a row without finishing a unit (kills from outside do not count).
 CRASH_LOOP = 8
 
 
@@ -212,10 +213,14 @@ def run_pool(
                 # A worker died (killed, crashed): fail and re-queue its trial, start a replacement
                 with StudyLock(url, spec.name):
                     cells.release_dead(dead_pids={s.proc.pid})
-                s.deaths = 0 if s.units() > s.units_at_start else s.deaths + 1
+                # Killed from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: an OOM killer, a person, a
+                # preemption) is not a crash loop, however often it happens; exiting on its own with an
+                # error, or another signal (a segfault), counts unless the worker finished a unit since.
+                killed = rc in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
+                s.deaths = 0 if killed or s.units() > s.units_at_start else s.deaths + 1
                 if s.deaths >= CRASH_LOOP:
                     s.finished = True
-                    print(f"wdstudy: worker {s.index} died {s.deaths} times in a row without finishing a unit; "
+                    print(f"wdstudy: worker {s.index} crashed {s.deaths} times in a row without finishing a unit; "
                           f"giving it up (see {s.log})", file=sys.stderr)
                     continue
                 s.proc = None
