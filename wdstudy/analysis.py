@@ -74,6 +74,15 @@ def trials_frame(storage, study: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def chosen_trial(complete: pd.DataFrame) -> pd.Series | None:
+    """Among one cell's COMPLETE rows of :func:`trials_frame`: the trial its evaluation retrains
+    (``chosen``), or, before the evaluation exists, the lowest objective; None if there are none."""
+    if complete.empty:
+        return None
+    picked = complete[complete.chosen] if "chosen" in complete else complete.iloc[:0]
+    return picked.iloc[0] if len(picked) else complete.loc[complete.value.idxmin()]
+
+
 def evaluations_frame(storage, study: str) -> pd.DataFrame:
     """One row per evaluation run (best configuration x seed) of every cell."""
     rows = []

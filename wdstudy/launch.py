@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import export, progress_frame
+from .analysis import chosen_trial, export, progress_frame
 from .cells import Cells, ensure_studies
 from .errors import WdstudyError
 from .spec import StudySpec, load_spec
@@ -354,8 +354,7 @@ def summary_text(storage, study: str) -> str:
         if comp.empty:
             lines.append(f"{label:<34} {'—':>9}")
             continue
-        chosen = comp[comp.chosen] if "chosen" in comp else comp.iloc[:0]
-        best = chosen.iloc[0] if len(chosen) else comp.loc[comp.value.idxmin()]
+        best = chosen_trial(comp)
         e = evals[(evals.cell == cell) & (evals.state == "COMPLETE")] if not evals.empty else evals
         if len(e):
             te = f"{100 * e.test_error.mean():.2f}±{100 * e.test_error.std(ddof=1) if len(e) > 1 else 0:.2f}% (n={len(e)})"

@@ -36,7 +36,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from . import records as R  # noqa: E402
-from .analysis import cell_studies, evaluations_frame, progress_frame, trials_frame  # noqa: E402
+from .analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, trials_frame  # noqa: E402
 from .stats import binomial_se, coupling, holm, mean_ci, paired  # noqa: E402
 
 matplotlib.rcParams.update({"pdf.fonttype": 42, "figure.dpi": 100})
@@ -116,8 +116,7 @@ def compute_tables(d: ReportData) -> None:
         e_all = d.evals[d.evals.cell == name] if not d.evals.empty else d.evals
         e = e_all[e_all.state == "COMPLETE"] if len(e_all) else e_all
         diverged = int((e_all.state == "PRUNED").sum()) if len(e_all) else 0
-        picked = comp[comp.chosen] if len(comp) and "chosen" in comp else comp.iloc[:0]
-        best = picked.iloc[0] if len(picked) else (comp.loc[comp.value.idxmin()] if len(comp) else None)
+        best = chosen_trial(comp)
         lr_lo, lr_hi = cell["lr_range"]
         wd_range = cell["weight_decay_range"]
         sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
