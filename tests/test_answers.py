@@ -138,7 +138,8 @@ def test_an_optimum_at_the_edge_of_its_range_is_inconclusive(tmp_path):
     d = _data(storage)
     assert d.summary.set_index("regularizer").loc["decoupled", "weight_decay_edge"] == "high edge"
     r = _row(d, "decoupled", "l2")
-    assert r.verdict.startswith("inconclusive: widen the range (decoupled λ at the high edge")
+    assert r.outcome == "inconclusive" and r.verdict.startswith("inconclusive: ")
+    assert "widen the range: decoupled λ at the high edge" in r.caveats
     assert "no significant difference" not in r.verdict
 
 

@@ -121,17 +121,45 @@ def test_html_has_every_section_and_cell(real_report):
     assert "paired" in page and "Holm" in page
 
 
-def test_pdf_pages_and_summary_numbers(real_report):
+def test_pdf_outline_metadata_pages_and_numbers(real_report):
     spec, url, paths = real_report
     reader = PdfReader(str(paths.pdf))
-    # summary page, one page per figure, coupling table, appendix
-    assert len(reader.pages) == 1 + len(paths.figures) + 1 + 1
-    text = " ".join(p.extract_text() for p in reader.pages)
+    assert [o.title for o in reader.outline] == [title for _, title in SECTIONS]  # a bookmark per section, in order
+    assert reader.metadata.title == "wdstudy report: rep" and "L2" in reader.metadata.subject
+    texts = [p.extract_text() for p in reader.pages]
+    for i, t in enumerate(texts):  # no page holding a stray line: each carries a table, a figure or a listing
+        assert len(t) > 400, f"page {i + 1} holds only {t!r}"
+    text = " ".join(texts)
     summary = pd.read_csv(paths.tables[0])
     for r in summary.itertuples():
-        assert f"{100 * r.test_error:.2f}%" in text
+        assert f"{100 * r.test_error:.2f} ±" in text
         assert f"{100 * r.gap_error:+.2f}" in text
         assert f"{r.lr:.3g}" in text
+
+
+def test_first_page_verdicts_match_the_comparison_table(real_report):
+    spec, url, paths = real_report
+    first = " ".join(PdfReader(str(paths.pdf)).pages[0].extract_text().split())
+    comparison = pd.read_csv(paths.tables[1], keep_default_na=False)
+    assert len(comparison)
+    for r in comparison.itertuples():
+        assert r.outcome in first
+        for caveat in filter(None, str(r.caveats).split("; ")):
+            assert " ".join(caveat.split()[:4]) in first  # the caveat is typeset beside the outcome
+        assert f"{100 * r.test_error_diff:+.2f} [{100 * r.test_error_low:+.2f}" in first
+    html_page = paths.html.read_text()
+    answer = html_page[html_page.index('id="answer"'):html_page.index('id="design"')]
+    for r in comparison.itertuples():
+        assert r.outcome in answer
+
+
+def test_html_tables_wrap_inside_their_box(real_report):
+    spec, url, paths = real_report
+    page = paths.html.read_text()
+    assert page.count('<div class="tw"') == page.count("<table>") >= 4  # every table scrolls in its own box
+    assert "td.wrap{white-space:normal" in page and 'class="wrap' in page  # long text wraps
+    for alt in re.findall(r'<img alt="([^"]*)"', page):
+        assert len(alt) > 20  # figures carry a description
 
 
 def test_summary_numbers_equal_the_storage(real_report):
@@ -164,8 +192,8 @@ def test_summary_numbers_equal_the_storage(real_report):
 def test_figures_and_tables_written(real_report):
     spec, url, paths = real_report
     names = {p.stem for p in paths.figures}
-    assert {"gap", "coupling", "importance"} <= names
-    assert any(n.startswith("landscape_") for n in names) and any(n.startswith("dynamics_") for n in names)
+    assert names == {"differences", "seeds", "slices", "landscapes", "coupling", "best_so_far", "curves",
+                     "importance"}
     for p in paths.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.stem for p in paths.tables} == {"summary", "comparison", "pruning", "coupling", "importance",
@@ -243,4 +271,7 @@ def test_report_of_a_study_without_trials(tmp_path):
     paths = build_report(open_storage(url), "empty", tmp_path / "out", url)
     page = paths.html.read_text()
     assert "This study is not finished: 0 of 10 search trials done" in page
-    assert len(PdfReader(str(paths.pdf)).pages) >= 2
+    reader = PdfReader(str(paths.pdf))
+    assert [o.title for o in reader.outline] == [title for _, title in SECTIONS]
+    first = " ".join(reader.pages[0].extract_text().split())
+    assert "not tested" in first and "fewer than 2 seeds completed by both" in first

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -177,6 +178,12 @@ def detectable_difference(sd: float, n: int, *, alpha: float = 0.05, power: floa
     """
     if n < 2 or not sd > 0:
         return math.nan if n < 2 else 0.0
+    return _detectable_effect(n, alpha, power) * sd
+
+
+@functools.lru_cache(maxsize=256)
+def _detectable_effect(n: int, alpha: float, power: float) -> float:
+    """The detectable δ/sd for n pairs (depends on n, α and the power only: computed once each)."""
     from scipy.optimize import brentq
 
     df = n - 1
@@ -194,8 +201,7 @@ def detectable_difference(sd: float, n: int, *, alpha: float = 0.05, power: floa
 
         return quad(inner, 0, math.inf, limit=200)[0] - power
 
-    effect = brentq(gap, 1e-9, 60.0, xtol=1e-12)
-    return effect * sd
+    return float(brentq(gap, 1e-9, 60.0, xtol=1e-12))
 
 
 def holm(p_values) -> list[float]:

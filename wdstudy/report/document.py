@@ -1,0 +1,213 @@
+"""What the report says, in order: sections of paragraphs, tables and figures.
+
+:func:`build_document` is the one place that lists the report's content; :mod:`.html` and
+:mod:`.pdf` only lay it out. A new table or figure is added here (and drawn in
+:mod:`.figures`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .figures import Rendered
+from .style import arms_in, label, missing, num, pct, pm, pts_ci
+from .tables import ReportData, compute_hours
+
+#: (id, title) of every section, in order; each appears even when it has nothing to show yet
+SECTIONS = [
+    ("answer", "1. Answer"),
+    ("design", "2. Study design"),
+    ("cells", "3. Chosen configurations"),
+    ("seeds", "4. Test error and gap per seed"),
+    ("slices", "5. Error against λ and the per-step shrink"),
+    ("landscapes", "6. Landscapes over (η, λ)"),
+    ("coupling", "7. Coupling of λ and η"),
+    ("search", "8. The search"),
+    ("curves", "9. Learning curves"),
+    ("importance", "10. Hyperparameter importance"),
+    ("appendix", "11. Appendix"),
+]
+FIGURE_SECTION = {"answer": "answer", "gap": "seeds", "slices": "slices", "landscapes": "landscapes",
+                  "coupling": "coupling", "search": "search", "curves": "curves", "importance": "importance"}
+
+
+@dataclass
+class Para:
+    text: str
+    kind: str = "p"  # p | status | note
+
+
+@dataclass
+class Table:
+    key: str
+    head: list[str]
+    rows: list[list[str]]
+    widths: list[float]  # relative column widths (the PDF's; the HTML wraps the widest)
+    caption: str = ""
+    warn_cols: tuple[str, ...] = ()  # non-empty cells of these columns are caveats, shown in red
+
+
+@dataclass
+class Listing:
+    title: str
+    text: str
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    blocks: list = field(default_factory=list)
+
+
+def build_document(d: ReportData, figures: list[Rendered]) -> list[Section]:
+    titles = dict(SECTIONS)
+    sections = {k: Section(k, t) for k, t in SECTIONS}
+    add = lambda key, *blocks: sections[key].blocks.extend(blocks)  # noqa: E731
+
+    add("answer", *(Para(x, "status") for x in d.status_lines))
+    if len(d.comparison):
+        add("answer", Para(answer_intro(d)), answer_table(d))
+    else:
+        add("answer", Para("No comparison yet: no two arms of one task have evaluation runs on common seeds."))
+    add("design", *(Para(x) for x in design_lines(d)))
+    if len(d.summary):
+        add("cells", chosen_table(d), evaluation_table(d))
+    for f in figures:
+        add(FIGURE_SECTION[f.section], f)
+    if len(d.coupling):
+        add("coupling", coupling_table(d))
+    if len(d.pruning):
+        add("search", Table("pruning", ["cell", "pruned", "complete", "mean λ position: pruned", "complete",
+                                        "p (Mann–Whitney)", "warning"],
+                            [[r.cell, str(r.pruned), str(r.complete), num(r.pruned_position, ".2f"),
+                              num(r.complete_position, ".2f"), num(r.p_mannwhitney, ".2g"), r.warning]
+                             for r in d.pruning.itertuples()], [3, 1, 1, 1.4, 1.2, 1.2, 4],
+                            "Where the pruner stopped trials within each λ range (0 = low edge, 1 = high edge).",
+                            ("warning",)))
+    if len(d.counts):
+        add("search", Table("counts", ["cell", "budget", "complete", "pruned", "failed", "running", "waiting",
+                                       "evaluation runs"],
+                            [[r.cell, str(r.budget), str(r.complete), str(r.pruned), str(r.fail), str(r.running),
+                              str(r.waiting), f"{r.eval_done} of {r.eval_total}"] for r in d.counts.itertuples()],
+                            [4, 1, 1, 1, 1, 1, 1, 1.4],
+                            "Search trials by state (pruned includes runs that diverged) and evaluation runs done."))
+    add("appendix", Para(f"Storage: {d.storage_label}"),
+        Table("versions", ["package", "version"], [[k, str(v)] for k, v in d.versions.items()], [2, 3]),
+        Listing("Study spec as run", d.spec_yaml or "(not stored)"))
+    for key, section in sections.items():
+        if not section.blocks:
+            section.blocks.append(Para(EMPTY.get(key, "Nothing to show yet."), "note"))
+    assert list(titles) == list(sections)
+    return list(sections.values())
+
+
+EMPTY = {"seeds": "No evaluation runs yet.", "curves": "No evaluation runs yet.",
+         "landscapes": "No completed trials yet.", "slices": "No completed trials yet.",
+         "coupling": "Too few completed trials.", "importance": "Too few completed trials (fewer than 4 per cell).",
+         "cells": "No cell yet."}
+
+
+def generated_line(d: ReportData) -> str:
+    return (f"Study {d.study}, read from the storage {d.storage_label} on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by wdstudy.")
+
+
+def answer_intro(d: ReportData) -> str:
+    return ("Each row compares two arms of one task on the same evaluation seeds: the mean paired difference "
+            "in test error (first − second, in points; negative means the first arm is better) with its 95% "
+            "interval, and the paired t-test's p-value after Holm's correction for every comparison in this "
+            "report. A chosen value at the edge of its range makes a comparison inconclusive; every other "
+            "caveat is listed beside the outcome.")
+
+
+def answer_table(d: ReportData) -> Table:
+    rows = [[f"{r.task} · {r.optimizer}", f"{label(r.arm)} − {label(r.reference)}", r.outcome,
+             pts_ci(r.test_error_diff, r.test_error_low, r.test_error_high), num(r.p_holm, ".2g"), str(r.n_pairs),
+             r.caveats] for r in d.comparison.itertuples()]
+    return Table("answer", ["task · optimizer", "comparison", "outcome", "Δ test error, pts [95% CI]", "p (Holm)",
+                            "seeds", "caveats"], rows, [2.2, 2.1, 2.0, 2.4, 1.1, 0.9, 5.0],
+                 "Wilcoxon and sign-flip p-values, the effect size and the gap differences are in "
+                 "tables/comparison.csv.", ("caveats",))
+
+
+def design_lines(d: ReportData) -> list[str]:
+    cells = list(d.cells.values())
+    tasks = sorted({c["task"]["name"] for c in cells})
+    opts = sorted({c["optimizer"]["name"] for c in cells})
+    regs = arms_in(c["regularizer"] for c in cells)
+    c0 = cells[0]
+    per_reg = {label(c["regularizer"]): c["budget"] for c in cells}
+    budgets = (str(c0["budget"]) if len(set(per_reg.values())) == 1
+               else ", ".join(f"{b} ({r})" for r, b in per_reg.items()))
+    ranges = "; ".join(f"{label(c['regularizer'])} {c['weight_decay_range'][0]:.3g}–{c['weight_decay_range'][1]:.3g}"
+                       for c in sorted({c["regularizer"]: c for c in cells}.values(),
+                                       key=lambda c: regs.index(c["regularizer"])) if c["weight_decay_range"])
+    hours = compute_hours(d)
+    compute = " and ".join(f"{h:.2f} {k}-hours" for k, h in sorted(hours.items(), reverse=True)) or "none yet"
+    gen = f" in generations of {c0['batch']}" if c0.get("batch") else ""
+    return [
+        f"Tasks {', '.join(tasks)}; optimizers {', '.join(opts)}; arms {', '.join(label(r) for r in regs)} "
+        "(the arm is the only difference between the cells of a task).",
+        f"Search: {c0['sampler']} sampler (seed {c0['seed']}), {budgets} trials per cell{gen}, pruner "
+        f"{c0['pruner']}, objective {c0['objective']} on a validation split carved out of the training data. "
+        f"Learning rate {c0['lr_range'][0]:.3g}–{c0['lr_range'][1]:.3g} (log); λ {ranges} (log), each arm in "
+        "its own convention.",
+        f"Training: {c0['schedule']} schedule; "
+        f"{'all parameters regularized' if c0['decay_all'] else 'biases and normalization parameters not regularized'}.",
+        f"Evaluation: each cell's chosen configuration retrained on seeds {', '.join(map(str, c0['eval_seeds']))} "
+        "(the same seeds for every arm: same initialization and data order) and measured once on the test "
+        "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
+        "is test − train. Intervals are 95% Student-t.",
+        f"Compute: {compute} of training.",
+    ]
+
+
+def chosen_table(d: ReportData) -> Table:
+    rows = []
+    for r in d.summary.itertuples():
+        warn = "; ".join(w for w in (f"η at the {r.lr_edge}" if r.lr_edge else "",
+                                     f"λ at the {r.weight_decay_edge}" if r.weight_decay_edge else "") if w)
+        best = (f"{pct(r.best_val)} ± {100 * r.val_se:.2f}" if d.is_error and not missing(r.val_se)
+                else num(r.best_val))
+        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), warn, best,
+                     f"{num(r.lr)} ({r.lr_range})",
+                     "—" if r.regularizer == "none" else f"{num(r.weight_decay)} ({r.weight_decay_range})",
+                     num(r.shrink), "—" if missing(r.found_at) else f"{int(r.found_at)} of {r.searched}"])
+    return Table("chosen", ["task · optimizer", "arm", "edge of range", "validation (± s.e.)", "η (range)",
+                            "λ (range)", "shrink η·λ", "found at trial"], rows, [2.3, 1.3, 1.8, 1.7, 2.1, 2.3, 1.2, 1.2],
+                 "The configuration each cell's search chose, by its validation result (± the binomial standard "
+                 "error of an error rate on this many validation examples). A value within 5% of the log-range "
+                 "of an edge may have its optimum outside the range. Shrink: the per-step shrink the pair stands "
+                 "for (λ for independent). Found at: its position in the search order — near the end, the "
+                 "budget may not have sufficed.", ("edge of range",))
+
+
+def evaluation_table(d: ReportData) -> Table:
+    rows = []
+    for r in d.summary.itertuples():
+        seeds = len(d.cells[r.cell]["eval_seeds"])
+        bad = f"{r.diverged_seeds} diverged" if r.diverged_seeds else ""
+        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), pm(r.test_error, r.test_error_low,
+                     r.test_error_high, suffix="%"), pct(r.train_error),
+                     pm(r.gap_error, r.gap_error_low, r.gap_error_high, fmt="+.2f"),
+                     pm(r.gap_loss, r.gap_loss_low, r.gap_loss_high, scale=1, fmt="+.3f"),
+                     f"{r.seeds} of {seeds}", bad])
+    return Table("evaluation", ["task · optimizer", "arm", "test error", "train error", "gap, error pts",
+                                "gap, loss (nats)", "seeds", "diverged"], rows, [2.3, 1.3, 1.9, 1.3, 1.8, 1.9, 1.0, 1.2],
+                 "Evaluation of the chosen configurations: mean ± half-width of the 95% interval over the seeds. "
+                 "Diverged seeds are left out of the means and named in every comparison that uses the arm.",
+                 ("diverged",))
+
+
+def coupling_table(d: ReportData) -> Table:
+    rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), f"{r.top_trials} of {r.of_trials}",
+             f"{num(r.slope, '.2f')} [{num(r.slope_low, '.2f')}, {num(r.slope_high, '.2f')}]",
+             f"{num(r.spearman_rho, '.2f')} [{num(r.rho_low, '.2f')}, {num(r.rho_high, '.2f')}]", r.reading,
+             r.convention] for r in d.coupling.itertuples()]
+    return Table("coupling", ["task · optimizer", "arm", "trials fitted", "slope [95% CI]", "Spearman ρ [95% CI]",
+                              "reading", "what the slope means for this arm"], rows,
+                 [2.1, 1.2, 1.1, 1.9, 1.9, 2.8, 3.6],
+                 "Slope of log10 λ on log10 η over each cell's best trials. Only what an interval excludes is "
+                 "read: one covering both 0 and −1 is inconclusive.")

@@ -1,0 +1,563 @@
+"""The report's figures, drawn with matplotlib and seaborn from the tables of :mod:`.tables`.
+
+Every function takes the :class:`~.tables.ReportData` and returns :class:`Figure` objects (or
+none when there is nothing to draw). Percentages are shown in %, differences in points;
+arms keep one order and one colour everywhere (:mod:`.style`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+
+from ..stats import mean_ci  # noqa: E402
+from .style import arms_in, color, label, shrink  # noqa: E402
+from .tables import NEAR_LR, ReportData, search_order, top_trials  # noqa: E402
+
+matplotlib.rcParams.update({"pdf.fonttype": 3, "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10,
+                            "legend.fontsize": 8, "axes.spines.top": False, "axes.spines.right": False})
+WIDTH = 7.4  # inches: the text width of an A4 page with 15 mm margins
+CMAP = "rocket_r"
+
+
+@dataclass
+class Figure:
+    key: str
+    section: str
+    title: str
+    caption: str
+    alt: str
+    fig: plt.Figure
+
+    def __post_init__(self) -> None:
+        # keys become file names and HTML ids: keep them to a safe alphabet
+        self.key = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
+
+
+def _fit(fig: plt.Figure, top: float = 1.0) -> None:
+    """Lay the figure out once, now: saving it as PNG and as PDF then draws it once each."""
+    fig.tight_layout(rect=(0, 0, 1, top))
+    for ax in fig.axes:
+        ax.minorticks_off()  # log axes: hundreds of unlabelled ticks cost more to draw than they tell
+
+
+def _groups(d: ReportData) -> list[tuple[str, str]]:
+    return d.groups()
+
+
+def _cells_of(d: ReportData, task: str, opt: str) -> dict[str, str]:
+    s = d.summary[(d.summary.task == task) & (d.summary.optimizer == opt)]
+    return {r.regularizer: r.cell for r in s.itertuples()}
+
+
+def _metric_name(d: ReportData) -> str:
+    return "validation error" if d.is_error else f"validation {d.objective.replace('val_', '')}"
+
+
+def _scale(d: ReportData) -> float:
+    return 100.0 if d.is_error else 1.0
+
+
+# -- 1. the answer ---------------------------------------------------------------------------
+
+
+def fig_differences(d: ReportData) -> Figure | None:
+    """Forest plot: every paired comparison's mean test-error difference with its 95% interval."""
+    c = d.comparison
+    if c.empty or c.test_error_diff.isna().all():
+        return None
+    c = c.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(WIDTH, 0.32 * len(c) + 1.1))
+    y = np.arange(len(c))[::-1]
+    for yi, r in zip(y, c.itertuples()):
+        solid = r.outcome.endswith("wins")
+        hollow = r.outcome in ("inconclusive", "not tested")
+        col = color(r.arm)
+        if not math.isnan(r.test_error_low):
+            ax.plot([100 * r.test_error_low, 100 * r.test_error_high], [yi, yi], color=col, lw=2 if solid else 1.2)
+        ax.plot([100 * r.test_error_diff], [yi], "o", ms=6, color=col, mfc="white" if hollow else col)
+        ax.text(1.01, yi, r.outcome, transform=ax.get_yaxis_transform(), va="center", fontsize=7.5,
+                color="#222" if solid else "#666")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}" for r in c.itertuples()])
+    ax.set_xlabel("paired difference in test error (points; < 0: the first arm is better)")
+    ax.set_ylim(-0.7, len(c) - 0.3)
+    ax.grid(axis="x", alpha=0.3)
+    _fit(fig)
+    return Figure("differences", "answer", "Paired differences in test error", (
+        "Mean over the evaluation seeds of (first arm − second arm) test error, in points, with its 95% "
+        "Student-t interval; both arms ran the same seeds. Filled: the Holm-corrected paired t-test says "
+        "one arm wins; hollow: inconclusive (a chosen value at the edge of its range) or not tested."),
+        "Forest plot of the paired test-error differences of every comparison, with 95% intervals.", fig)
+
+
+# -- 4. seeds ----------------------------------------------------------------------------------
+
+
+def fig_seeds(d: ReportData) -> Figure | None:
+    """Per task: each seed's test error and gap for every arm, the same seed joined across arms."""
+    e = d.evals[d.evals.state == "COMPLETE"] if not d.evals.empty else d.evals
+    if e.empty:
+        return None
+    groups = _groups(d)
+    fig, axes = plt.subplots(2, len(groups), figsize=(WIDTH, 5.4), squeeze=False)
+    for j, (task, opt) in enumerate(groups):
+        g = e[(e.task == task) & (e.optimizer == opt)]
+        arms = arms_in(d.summary[(d.summary.task == task) & (d.summary.optimizer == opt)].regularizer)
+        for i, (col, ylabel) in enumerate((("test_error", "test error (%)"),
+                                           ("gap_error", "gap: test − train error (points)"))):
+            ax = axes[i][j]
+            wide = g.pivot_table(index="seed", columns="regularizer", values=col).reindex(columns=arms) * 100
+            x = np.arange(len(arms))
+            for _, row in wide.iterrows():
+                ax.plot(x, row.to_numpy(float), color="#bbbbbb", lw=0.7, zorder=1)
+            for k, reg in enumerate(arms):
+                v = wide[reg].dropna().to_numpy(float)
+                ax.scatter(np.full(len(v), k), v, s=14, color=color(reg), zorder=2)
+                ci = mean_ci(v)
+                if ci.n:
+                    ax.errorbar([k + 0.18], [ci.mean], yerr=None if math.isnan(ci.low) else
+                                [[ci.mean - ci.low], [ci.high - ci.mean]], fmt="D", ms=4, color="black",
+                                capsize=3, lw=1, zorder=3)
+            ax.set_xticks(x, [label(a) for a in arms])
+            ax.set_xlim(-0.5, len(arms) - 0.3)
+            ax.grid(axis="y", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(ylabel)
+            if i == 0:
+                ax.set_title(f"{task} · {opt}")
+    n = int(d.summary.seeds.max()) if len(d.summary) else 0
+    _fit(fig)
+    return Figure("seeds", "gap", "Test error and generalization gap per seed", (
+        f"Dots: one evaluation run each (the cell's chosen configuration retrained on seed s, n ≤ {n}); grey lines "
+        "join the same seed across arms (same initialization and data order), so parallel lines mean a "
+        "consistent difference. Black diamond: mean with 95% Student-t interval. Each panel has its own "
+        "scale; gap = test − train error, train error from an eval-mode pass over the training split."),
+        "Per-seed test error and generalization gap of every arm, with paired lines per seed.", fig)
+
+
+# -- 5. slices ---------------------------------------------------------------------------------
+
+
+def fig_slices(d: ReportData) -> Figure | None:
+    """Per task: objective against λ and against the per-step shrink, near each arm's chosen η."""
+    if d.trials.empty or d.summary.dropna(subset=["lr"]).empty:
+        return None
+    groups = _groups(d)
+    sc = _scale(d)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH, 2.5 * len(groups) + 0.6), squeeze=False)
+    handles = {}
+    for i, (task, opt) in enumerate(groups):
+        cells = _cells_of(d, task, opt)
+        lows = []
+        for reg in arms_in(cells):
+            s = d.summary[d.summary.cell == cells[reg]].iloc[0]
+            t = d.complete(cells[reg])
+            if t.empty or s.lr is None or (isinstance(s.lr, float) and math.isnan(s.lr)):
+                continue
+            if reg == "none":
+                for ax in axes[i]:
+                    h = ax.axhline(sc * s.best_val, color=color(reg), lw=1.2, ls="--")
+                handles[reg] = h
+                lows.append(sc * s.best_val)
+                continue
+            near = t[np.abs(np.log10(t.lr.astype(float)) - math.log10(s.lr)) <= NEAR_LR].copy()
+            near["shrink"] = [shrink(reg, a, b) for a, b in zip(near.lr, near.weight_decay)]
+            for ax, xcol in zip(axes[i], ("weight_decay", "shrink")):
+                n = near.sort_values(xcol)
+                h, = ax.plot(n[xcol].astype(float), sc * n.value.astype(float), "o-", ms=3.5, lw=1,
+                             color=color(reg), alpha=0.9)
+                x0 = s.weight_decay if xcol == "weight_decay" else s.shrink
+                ax.plot([x0], [sc * s.best_val], "*", ms=11, color=color(reg), mec="black", mew=0.6, zorder=4)
+                handles[reg] = h
+            lows += list(sc * near.value.astype(float))
+        for k, ax in enumerate(axes[i]):
+            ax.set_xscale("log")
+            if lows:
+                lo = min(lows)
+                hi = np.quantile(lows, 0.8) if len(lows) > 3 else max(lows)
+                ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9) - 0.5, hi + 0.3 * (hi - lo + 1e-9) + 0.5)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{task} · {opt}", fontsize=9)
+            if k == 0:
+                ax.set_ylabel(f"{_metric_name(d)}{' (%)' if d.is_error else ''}")
+            if i == len(groups) - 1:
+                ax.set_xlabel("λ (each arm in its own convention)" if k == 0 else
+                              "per-step shrink (η·λ; λ for independent)")
+    fig.legend([handles[r] for r in arms_in(handles)], [label(r) for r in arms_in(handles)], loc="upper center",
+               ncol=max(1, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    _fit(fig, top=0.96)
+    return Figure("slices", "slices", "Validation error against λ and against the per-step shrink", (
+        f"For each arm, the completed search trials within {NEAR_LR:g} decades of its chosen learning rate "
+        "(a slice through the landscape at the best η), joined in order of the x value; ★ the chosen "
+        "configuration; dashed: the best validation error of the unregularized arm. Left: λ as each arm "
+        "defines it, so the arms sit decades apart. Right: the per-step shrink the arm stands for (η·λ; for "
+        "L2 that is the shrink plain SGD applies, which Adam rescales), the axis on which the arms compare. "
+        "The y axis is cut at the worse trials so the good region is resolved."),
+        "Validation error against λ and against the per-step shrink, one line per arm, per task.", fig)
+
+
+# -- 6. landscapes ------------------------------------------------------------------------------
+
+
+def fig_landscapes(d: ReportData) -> Figure | None:
+    """One row per task: the search trials over (η, λ), one panel per regularized arm."""
+    if d.trials.empty:
+        return None
+    sc = _scale(d)
+    rows = []
+    for task, opt in _groups(d):
+        cells = {r: c for r, c in _cells_of(d, task, opt).items() if d.cells[c]["weight_decay_range"]}
+        regs = arms_in(cells)
+        done = {r: d.complete(cells[r]) for r in regs}
+        values = pd.concat([x.value for x in done.values()]) if regs else pd.Series(dtype=float)
+        if not values.empty:
+            rows.append((task, opt, cells, regs, done, values))
+    if not rows:
+        return None
+    ncol = max(len(r[3]) for r in rows)
+    fig, grid = plt.subplots(len(rows), ncol + 1, figsize=(WIDTH, 2.55 * len(rows) + 0.3), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * ncol + [0.045]})
+    axes = [row[:-1] for row in grid]
+    tops = []
+    for i, (task, opt, cells, regs, done, values) in enumerate(rows):
+        vmin = float(values.min()) * sc
+        vmax = max(float(values.quantile(0.5)) * sc, vmin + (2.0 if d.is_error else 1e-3))
+        tops.append(f"{task} {vmax:.1f}{'%' if d.is_error else ''}")
+        mappable = None
+        for j in range(ncol):
+            ax = axes[i][j]
+            if j >= len(regs):
+                ax.axis("off")
+                continue
+            reg = regs[j]
+            allt = d.trials[d.trials.cell == cells[reg]]
+            mappable = _landscape_panel(ax, d, done[reg], allt, d.cells[cells[reg]], vmin, vmax) or mappable
+            lo, hi = d.cells[cells[reg]]["weight_decay_range"]
+            ax.set_title(f"{task} · {opt} · {label(reg)}", fontsize=8.5)
+            if i == len(rows) - 1:
+                ax.set_xlabel("learning rate η")
+            ax.set_ylabel(f"λ ({label(reg)})", fontsize=8)
+        if mappable is not None:
+            cb = fig.colorbar(mappable, cax=grid[i][-1], extend="max")
+            cb.set_label(f"{'val. error (%)' if d.is_error else _metric_name(d)}", fontsize=8)
+        else:
+            grid[i][-1].axis("off")
+    grid = next(iter(d.cells.values()))["sampler"] == "grid"
+    how = ("Heatmap of the grid (mean over repeated points)." if grid else
+           "Each dot is one completed search trial, coloured by its validation result; × pruned or diverged; "
+           "★ the chosen configuration. No surface is interpolated between the trials.")
+    _fit(fig)
+    return Figure("landscapes", "landscapes", "Landscapes over (η, λ)", (
+        f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
+        "worse trials share the darkest colour, so the good region is resolved. Each panel spans its arm's own "
+        "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."),
+        "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
+
+
+def _landscape_panel(ax, d: ReportData, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmin: float,
+                     vmax: float):
+    import seaborn as sns
+
+    sc = _scale(d)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(*_padded(cell["lr_range"]))
+    ax.set_ylim(*_padded(cell["weight_decay_range"]))
+    if done.empty:
+        ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
+        return None
+    cmap = sns.color_palette(CMAP, as_cmap=True)
+    x, y, v = done.lr.to_numpy(float), done.weight_decay.to_numpy(float), sc * done.value.to_numpy(float)
+    mappable = None
+    if cell["sampler"] == "grid":
+        grid = done.assign(x=np.log10(x), y=np.log10(y), v=v).groupby(["y", "x"]).v.mean().unstack()
+        ex, ey = _edges(grid.columns.to_numpy()), _edges(grid.index.to_numpy())
+        mappable = ax.pcolormesh(10 ** ex, 10 ** ey, grid.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xlim(10 ** ex[0], 10 ** ex[-1])
+        ax.set_ylim(10 ** ey[0], 10 ** ey[-1])
+    sc_ = ax.scatter(x, y, c=np.clip(v, vmin, vmax), cmap=cmap, vmin=vmin, vmax=vmax, s=34 if mappable is None else 8,
+                     edgecolors="#333333", linewidths=0.5, zorder=3)
+    bad = allt[allt.state == "PRUNED"]
+    if len(bad):
+        ax.scatter(bad.lr.astype(float), bad.weight_decay.astype(float), marker="x", c="#555555", s=18,
+                   linewidths=0.8, zorder=3)
+    chosen = done[done.chosen] if "chosen" in done and done.chosen.any() else done.loc[[done.value.idxmin()]]
+    ax.scatter(chosen.lr.astype(float), chosen.weight_decay.astype(float), marker="*", s=170, c="gold",
+               edgecolors="black", linewidths=0.8, zorder=4)
+    return mappable or sc_
+
+
+def _padded(bounds, share: float = 0.04) -> tuple[float, float]:
+    """A log range widened by ``share`` of its decades on each side, so dots on an edge show whole."""
+    lo, hi = bounds
+    f = 10 ** (share * math.log10(hi / lo))
+    return lo / f, hi * f
+
+
+def _edges(centers: np.ndarray) -> np.ndarray:
+    if len(centers) == 1:
+        return np.array([centers[0] - 0.5, centers[0] + 0.5])
+    mid = (centers[:-1] + centers[1:]) / 2
+    return np.concatenate([[2 * centers[0] - mid[0]], mid, [2 * centers[-1] - mid[-1]]])
+
+
+# -- 7. coupling --------------------------------------------------------------------------------
+
+
+def fig_coupling(d: ReportData) -> Figure | None:
+    if d.coupling.empty or d.trials.empty:
+        return None
+    groups = list(dict.fromkeys(zip(d.coupling.task, d.coupling.optimizer)))
+    regs = arms_in(d.coupling.regularizer)
+    fig, axes = plt.subplots(len(groups), len(regs), figsize=(WIDTH, 2.45 * len(groups) + 0.5), squeeze=False)
+    for i, (task, opt) in enumerate(groups):
+        for j, reg in enumerate(regs):
+            ax = axes[i][j]
+            row = d.coupling[(d.coupling.task == task) & (d.coupling.optimizer == opt) & (d.coupling.regularizer == reg)]
+            if row.empty:
+                ax.axis("off")
+                continue
+            r = row.iloc[0]
+            cell = d.cells[r.cell]
+            allc = d.complete(r.cell)
+            top = top_trials(d, r.cell)
+            lx, ly = np.log10(cell["lr_range"]), np.log10(cell["weight_decay_range"])
+            ax.scatter(np.log10(allc.lr.astype(float)), np.log10(allc.weight_decay.astype(float)), s=9, c="#cccccc")
+            ax.scatter(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float)), s=22, c=color(reg))
+            if len(top):
+                cx, cy = np.log10(top.lr.astype(float)).mean(), np.log10(top.weight_decay.astype(float)).mean()
+                ax.plot(lx, cy + 0 * (lx - cx), color="#777777", lw=0.8, ls=":")
+                ax.plot(lx, cy - (lx - cx), color="#777777", lw=0.8, ls="--")
+            if not math.isnan(r.slope):
+                ax.plot(lx, r.intercept + r.slope * lx, color="black", lw=1.2)
+            ax.set_xlim(*lx)
+            ax.set_ylim(*ly)
+            ax.set_title(f"{task} · {label(reg)}: slope {r.slope:.2f} [{r.slope_low:.2f}, {r.slope_high:.2f}]"
+                         if not math.isnan(r.slope) else f"{task} · {label(reg)}", fontsize=8)
+            ax.text(0.02, 0.03, r.reading, transform=ax.transAxes, fontsize=6.5, color="#333",
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
+            if i == len(groups) - 1:
+                ax.set_xlabel("log10 learning rate η")
+            if j == 0:
+                ax.set_ylabel("log10 λ")
+    k = int(d.coupling.top_trials.max()) if len(d.coupling) else 0
+    _fit(fig)
+    return Figure("coupling", "coupling", "Coupling of λ and the learning rate", (
+        f"Coloured: each cell's best completed trials (the best quarter, at least 5; here up to {k}); grey: the "
+        "others. Black: least-squares line of log10 λ on log10 η through the coloured trials, with its 95% "
+        "interval in the title. Guides through their centre: dotted, slope 0 (best λ independent of η); "
+        "dashed, slope −1 (best η·λ constant). What each means depends on the arm's convention (table below); "
+        "an interval covering both guides is inconclusive."),
+        "Scatter of the best trials in log learning rate and log λ with the fitted slope and guide lines.", fig)
+
+
+# -- 8. search -----------------------------------------------------------------------------------
+
+
+def fig_best_so_far(d: ReportData) -> Figure | None:
+    if d.trials.empty:
+        return None
+    groups = _groups(d)
+    sc = _scale(d)
+    fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 2.7), squeeze=False)
+    for j, (task, opt) in enumerate(groups):
+        ax = axes[0][j]
+        for reg, cell in sorted(_cells_of(d, task, opt).items(), key=lambda kv: arms_in(_cells_of(d, task, opt)).index(kv[0])):
+            t = search_order(d.trials[(d.trials.cell == cell) & d.trials.state.isin(["COMPLETE", "PRUNED"])])
+            if t.empty:
+                continue
+            v = t.value.where(t.state == "COMPLETE").astype(float).cummin() * sc
+            ax.step(np.arange(1, len(v) + 1), v, where="post", color=color(reg), label=label(reg))
+        budget = max(c["budget"] for c in d.cells.values())
+        batch = next(iter(d.cells.values())).get("batch")
+        if batch:
+            for g in range(batch, budget, batch):
+                ax.axvline(g + 0.5, color="#dddddd", lw=0.6, zorder=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("trial (in search order)")
+        ax.set_title(f"{task} · {opt}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if j == 0:
+            ax.set_ylabel(f"best {_metric_name(d)} so far{' (%)' if d.is_error else ''}")
+    axes[0][-1].legend(fontsize=7)
+    _fit(fig)
+    return Figure("best_so_far", "search", "Best so far", (
+        "The best validation result after each search trial, in the order the search proposed them (thin grey "
+        "lines: generation boundaries). A curve still falling at the last trials says the budget did not suffice "
+        "for that arm; an arm ahead at every budget is ahead regardless of the budget."),
+        "Best validation result so far against the number of search trials, one line per arm, per task.", fig)
+
+
+# -- 9. learning curves ---------------------------------------------------------------------------
+
+
+def fig_curves(d: ReportData) -> Figure | None:
+    """One row per task: error, loss and weight norm over the epochs of the evaluation runs."""
+    h = d.histories
+    if h.empty:
+        return None
+    groups = [(t, o) for t, o in _groups(d) if len(h[(h.task == t) & (h.optimizer == o)])]
+    fig, axes = plt.subplots(len(groups), 3, figsize=(WIDTH, 2.3 * len(groups) + 0.5), squeeze=False)
+    n = 0
+    for i, (task, opt) in enumerate(groups):
+        g = h[(h.task == task) & (h.optimizer == opt)]
+        n = max(n, int(g.groupby(["regularizer", "epoch"]).size().max()))
+        row = axes[i]
+        for reg in arms_in(g.regularizer):
+            hr = g[g.regularizer == reg]
+            c = color(reg)
+            for ax, col, scale, ls in ((row[0], "train_error_running", 100, "--"), (row[0], "val_error", 100, "-"),
+                                       (row[1], "train_loss_running", 1, "--"), (row[1], "val_loss", 1, "-"),
+                                       (row[2], "weight_norm", 1, "-")):
+                if col not in hr or hr[col].isna().all():
+                    continue
+                m = _band(hr, col)
+                ax.plot(m.index + 1, scale * m["mean"], color=c, ls=ls, lw=1.1,
+                        label=label(reg) if col == "weight_norm" else None)
+                ax.fill_between(m.index + 1, scale * m["low"], scale * m["high"], color=c, alpha=0.15, lw=0)
+            e = d.evals[(d.evals.cell == hr.cell.iloc[0]) & (d.evals.state == "COMPLETE")]
+            if len(e):
+                last = int(hr.epoch.max()) + 1
+                row[0].plot([last], [100 * e.train_error.mean()], "o", mfc="white", color=c, ms=4.5)
+                row[0].plot([last], [100 * e.test_error.mean()], "s", color=c, ms=3.5)
+        row[0].set_ylabel(f"{task}\nerror (%)", fontsize=8)
+        row[1].set_ylabel("cross-entropy (nats)", fontsize=8)
+        row[2].set_ylabel("‖w‖₂ (regularized)", fontsize=8)
+        for ax in row:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if i == len(groups) - 1:
+                ax.set_xlabel("epoch")
+        if i == 0:
+            for ax, t in zip(row, ("error", "loss", "weight norm")):
+                ax.set_title(t, fontsize=9)
+            row[2].legend(fontsize=7)
+    _fit(fig)
+    return Figure("curves", "curves", "Learning curves of the chosen configurations", (
+        f"Evaluation runs of each cell's chosen configuration: mean over {n} seeds with its 95% Student-t band, "
+        "one row per task. Solid: validation split (eval mode); dashed: running average over the epoch's "
+        "minibatches in train mode (dropout on, weights moving), which is not the train error of the tables — "
+        "that one is the hollow circle at the last epoch (an eval-mode pass over the training split); filled "
+        "square: test error. Right: norm of the regularized weights at the end of each epoch."),
+        "Training and validation error, loss and weight norm over epochs, one row per task.", fig)
+
+
+def _band(h: pd.DataFrame, col: str) -> pd.DataFrame:
+    rows = {}
+    for ep, v in h.groupby("epoch")[col]:
+        ci = mean_ci(v.dropna().to_numpy(float))
+        rows[int(ep)] = {"mean": ci.mean, "low": ci.low if not math.isnan(ci.low) else ci.mean,
+                         "high": ci.high if not math.isnan(ci.high) else ci.mean}
+    return pd.DataFrame.from_dict(rows, orient="index").sort_index()
+
+
+# -- 10. importance --------------------------------------------------------------------------------
+
+
+def fig_importance(d: ReportData) -> Figure | None:
+    import seaborn as sns
+
+    if d.importance.empty:
+        return None
+    imp = d.importance.assign(label=lambda x: x.task + " · " + x.optimizer + " · " + x.regularizer.map(label))
+    long = imp.melt(id_vars=["label"], value_vars=["lr", "weight_decay"], var_name="parameter",
+                    value_name="importance")
+    long["parameter"] = long.parameter.map({"lr": "learning rate η", "weight_decay": "λ"})
+    fig, ax = plt.subplots(figsize=(WIDTH, 0.3 * len(imp) + 1.2))
+    sns.barplot(data=long, y="label", x="importance", hue="parameter", ax=ax, palette=["#edae49", "#30638e"])
+    ax.set_xlabel("fANOVA importance (share of the objective's variance)")
+    ax.set_ylabel("")
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(title=None, loc="lower right")
+    _fit(fig)
+    return Figure("importance", "importance", "Hyperparameter importance", (
+        "Optuna's fANOVA importance from each cell's completed search trials: the share of the objective's "
+        "variance explained by the learning rate and by λ (they sum to 100% per cell). With a dozen trials "
+        "per cell it is a rough guide."),
+        "Bar chart of fANOVA importance of learning rate and λ per cell.", fig)
+
+
+#: every figure of the report, in reading order (a new figure is added here; :mod:`.document`
+#: places it by its ``section``)
+FIGURES = (fig_differences, fig_seeds, fig_slices, fig_landscapes, fig_coupling, fig_best_so_far, fig_curves,
+           fig_importance)
+PNG_DPI = 150
+
+
+@dataclass
+class Rendered:
+    """A figure drawn once as PNG (for the HTML and figures/) and once as vector PDF (for the PDF)."""
+
+    key: str
+    section: str
+    title: str
+    caption: str
+    alt: str
+    png: bytes
+    pdf: bytes
+
+
+def _render(d: ReportData, index: int) -> Rendered | None:
+    import io
+
+    f = FIGURES[index](d)
+    if f is None:
+        return None
+    png, pdf = io.BytesIO(), io.BytesIO()
+    f.fig.savefig(png, format="png", dpi=PNG_DPI)
+    f.fig.savefig(pdf, format="pdf", dpi=200)  # vectors; rasterized parts (if any) at 200 dpi
+    plt.close(f.fig)
+    return Rendered(f.key, f.section, f.title, f.caption, f.alt, png.getvalue(), pdf.getvalue())
+
+
+#: drawing cost, heaviest first: the two processes start on the long ones
+COST = ("fig_landscapes", "fig_curves", "fig_slices", "fig_coupling", "fig_seeds", "fig_best_so_far",
+        "fig_differences")
+
+
+def render_all(d: ReportData) -> list[Rendered]:
+    """Every figure, drawn and saved by two forked processes at once while this one computes the
+    fANOVA importances (drawing is most of a report's time). The importance figure, which needs
+    them, is drawn here last. Serially where the platform cannot fork."""
+    import multiprocessing as mp
+
+    from .tables import fill_importance
+
+    last = FIGURES.index(fig_importance)
+    if "fork" not in mp.get_all_start_methods():
+        fill_importance(d)
+        out = [_render(d, i) for i in range(len(FIGURES))]
+        return [r for r in out if r is not None]
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _DATA
+    _DATA = d  # inherited by the forked workers, not pickled
+    order = sorted((i for i in range(len(FIGURES)) if i != last), key=lambda i: COST.index(FIGURES[i].__name__))
+    try:
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as pool:
+            futures = {i: pool.submit(_render_inherited, i) for i in order}
+            fill_importance(d)
+            out = {last: _render(d, last)}
+            out.update({i: f.result() for i, f in futures.items()})
+    finally:
+        _DATA = None
+    return [out[i] for i in range(len(FIGURES)) if out[i] is not None]
+
+
+_DATA: ReportData | None = None
+
+
+def _render_inherited(index: int) -> Rendered | None:
+    assert _DATA is not None
+    return _render(_DATA, index)

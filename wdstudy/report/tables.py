@@ -1,0 +1,455 @@
+"""The report's numbers: every table, computed from the storage alone.
+
+:func:`load_report_data` reads one study (every cell study carries its own description);
+:func:`compute_tables` fills the tables the figures, the HTML, the PDF and ``tables/*.csv``
+are made from. Nothing here draws or formats for a page.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from .. import records as R
+from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, trials_frame
+from ..stats import binomial_se, coupling, holm, mean_ci, paired
+from .style import arm_rank, label, shrink
+
+EDGE = 0.05  # a chosen value within 5% of the log-range of an edge is "at the edge"
+ALPHA = 0.05
+TOP_K = 5  # the coupling fit uses each cell's best TOP_K completed trials ...
+TOP_QUANTILE = 0.25  # ... or its best quarter, whichever is more
+NEAR_LR = 0.5  # decades around the chosen learning rate for the λ slices
+
+
+@dataclass
+class ReportData:
+    study: str
+    storage_label: str
+    cells: dict[str, dict]
+    trials: pd.DataFrame
+    evals: pd.DataFrame
+    progress: pd.DataFrame
+    histories: pd.DataFrame
+    spec_yaml: str
+    versions: dict
+    objective: str
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+    pruning: pd.DataFrame = field(default_factory=pd.DataFrame)
+    coupling: pd.DataFrame = field(default_factory=pd.DataFrame)
+    importance: pd.DataFrame = field(default_factory=pd.DataFrame)
+    counts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    status_lines: list[str] = field(default_factory=list)
+
+    def groups(self) -> list[tuple[str, str]]:
+        """The (task, optimizer) pairs of the study, in table order."""
+        return sorted({(r.task, r.optimizer) for r in self.summary.itertuples()})
+
+    def complete(self, cell: str) -> pd.DataFrame:
+        t = self.trials
+        return t[(t.cell == cell) & (t.state == "COMPLETE")] if not t.empty else t
+
+    @property
+    def is_error(self) -> bool:
+        return "error" in self.objective
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def load_report_data(storage, study: str, storage_label: str) -> ReportData:
+    studies = cell_studies(storage, study)
+    if not studies:
+        from ..errors import WdstudyError
+
+        raise WdstudyError(f"study={study!r}: no cells of this study in storage {storage_label}")
+    cells = {name: s.user_attrs[R.CELL] for name, (s, _) in studies.items()}
+    first = next(iter(studies.values()))[0].user_attrs
+    objective = next(iter(cells.values()))["objective"]
+    return ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
+                      progress_frame(storage, study), _histories(storage, studies),
+                      first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
+
+
+def _histories(storage, studies) -> pd.DataFrame:
+    """Per-epoch records of every completed evaluation run (the chosen configurations)."""
+    rows = []
+    for name, (s, ev) in studies.items():
+        if ev is None:
+            continue
+        cell = s.user_attrs[R.CELL]
+        for t in storage.get_all_trials(ev._study_id, deepcopy=False):
+            if t.state != optuna.trial.TrialState.COMPLETE:
+                continue
+            for h in t.user_attrs.get(R.HISTORY, []):
+                rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
+                             "regularizer": cell["regularizer"], "seed": t.user_attrs.get(R.SEED), **h})
+    return pd.DataFrame(rows)
+
+
+def edge(value: float, lo: float, hi: float) -> str:
+    """'low edge', 'high edge' or '' for a value within its log range."""
+    if value is None or lo is None or not value > 0:
+        return ""
+    x = (math.log10(value) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+    return "low edge" if x <= EDGE else ("high edge" if x >= 1 - EDGE else "")
+
+
+def search_order(t: pd.DataFrame) -> pd.DataFrame:
+    """A cell's trials in the order the search proposed them (generation, slot; else number)."""
+    if t.empty:
+        return t
+    if t.generation.notna().all():
+        return t.sort_values(["generation", "slot", "trial"])
+    return t.sort_values("trial")
+
+
+def compute_tables(d: ReportData, importance: bool = True) -> None:
+    """Every table; the fANOVA importances (the slow one) only with ``importance``, else they are
+    left to :func:`fill_importance`."""
+    d.summary = _summary(d)
+    d.comparison = compare_arms(d)
+    d.pruning = pruning_audit(d)
+    d.coupling = _coupling(d)
+    if importance:
+        fill_importance(d)
+    d.counts = (d.progress[["cell", "budget", "complete", "pruned", "fail", "running", "waiting", "eval_done",
+                            "eval_total"]] if not d.progress.empty else pd.DataFrame())
+    d.status_lines = _status(d)
+
+
+def _summary(d: ReportData) -> pd.DataFrame:
+    rows = []
+    for name, cell in d.cells.items():
+        t = d.trials[d.trials.cell == name] if not d.trials.empty else d.trials
+        comp = d.complete(name)
+        e_all = d.evals[d.evals.cell == name] if not d.evals.empty else d.evals
+        e = e_all[e_all.state == "COMPLETE"] if len(e_all) else e_all
+        best = chosen_trial(comp)
+        lr_lo, lr_hi = cell["lr_range"]
+        wd_range = cell["weight_decay_range"]
+        sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
+        val_size = int(sizes.iloc[0]) if len(sizes) else 0
+        ci = {c: mean_ci(e[c]) if len(e) else mean_ci([]) for c in ("test_error", "train_error", "gap_error",
+                                                                     "gap_loss", "test_loss", "train_loss")}
+        order = search_order(t[t.state.isin(["COMPLETE", "PRUNED"])]) if len(t) else t
+        found_at = (int(np.flatnonzero(order.trial.to_numpy() == best.trial)[0]) + 1
+                    if best is not None and len(order) else None)
+        reg = cell["regularizer"]
+        wd = None if best is None or wd_range is None else best.weight_decay
+        rows.append({
+            "cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"], "regularizer": reg,
+            "best_val": None if best is None else best.value,
+            "lr": None if best is None else best.lr,
+            "weight_decay": wd,
+            "shrink": math.nan if wd is None else shrink(reg, best.lr, wd),
+            "lr_range": f"{lr_lo:.3g}–{lr_hi:.3g}",
+            "weight_decay_range": "—" if wd_range is None else f"{wd_range[0]:.3g}–{wd_range[1]:.3g}",
+            "lr_edge": "" if best is None else edge(best.lr, lr_lo, lr_hi),
+            "weight_decay_edge": "" if wd is None else edge(wd, *wd_range),
+            "found_at": found_at, "searched": len(order),
+            "seeds": ci["test_error"].n,
+            "diverged_seeds": int((e_all.state == "PRUNED").sum()) if len(e_all) else 0,
+            "val_size": val_size,
+            "val_se": binomial_se(None if best is None else best.value, val_size) if d.is_error else math.nan,
+            "top5_spread": float(comp.nsmallest(5, "value").value.std(ddof=1)) if len(comp) >= 2 else math.nan,
+            **{k: v for c, m in ci.items() for k, v in ((c, m.mean), (f"{c}_low", m.low), (f"{c}_high", m.high))},
+        })
+    return pd.DataFrame(rows).sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True)
+
+
+# -- comparisons -----------------------------------------------------------------------------
+
+#: (arm, reference) pairs compared where a study has both, as arm − reference
+PAIRS = [("decoupled", "l2"), ("independent", "l2"), ("independent", "decoupled"), ("l1-decoupled", "l1"),
+         ("l2", "none"), ("decoupled", "none"), ("independent", "none"), ("l1", "none"), ("l1-decoupled", "none")]
+
+
+def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
+    if d.evals.empty:
+        return {}
+    e = d.evals[(d.evals.cell == cell) & (d.evals.state == "COMPLETE")]
+    return {int(r.seed): float(getattr(r, col)) for r in e.itertuples() if getattr(r, col) is not None}
+
+
+def seed_problems(d: ReportData, cell: str) -> str:
+    """'diverged on 1 of 5 seeds', 'failed on ...', or '' — every seed the arm did not complete."""
+    seeds = d.cells[cell]["eval_seeds"]
+    e = d.evals[d.evals.cell == cell] if not d.evals.empty else d.evals
+    done = set(e[e.state == "COMPLETE"].seed.astype(int)) if len(e) else set()
+    diverged = set(e[e.state == "PRUNED"].seed.astype(int)) if len(e) else set()
+    failed = (set(e[e.state == "FAIL"].seed.astype(int)) if len(e) else set()) - done - diverged
+    name = label(d.cells[cell]["regularizer"])
+    out = []
+    if diverged:
+        out.append(f"{name} diverged on {len(diverged)} of {len(seeds)} seeds")
+    if failed:
+        out.append(f"{name} failed on {len(failed)} of {len(seeds)} seeds")
+    left = len(seeds) - len(done) - len(diverged) - len(failed)
+    if left > 0 and len(e):
+        out.append(f"{name} has {left} of {len(seeds)} seeds still to run")
+    return "; ".join(out)
+
+
+def _edge_note(r) -> str:
+    parts = [f"{label(r.regularizer)} lr at the {r.lr_edge}" if r.lr_edge else "",
+             f"{label(r.regularizer)} λ at the {r.weight_decay_edge}" if r.weight_decay_edge else ""]
+    return ", ".join(x for x in parts if x)
+
+
+def compare_arms(d: ReportData) -> pd.DataFrame:
+    """Every arm against its references on the same evaluation seeds, with verdicts.
+
+    Paired differences (arm − reference) of test error and gap; the paired t-test's p-values
+    are Holm-corrected across all comparisons of the report.
+    """
+    if d.summary.empty:
+        return pd.DataFrame()
+    rows = []
+    by_key = {(r.task, r.optimizer, r.regularizer): r for r in d.summary.itertuples()}
+    for task, opt in d.groups():
+        for arm, ref in PAIRS:
+            ra, rb = by_key.get((task, opt, arm)), by_key.get((task, opt, ref))
+            if ra is None or rb is None:
+                continue
+            ta, tb = _seed_values(d, ra.cell, "test_error"), _seed_values(d, rb.cell, "test_error")
+            ga, gb = _seed_values(d, ra.cell, "gap_error"), _seed_values(d, rb.cell, "gap_error")
+            common = sorted(set(ta) & set(tb))
+            te = paired([ta[s] for s in common], [tb[s] for s in common])
+            both = [s for s in common if s in ga and s in gb]
+            gp = paired([ga[s] for s in both], [gb[s] for s in both])
+            noise = (2 * math.sqrt(ra.val_se ** 2 + rb.val_se ** 2)
+                     if not (math.isnan(ra.val_se) or math.isnan(rb.val_se)) else math.nan)
+            rows.append({
+                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "n_pairs": te.n,
+                "test_error_diff": te.mean_diff, "test_error_low": te.low, "test_error_high": te.high,
+                "test_error_t": te.t, "test_error_p": te.p_t, "p_wilcoxon": te.p_wilcoxon,
+                "p_signflip": te.p_signflip, "effect_dz": te.effect_dz, "mde": te.mde,
+                "gap_error_diff": gp.mean_diff, "gap_error_low": gp.low, "gap_error_high": gp.high,
+                "gap_error_p": gp.p_t,
+                "val_diff": (ra.best_val - rb.best_val) if ra.best_val is not None and rb.best_val is not None
+                else math.nan,
+                "val_noise": noise,
+                "edges": "; ".join(x for x in (_edge_note(ra), _edge_note(rb)) if x),
+                "seed_problems": "; ".join(x for x in (seed_problems(d, ra.cell), seed_problems(d, rb.cell)) if x),
+            })
+    if not rows:
+        return pd.DataFrame()
+    out = pd.DataFrame(rows)
+    out["p_holm"] = holm(out.test_error_p.tolist())
+    judged = [judge(r) for r in out.itertuples()]
+    out["outcome"] = [j[0] for j in judged]
+    out["caveats"] = [j[1] for j in judged]
+    out["verdict"] = [_sentence(r, *j) for r, j in zip(out.itertuples(), judged)]
+    return out
+
+
+def judge(r) -> tuple[str, str]:
+    """(outcome, caveats) of one comparison.
+
+    The outcome is one of 'A wins', 'no significant difference', 'inconclusive' (a chosen value
+    at the edge of its range: the optimum may lie outside) or 'not tested' (fewer than 2 paired
+    seeds). The caveats name everything a reader must weigh: edges, diverged or failed seeds,
+    picks within the validation noise, and the smallest difference the seeds could detect.
+    """
+    a, b = label(r.arm), label(r.reference)
+    caveats = []
+    if r.edges:
+        caveats.append(f"widen the range: {r.edges}")
+    if r.seed_problems:
+        caveats.append(r.seed_problems)
+    if not math.isnan(r.val_diff) and not math.isnan(r.val_noise) and abs(r.val_diff) < r.val_noise:
+        caveats.append(f"the chosen configurations are within the validation noise "
+                       f"(Δ {100 * r.val_diff:+.2f} pts, noise ±{100 * r.val_noise:.2f})")
+    if r.edges:
+        outcome = "inconclusive"
+    elif r.n_pairs < 2:
+        outcome = "not tested"
+        caveats.append("fewer than 2 seeds completed by both")
+    elif r.p_holm < ALPHA:
+        outcome = f"{a if r.test_error_diff < 0 else b} wins"
+    else:
+        outcome = "no significant difference"
+        caveats.append(f"these {r.n_pairs} seeds detect about {100 * r.mde:.2f} pts")
+    return outcome, "; ".join(caveats)
+
+
+def _sentence(r, outcome: str, caveats: str) -> str:
+    """The verdict as one sentence, numbers included (comparison.csv, the launch printout)."""
+    diff = (f"{label(r.arm)} − {label(r.reference)} = {100 * r.test_error_diff:+.2f} pts test error "
+            f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}), Holm p = {r.p_holm:.2g}"
+            if r.n_pairs >= 2 else "")
+    return outcome + "".join(f": {x}" if i == 0 else f"; {x}" for i, x in enumerate(y for y in (diff, caveats) if y))
+
+
+# -- search audits ---------------------------------------------------------------------------
+
+
+def pruning_audit(d: ReportData) -> pd.DataFrame:
+    """Where in its λ range the pruner stopped trials, against where completed trials lie.
+
+    Per cell with pruned trials: the position of log λ within the range (0 = low edge,
+    1 = high edge) of pruned and of completed trials, the Mann–Whitney U test of the two, and
+    a warning when pruning fell mostly on one side (p < 0.05, or at least 80% of the pruned
+    trials in one half of the range while the completed ones are not).
+    """
+    rows = []
+    if d.trials.empty:
+        return pd.DataFrame()
+    from scipy.stats import mannwhitneyu
+
+    for name, cell in d.cells.items():
+        wd = cell["weight_decay_range"]
+        t = d.trials[d.trials.cell == name]
+        pruned = t[(t.state == "PRUNED") & (t.outcome == "pruned")]
+        if wd is None or pruned.empty:
+            continue
+        done = t[t.state == "COMPLETE"]
+        lo, hi = math.log10(wd[0]), math.log10(wd[1])
+        pos = lambda x: (np.log10(x.astype(float)) - lo) / (hi - lo)  # noqa: E731
+        pp, pc = pos(pruned.weight_decay), pos(done.weight_decay)
+        p = float(mannwhitneyu(pp, pc).pvalue) if len(pp) >= 3 and len(pc) >= 3 else math.nan
+        high_share = float((pp > 0.5).mean())
+        side = "high" if high_share >= 0.5 else "low"
+        one_sided = max(high_share, 1 - high_share) >= 0.8 and abs(float((pc > 0.5).mean()) - high_share) >= 0.3
+        warn = len(pp) >= 3 and len(pc) >= 3 and (p < ALPHA or one_sided)
+        rows.append({"cell": name, "pruned": len(pp), "complete": len(pc),
+                     "pruned_position": float(pp.mean()), "complete_position": float(pc.mean()) if len(pc) else math.nan,
+                     "pruned_high_share": high_share, "p_mannwhitney": p,
+                     "warning": (f"pruning fell mostly on {side} λ ({len(pp)} pruned, mean position "
+                                 f"{pp.mean():.2f} vs {pc.mean():.2f} for completed trials): it may have "
+                                 "steered the search away from that side") if warn else ""})
+    return pd.DataFrame(rows)
+
+
+def top_trials(d: ReportData, cell: str) -> pd.DataFrame:
+    """A cell's best completed trials: the best TOP_QUANTILE, at least TOP_K where there are."""
+    t = d.complete(cell)
+    if t.empty:
+        return t
+    k = max(min(TOP_K, len(t)), int(math.ceil(TOP_QUANTILE * len(t))))
+    return t.nsmallest(k, "value")
+
+
+#: what a slope of log λ on log η means, per convention
+EXPECTED = {
+    "decoupled": "PyTorch's convention shrinks by η·λ per step: if that shrink is what matters, slope −1",
+    "l1-decoupled": "shrinks by η·λ per step: if that shrink is what matters, slope −1",
+    "independent": "shrinks by λ per step (times the schedule): the AdamW paper expects slope 0 (separable)",
+    "l2": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
+    "l1": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
+}
+
+
+def read_slope(n: int, slope: float, low: float, high: float) -> str:
+    """What an interval on the coupling slope says: only what it excludes."""
+    if n < TOP_K or math.isnan(slope) or math.isnan(low):
+        return "too few trials"
+    has0, has1 = low <= 0 <= high, low <= -1 <= high
+    if has0 and has1:
+        return "inconclusive (the interval covers 0 and −1)"
+    if has1:
+        return "consistent with a constant η·λ (λ must move with η)"
+    if has0:
+        return "consistent with λ independent of η (separable)"
+    return f"neither 0 nor −1 (slope {slope:.2f})"
+
+
+def _coupling(d: ReportData) -> pd.DataFrame:
+    rows = []
+    for name, cell in d.cells.items():
+        if cell["weight_decay_range"] is None:
+            continue
+        top = top_trials(d, name)
+        c = coupling(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float))) if len(top) \
+            else coupling([], [])
+        rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
+                     "regularizer": cell["regularizer"], "top_trials": c.n, "of_trials": len(d.complete(name)),
+                     "slope": c.slope, "slope_low": c.slope_low, "slope_high": c.slope_high,
+                     "spearman_rho": c.rho, "rho_low": c.rho_low, "rho_high": c.rho_high,
+                     "intercept": c.intercept, "reading": read_slope(c.n, c.slope, c.slope_low, c.slope_high),
+                     "convention": EXPECTED.get(cell["regularizer"], "")})
+    out = pd.DataFrame(rows)
+    return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
+
+
+def fill_importance(d: ReportData) -> None:
+    d.importance = _importances(d)
+
+
+def _importances(d: ReportData) -> pd.DataFrame:
+    rows = []
+    for name, cell in d.cells.items():
+        if cell["weight_decay_range"] is None or d.trials.empty:
+            continue
+        t = d.complete(name)
+        if len(t) < 4:
+            continue
+        rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
+                     "regularizer": cell["regularizer"], **_importance(t)})
+    out = pd.DataFrame(rows)
+    return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
+
+
+def _importance(t: pd.DataFrame) -> dict:
+    """fANOVA importance of lr and λ for one cell, from its complete trials."""
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(float(t.lr.min()) * 0.999, float(t.lr.max()) * 1.001, log=True),
+        "weight_decay": optuna.distributions.FloatDistribution(
+            float(t.weight_decay.min()) * 0.999, float(t.weight_decay.max()) * 1.001, log=True),
+    }
+    study = optuna.create_study(direction="minimize")
+    study.add_trials([
+        optuna.trial.create_trial(params={"lr": r.lr, "weight_decay": r.weight_decay}, distributions=dists, value=r.value)
+        for r in t.itertuples()
+    ])
+    try:
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0),
+            normalize=True)
+    except (RuntimeError, ValueError):
+        return {"lr": math.nan, "weight_decay": math.nan}
+    return {"lr": imp.get("lr", math.nan), "weight_decay": imp.get("weight_decay", math.nan)}
+
+
+def compute_hours(d: ReportData) -> dict[str, float]:
+    """Training hours (search and evaluation runs) summed per kind of device: {'GPU': h, 'CPU': h}."""
+    out: dict[str, float] = {}
+    for df in (d.trials, d.evals):
+        if df.empty or "wall_time_s" not in df:
+            continue
+        for dev, secs in df.groupby(df.device.fillna("cpu").astype(str)).wall_time_s.sum().items():
+            kind = "GPU" if dev.startswith("cuda") else "CPU"
+            out[kind] = out.get(kind, 0.0) + float(secs) / 3600
+    return out
+
+
+def _status(d: ReportData) -> list[str]:
+    p = d.progress
+    lines = []
+    if p.empty:
+        return ["No cell has any trial yet."]
+    todo = (p.budget - p.done).clip(lower=0).sum()
+    running, failed = int(p.running.sum()), int(p.fail.sum())
+    ev_left = int((p.eval_total - p.eval_done).sum())
+    if todo or running or ev_left:
+        lines.append(
+            f"This study is not finished: {int(p.done.sum())} of {int(p.budget.sum())} search trials done, "
+            f"{running} running, {int(p.eval_done.sum())} of {int(p.eval_total.sum())} evaluation runs done. "
+            "The report shows what exists so far."
+        )
+    if failed:
+        lines.append(f"{failed} run(s) failed (a worker was lost, or the run raised); each was queued again "
+                     "with the same parameters, a configuration failing 4 times was replaced by a new proposal, "
+                     "and the reasons are in trials.csv (reason, fail_kind).")
+    for r in (d.pruning.itertuples() if len(d.pruning) else []):
+        if r.warning:
+            lines.append(f"Cell {r.cell}: {r.warning}.")
+    for r in p[(p.done >= p.budget) & (p.eval_total == 0)].itertuples():
+        lines.append(f"Cell {r.cell}: every search trial was pruned or diverged; nothing to evaluate.")
+    return lines
