@@ -202,17 +202,6 @@ def test_dashboard_serves_every_cell(finished_study):
 # -- devices, faults, resume, concurrency --------------------------------------------------
 
 
-def test_device_assignment_one_worker_per_device(tmp_path):
-    spec = write_spec(tmp_path, search={"trials": 4})
-    r = cli("launch", str(spec), "--devices", "0,1", "--quiet")
-    assert r.returncode == 0, r.stderr
-    df = pd.concat([trials_frame(journal(tmp_path), "tiny"), evaluations_frame(journal(tmp_path), "tiny")])
-    per_worker = df.groupby("worker").cuda_visible_devices.unique()
-    assert all(len(devs) == 1 for devs in per_worker), per_worker
-    assigned = sorted(d[0] for d in per_worker)
-    assert assigned == ["0", "1"], per_worker  # each device has its own worker
-
-
 def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     spec = write_spec(tmp_path, regularizers=["decoupled"],
                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},

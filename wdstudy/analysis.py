@@ -83,6 +83,30 @@ def chosen_trial(complete: pd.DataFrame) -> pd.Series | None:
     return picked.iloc[0] if len(picked) else complete.loc[complete.value.idxmin()]
 
 
+def compute_hours(*frames: pd.DataFrame) -> dict[str, float]:
+    """GPU-hours and CPU-hours spent by the runs of :func:`trials_frame` / :func:`evaluations_frame` rows.
+
+    Each run counts where it really trained (its ``device``: ``cuda…`` or ``cpu``), for its
+    measured ``wall_time_s``, or, for a run that ended early (pruned, diverged, failed after it
+    started training), its start-to-end time. Runs that never started training have no
+    device and cost nothing here. These are the runs' hours: with ``--per-device K``, K runs
+    share a GPU at once, so their GPU-hours add up to K times the device's occupancy.
+    """
+    hours = {"gpu_hours": 0.0, "cpu_hours": 0.0}
+    for df in frames:
+        if df.empty or "device" not in df:
+            continue
+        seconds = pd.to_numeric(df["wall_time_s"], errors="coerce") if "wall_time_s" in df \
+            else pd.Series(float("nan"), index=df.index)
+        if "start" in df and "end" in df:
+            span = (pd.to_datetime(df["end"]) - pd.to_datetime(df["start"])).dt.total_seconds()
+            seconds = seconds.fillna(span)
+        device = df["device"].astype("string")
+        hours["gpu_hours"] += float(seconds[device.str.startswith("cuda").fillna(False)].sum()) / 3600
+        hours["cpu_hours"] += float(seconds[device.str.startswith("cpu").fillna(False)].sum()) / 3600
+    return hours
+
+
 def evaluations_frame(storage, study: str) -> pd.DataFrame:
     """One row per evaluation run (best configuration x seed) of every cell."""
     rows = []

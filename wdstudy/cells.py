@@ -56,11 +56,18 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # -- what a cell is ---------------------------------------------------------------------------
 
 def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
-    """What defines a cell; stored with its study, and checked again on resume."""
+    """What defines a cell; stored with its study, and checked again on resume.
+
+    The task's ``precision`` is left out while it is the default (``32``), so studies
+    started before the field existed still resume; any other precision is part of the cell.
+    """
     wd = spec.weight_decay_range(cell.regularizer)
+    task = cell.task.model_dump()
+    if task.get("precision") == "32":
+        del task["precision"]
     return {
         "study": spec.name,
-        "task": cell.task.model_dump(),
+        "task": task,
         "optimizer": cell.optimizer.model_dump(mode="json"),
         "regularizer": cell.regularizer,
         "schedule": spec.schedule,

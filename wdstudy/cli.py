@@ -49,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, field)
     if args.download:
         overrides["download"] = True
+    if args.precision is not None:
+        overrides["precision"] = args.precision
     task = task_config(args.task, **overrides)
     optimizer = optimizer_config(args.optimizer, **_parse_set(args.optimizer_set))
     try:
@@ -74,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"{task.name} · {args.optimizer} · {args.regularizer} "
         f"(λ={args.weight_decay:g}, lr={args.lr:g}, {args.schedule}, {m['epochs']} epochs, "
-        f"seed {args.seed}, {m['device']})"
+        f"seed {args.seed}, {m['device']}, precision {m['precision']})"
     )
     print(f"  {'split':<6} {'loss':>8} {'error':>8}")
     for split in ("train", "val", "test"):
@@ -97,7 +99,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
     return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet,
-                  threads=args.threads, dry_run=args.dry_run)
+                  threads=args.threads, dry_run=args.dry_run, per_device=args.per_device)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -105,7 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     spec, url = prepare(args.spec, args.storage)  # creates the cells if this worker is first
     if not args.single:
-        slots = plan_slots(args.devices, args.workers, args.threads)
+        slots = plan_slots(args.devices, args.workers, args.threads, args.per_device)
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
         except KeyboardInterrupt:
@@ -113,6 +115,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             return 130
     # one worker, in this process (what launch starts per device)
     from . import signals
+    from .launch import DEVICE_UNUSABLE
+    from .train import DeviceUnavailable
     from .worker import Worker
 
     signals.install()
@@ -125,6 +129,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except signals.WorkerStopped as exc:
         print(f"wdstudy: worker {os.getpid()} {exc}; its trial was re-queued", file=sys.stderr)
         return 130
+    except DeviceUnavailable as exc:  # its trial is failed with this reason and re-queued
+        print(f"wdstudy: worker {os.getpid()}: {exc}", file=sys.stderr)
+        return DEVICE_UNUSABLE
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     return 0
 
@@ -189,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help="also measure the test split")
     p.add_argument("--data-dir", help="folder of a torchvision dataset")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"], help="Lightning accelerator")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="Lightning accelerator; gpu fails when no GPU is usable (never falls back to the CPU)")
+    p.add_argument("--precision", help="32 (default), bf16-mixed or 16-mixed (on a CPU: fp16 autocast + GradScaler)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task override, e.g. width=128")
     p.add_argument(
         "--optimizer-set", action="append", default=[], metavar="KEY=VALUE",
@@ -206,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--devices", default="auto",
                        help="auto (one worker per GPU, else CPU workers), cpu, or device ids like 0,1")
         p.add_argument("--workers", type=int, help="number of CPU workers (default: one per core)")
+        p.add_argument("--per-device", type=int, metavar="K",
+                       help="K workers per GPU (default 1); refused when no GPU is planned")
         p.add_argument("--threads", type=int,
                        help="torch threads per worker (default: the cores divided between the workers)")
         p.add_argument("--quiet", action="store_true", help="no live progress display")

@@ -1,9 +1,13 @@
 """``launch``: a pool of worker processes over a study, with live progress, restarts and resume.
 
-One worker per visible GPU (pinned through ``CUDA_VISIBLE_DEVICES``), or N CPU workers
-with the cores' threads divided between them, or one worker per device of an explicit
-``--devices`` list. Each worker is ``python -m wdstudy worker SPEC --single``: the same
-process that joins a study from another machine. The launcher itself imports no torch:
+One worker per visible GPU (pinned through ``CUDA_VISIBLE_DEVICES``; ``--per-device K``
+packs K per GPU, since one small model uses a sliver of a modern GPU), or N CPU workers
+with the cores' threads divided between them, or workers on the devices of an explicit
+``--devices`` list. A GPU slot trains with the GPU accelerator or not at all: a worker
+that cannot use its device fails its trial with the reason and exits with
+:data:`DEVICE_UNUSABLE`, and its slot is given up at once (no restarts). Each worker is
+``python -m wdstudy worker SPEC --single``: the same process that joins a study from
+another machine. The launcher itself imports no torch:
 it creates the cells and starts the workers first, then watches them.
 
 A worker that dies is replaced and its trial re-queued; only a slot that *crash-loops*
@@ -33,6 +37,8 @@ from .storage import StudyLock, default_url, is_rdb, open_storage
 
 #: A slot is given up after this many crashes in a row without finishing a unit (kills from outside do not count).
 CRASH_LOOP = 8
+#: Exit code of a worker whose device is unusable (a GPU slot without a usable GPU): never restarted.
+DEVICE_UNUSABLE = 3
 
 
 def shown(path) -> str:
@@ -63,14 +69,21 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def plan_slots(devices: str, workers: int | None, threads: int | None = None) -> list[dict[str, str]]:
+def plan_slots(devices: str, workers: int | None, threads: int | None = None,
+               per_device: int | None = None) -> list[dict[str, str]]:
     """Environment of each worker slot: its ``CUDA_VISIBLE_DEVICES``, accelerator and thread count.
 
-    ``threads`` (torch threads per worker) defaults to the cores divided between the workers.
+    GPU slots get the ``gpu`` accelerator, so a slot whose GPU is unusable fails instead of
+    training on the CPU. ``per_device`` (default 1) workers share each GPU; it is refused
+    when the plan has no GPU, rather than ignored, so a job script that expects packed GPUs
+    learns at once that it got none. ``threads`` (torch threads per worker) defaults to
+    the cores divided between the workers.
     """
     cores = os.cpu_count() or 1
     if threads is not None and threads < 1:
         raise WdstudyError(f"--threads={threads}: must be >= 1")
+    if per_device is not None and per_device < 1:
+        raise WdstudyError(f"--per-device={per_device}: must be >= 1 (workers per GPU)")
     if devices == "auto":
         gpus = visible_gpus() if workers is None else []
         ids = gpus or None
@@ -90,8 +103,15 @@ def plan_slots(devices: str, workers: int | None, threads: int | None = None) ->
             picked = [entries[int(d)] for d in picked]
         ids = picked
     if ids is not None:
-        n_threads = threads or max(1, cores // len(ids))
-        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(n_threads)} for d in ids]
+        k = per_device or 1
+        n_threads = threads or max(1, cores // (len(ids) * k))
+        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(n_threads), "WDSTUDY_ACCELERATOR": "gpu"}
+                for d in ids for _ in range(k)]
+    if per_device is not None:
+        why = "--workers asks for CPU workers" if workers is not None and devices == "auto" else \
+            "no GPU is visible" if devices == "auto" else "--devices=cpu plans CPU workers"
+        raise WdstudyError(f"--per-device={per_device}: applies to GPU workers only, and {why} "
+                           "(use --workers N for CPU workers)")
     n = workers if workers is not None else cores
     if n < 1:
         raise WdstudyError(f"--workers={n}: must be >= 1")
@@ -213,6 +233,12 @@ def run_pool(
                 # A worker died (killed, crashed): fail and re-queue its trial, start a replacement
                 with StudyLock(url, spec.name):
                     cells.release_dead(dead_pids={s.proc.pid})
+                if rc == DEVICE_UNUSABLE:  # it will not get better by restarting
+                    s.finished = True
+                    print(f"wdstudy: worker {s.index} cannot use its device "
+                          f"(CUDA_VISIBLE_DEVICES={s.env.get('CUDA_VISIBLE_DEVICES') or '(none)'}): "
+                          f"{_last_error(s.log)}; giving it up", file=sys.stderr)
+                    continue
                 # Killed from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: an OOM killer, a person, a
                 # preemption) is not a crash loop, however often it happens; exiting on its own with an
                 # error, or another signal (a segfault), counts unless the worker finished a unit since.
@@ -263,6 +289,15 @@ def run_pool(
     return _remaining_units(df) == 0
 
 
+def _last_error(log: Path | None) -> str:
+    """The reason a worker gave for exiting: the last ``wdstudy:`` line of its log."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("wdstudy: ")]
+    except (OSError, AttributeError):
+        lines = []
+    return lines[-1][len("wdstudy: "):] if lines else f"see {log}"
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -307,8 +342,9 @@ def format_plan(slots: list[dict[str, str]]) -> str:
 
 
 def launch(spec_path: str, storage: str | None = None, devices: str = "auto", workers: int | None = None,
-           quiet: bool = False, threads: int | None = None, dry_run: bool = False) -> int:
-    slots = plan_slots(devices, workers, threads)
+           quiet: bool = False, threads: int | None = None, dry_run: bool = False,
+           per_device: int | None = None) -> int:
+    slots = plan_slots(devices, workers, threads, per_device)
     if dry_run:  # the plan only: nothing is opened or written
         load_spec(spec_path)
         print(format_plan(slots))
@@ -316,7 +352,8 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
     spec, url = prepare(spec_path, storage)
     where = url if is_rdb(url) else shown(url)
     if not quiet:
-        print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers × "
+        packed = f" ({per_device} per GPU)" if per_device else ""
+        print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
               f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}", flush=True)
     try:
         complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report)
@@ -340,8 +377,9 @@ def _import_report() -> None:
 
 
 def summary_text(storage, study: str) -> str:
-    """Each cell's best search trial and its evaluation over seeds (mean ± sd)."""
-    from .analysis import evaluations_frame, trials_frame
+    """Each cell's best search trial and its evaluation over seeds (mean ± sd), then the compute
+    spent, GPU-hours and CPU-hours apart (where each run really trained)."""
+    from .analysis import compute_hours, evaluations_frame, trials_frame
 
     trials = trials_frame(storage, study)
     evals = evaluations_frame(storage, study)
@@ -364,6 +402,8 @@ def summary_text(storage, study: str) -> str:
         lines.append(
             f"{label:<34} {best.value:>9.4f} {best.lr:>9.3g} {best.weight_decay:>9.3g} {te:>17} {gap:>17}"
         )
+    hours = compute_hours(trials, evals)
+    lines.append(f"compute: {hours['gpu_hours']:.3f} GPU-hours, {hours['cpu_hours']:.3f} CPU-hours (summed run times)")
     return "\n".join(lines)
 
 

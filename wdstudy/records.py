@@ -16,8 +16,9 @@ Per trial:
 * user attributes, shown in the dashboard and the exports: :data:`GENERATION` and
   :data:`SLOT` (search), :data:`SEED` (evaluation), :data:`VARIANT` (a replacement
   proposal after a slot's retries ran out), :data:`OUTCOME`, :data:`REASON`,
-  :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, the metrics :data:`METRIC_KEYS` and
-  :data:`HISTORY`;
+  :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
+  ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
+  it too), the metrics :data:`METRIC_KEYS` and :data:`HISTORY`;
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
@@ -46,11 +47,12 @@ OUTCOME = "outcome"  # complete | pruned | diverged
 REASON = "reason"
 WORKER = "worker"
 CUDA_VISIBLE_DEVICES = "cuda_visible_devices"
+DEVICE = "device"
 HISTORY = "history"
 METRIC_KEYS = (
     "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
-    "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", "device", "seed",
+    "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", DEVICE, "precision", "seed",
 )
 
 # -- trials: system attributes ---------------------------------------------------------------

@@ -9,12 +9,21 @@ is the only source of regularization. Metrics are measured honestly:
 * at the end: train loss and error from a full pass over the training split in eval
   mode, validation (and, if asked, test) loss and error, the generalization gaps,
   the L2 penalty (separately: all losses are the data loss alone) and wall time.
+
+Devices are honest: a run asked for the GPU accelerator trains on a GPU or raises
+:class:`DeviceUnavailable` (never a silent fall-back to the CPU); the final
+measurements run on the training device, before Lightning moves the model back to
+the CPU at the end of ``fit``; and ``device`` records what really trained
+(``cuda:0 NVIDIA H100 80GB HBM3`` or ``cpu``). ``precision`` is Lightning's (``32``,
+``bf16-mixed``, ``16-mixed``); ``16-mixed`` on a CPU is real fp16 autocast with a
+``torch.amp.GradScaler("cpu")`` rather than Lightning's silent switch to bf16.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,13 +33,17 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from .config import validate
 from .errors import WdstudyError, bad_value, check_number
 from .regularizers import make_regularizer
 from .spec import OPTIMIZERS, SCHEDULES, OptimizerConfig
-from .tasks import ShuffledBatches, Split, TaskConfig, TaskData
+from .tasks import PRECISIONS, ShuffledBatches, Split, TaskConfig, TaskData
+
+#: Accelerator names that promise a GPU (Lightning's spellings).
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 def optimizer_config(name: str, **settings: Any) -> OptimizerConfig:
     """Build an :class:`OptimizerConfig`; bad input raises WdstudyError."""
@@ -51,6 +64,38 @@ def cosine_factor(step: int, total: int) -> float:
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class DeviceUnavailable(WdstudyError):
+    """A run was promised a GPU that this process cannot use.
+
+    Raised instead of training on the CPU: a GPU study that silently ran on CPUs
+    would report wrong compute and take days longer without anyone noticing. A
+    worker that meets it fails its trial with this reason and takes no more work.
+    """
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Refuse a GPU accelerator when CUDA is not usable here, with the reason in one line."""
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        pinned = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise DeviceUnavailable(
+            f"accelerator={accelerator!r}: no usable CUDA device in this process{pinned}; "
+            "refusing to train on the CPU instead"
+        )
+
+
+def device_label(device: torch.device) -> str:
+    """What a run trained on, as stored: ``cuda:0 NVIDIA H100 80GB HBM3`` or ``cpu``.
+
+    The index is the one this process sees (its ``CUDA_VISIBLE_DEVICES`` entry is
+    stored beside it); the name tells which hardware the wall time was spent on.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return device.type
 
 
 class Classifier(LightningModule):
@@ -211,6 +256,38 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[fl
     return loss_sum / len(split), err_sum / len(split)
 
 
+class FinalMeasurement(Callback):
+    """Measures the trained model on the device it trained on, and records that device.
+
+    Lightning's teardown at the end of ``fit`` moves the model back to the CPU, so
+    measuring after ``fit`` would run on the CPU and report it as the device. This
+    callback measures in ``on_train_end``, before teardown. ``on_device`` (if given)
+    hears the device label as training starts, so runs that end early (pruned,
+    diverged) still tell where their time went.
+    """
+
+    def __init__(self, data: TaskData, batch_size: int, with_test: bool, on_device=None):
+        self.data = data
+        self.batch_size = batch_size
+        self.with_test = with_test
+        self.on_device = on_device
+        self.device: str | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.device = device_label(pl_module.device)
+        if self.on_device is not None:
+            self.on_device(self.device)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model, m = pl_module.model, self.metrics
+        self.device = device_label(next(model.parameters()).device)
+        m["train_loss"], m["train_error"] = evaluate(model, self.data.train, self.batch_size)
+        m["val_loss"], m["val_error"] = evaluate(model, self.data.val, self.batch_size)
+        if self.with_test:
+            m["test_loss"], m["test_error"] = evaluate(model, self.data.test, self.batch_size)
+
+
 @dataclass
 class RunResult:
     """What one training run measured: final ``metrics`` and per-epoch ``history``."""
@@ -228,13 +305,34 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
-def make_trainer(max_epochs: int, callbacks: list[Callback], accelerator: str = "auto", **overrides: Any) -> Trainer:
-    """A Trainer with everything a study run does not need turned off."""
+def precision_settings(precision: str, accelerator: str) -> dict[str, Any]:
+    """Trainer arguments for ``precision`` on ``accelerator``.
+
+    Lightning turns ``16-mixed`` on a CPU into bf16 with only a warning; here it stays
+    what it says, fp16 autocast with a CPU ``GradScaler`` (so skipped steps happen and
+    the regularizers' skip logic is exercised), through an explicit plugin.
+    """
+    if precision not in PRECISIONS:
+        raise bad_value("precision", precision, f"choose one of {', '.join(PRECISIONS)}")
+    if precision == "32":
+        return {}  # Lightning's default; leaves room for a precision plugin passed as an override
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "16-mixed" and on_cpu:
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+def make_trainer(
+    max_epochs: int, callbacks: list[Callback], accelerator: str = "auto", precision: str = "32", **overrides: Any
+) -> Trainer:
+    """A Trainer with everything a study run does not need turned off, on exactly one device."""
     quiet_lightning()
+    check_accelerator(accelerator)
     settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
+        **precision_settings(precision, accelerator),
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -260,12 +358,15 @@ def train_run(
     callbacks: list[Callback] | None = None,
     accelerator: str = "auto",
     data: TaskData | None = None,
+    on_device=None,
 ) -> RunResult:
     """Train ``task`` once and measure it; see the module docstring for the metrics.
 
     ``data`` may be passed to reuse splits already in memory (it must hold ``test``
-    when ``with_test``). Raises :class:`DivergedError` if the training loss becomes
-    NaN or infinite, and :class:`~wdstudy.errors.WdstudyError` for bad input.
+    when ``with_test``). ``on_device(label)`` is called once training starts, with
+    the device it runs on. Raises :class:`DivergedError` if the training loss becomes
+    NaN or infinite, :class:`DeviceUnavailable` if ``accelerator`` asks for a GPU
+    this process cannot use, and :class:`~wdstudy.errors.WdstudyError` for bad input.
     """
     if isinstance(optimizer, str):
         optimizer = optimizer_config(optimizer)
@@ -293,20 +394,20 @@ def train_run(
         seed=seed,
         grad_clip=task.grad_clip,
     )
+    final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device)
     try:
-        trainer = make_trainer(task.epochs, [reg, *(callbacks or [])], accelerator=accelerator)
+        trainer = make_trainer(task.epochs, [reg, *(callbacks or []), final], accelerator=accelerator,
+                               precision=task.precision)
     except MisconfigurationException as exc:
         raise bad_value("accelerator", accelerator, str(exc).splitlines()[0]) from None
     trainer.fit(module)
+    if not final.metrics:  # fit returned without reaching on_train_end (Lightning swallowed a stop)
+        raise RuntimeError(f"training stopped in epoch {trainer.current_epoch} before its final measurement")
 
-    model = module.model
-    m: dict[str, Any] = {}
-    m["train_loss"], m["train_error"] = evaluate(model, data.train, task.eval_batch_size)
-    m["val_loss"], m["val_error"] = evaluate(model, data.val, task.eval_batch_size)
+    m: dict[str, Any] = dict(final.metrics)
     m["val_gap_loss"] = m["val_loss"] - m["train_loss"]
     m["val_gap_error"] = m["val_error"] - m["train_error"]
     if with_test:
-        m["test_loss"], m["test_error"] = evaluate(model, data.test, task.eval_batch_size)
         m["gap_loss"] = m["test_loss"] - m["train_loss"]
         m["gap_error"] = m["test_error"] - m["train_error"]
     m["weight_norm"] = reg.weight_norm()
@@ -316,7 +417,8 @@ def train_run(
     m["epochs"] = trainer.current_epoch
     m["steps"] = trainer.global_step
     m["wall_time_s"] = time.perf_counter() - start
-    m["device"] = str(module.device)
+    m["device"] = final.device
+    m["precision"] = task.precision
     m["seed"] = seed
 
     by_epoch = {row["epoch"]: dict(row) for row in module.history}

@@ -12,7 +12,9 @@ storage. Each turn of the loop has three steps, Optuna's ask-and-tell:
 3. **record** (signals held): ``study.tell`` the value, or PRUNED for a pruned or diverged
    run. A run that raises ends FAIL with the exception's one-line reason and is re-queued
    under the lock; the worker goes on. SIGINT / SIGTERM fail and re-queue the running trial,
-   then stop the worker.
+   then stop the worker. So does a device the worker was promised but cannot use
+   (:class:`~wdstudy.train.DeviceUnavailable`): the trial fails with that reason and the
+   worker takes no more work, instead of failing every trial of the study in seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Worker:
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
         self._data: dict[tuple, object] = {}
+        self._trial: optuna.Trial | None = None  # the running unit's trial (its device is recorded on it)
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
@@ -80,7 +83,12 @@ class Worker:
             with STOP.held(), self.lock:
                 self.cells.fail(unit.study, trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
             raise
-        except Exception as exc:  # a bug in a model, CUDA out of memory, ...: fail this trial, go on
+        except Exception as exc:
+            if _device_unavailable(exc):  # it will not get better: fail this trial loudly, then stop
+                self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed: {one_line(exc)}")
+                with STOP.held(), self.lock:
+                    self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
+                raise  # a bug in a model, CUDA out of memory, ...: fail this trial, go on
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed:\n{traceback.format_exc()}")
             with STOP.held(), self.lock:
                 self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
@@ -97,7 +105,7 @@ class Worker:
     # -- the two kinds of unit ---------------------------------------------------------------
 
     def _begin(self, unit: Unit) -> tuple[float, float]:
-        trial = unit.trial
+        trial = self._trial = unit.trial
         trial.set_user_attr(R.WORKER, owner_tag())
         trial.set_user_attr(R.CUDA_VISIBLE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES"))
         return trial.params["lr"], trial.params.get("weight_decay", 0.0)
@@ -167,9 +175,17 @@ class Worker:
     def _train(self, cell: Cell, lr: float, wd: float, seed: int, callbacks, with_test: bool):
         from .train import train_run
 
+        trial = self._trial
         return train_run(
             cell.task, cell.optimizer, cell.regularizer, lr, wd,
             seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
             with_test=with_test, callbacks=callbacks, data=self.data(cell, with_test),
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
+            on_device=None if trial is None else (lambda label: trial.set_user_attr(R.DEVICE, label)),
         )
+
+
+def _device_unavailable(exc: BaseException) -> bool:
+    from .train import DeviceUnavailable
+
+    return isinstance(exc, DeviceUnavailable)

@@ -26,6 +26,10 @@ def __getattr__(name: str):
 
 TASKS: tuple[str, ...] = tuple(f"{m}-{d}" for m in MODELS for d in DATASETS)
 
+#: Lightning precisions a task may train with. Full precision is the default: mixed precision
+#: changes the numbers a study compares, so it must be asked for.
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
 #: Model-size defaults per backbone (and per input kind where they differ).
 _SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"width": 256, "layers": 2},
@@ -62,6 +66,17 @@ class TaskConfig(BaseModel):
     max_train: int | None = Field(None, ge=1, description="use only this many training examples")
     data_dir: str | None = None
     download: bool = False
+    precision: str = Field("32", description="Lightning precision: 32, bf16-mixed or 16-mixed")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: Any) -> Any:
+        # YAML reads `precision: 32` as a number; Lightning's own spellings are strings
+        if isinstance(v, int) and not isinstance(v, bool) and str(v) in PRECISIONS:
+            return str(v)
+        if v not in PRECISIONS:
+            raise ValueError(f"choose one of {', '.join(PRECISIONS)}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -121,6 +136,7 @@ def task_config(name: str, **overrides: Any) -> TaskConfig:
 __all__ = [
     "DATASETS",
     "MODELS",
+    "PRECISIONS",
     "TASKS",
     "ShuffledBatches",
     "Split",
