@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from .figures import Rendered
 from .style import arms_in, label, missing, num, pct, pm, pts_ci
-from .tables import ReportData, compute_hours
+from ..analysis import compute_hours
+from .tables import ReportData
 
 #: (id, title) of every section, in order; each appears even when it has nothing to show yet
 SECTIONS = [
@@ -144,8 +145,8 @@ def design_lines(d: ReportData) -> list[str]:
     ranges = "; ".join(f"{label(c['regularizer'])} {c['weight_decay_range'][0]:.3g}–{c['weight_decay_range'][1]:.3g}"
                        for c in sorted({c["regularizer"]: c for c in cells}.values(),
                                        key=lambda c: regs.index(c["regularizer"])) if c["weight_decay_range"])
-    hours = compute_hours(d)
-    compute = " and ".join(f"{h:.2f} {k}-hours" for k, h in sorted(hours.items(), reverse=True)) or "none yet"
+    hours = compute_hours(d.trials, d.evals)
+    compute = f"{hours['gpu_hours']:.2f} GPU-hours and {hours['cpu_hours']:.2f} CPU-hours"
     gen = f" in generations of {c0['batch']}" if c0.get("batch") else ""
     return [
         f"Tasks {', '.join(tasks)}; optimizers {', '.join(opts)}; arms {', '.join(label(r) for r in regs)} "
@@ -160,7 +161,7 @@ def design_lines(d: ReportData) -> list[str]:
         "(the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
         "is test − train. Intervals are 95% Student-t.",
-        f"Compute: {compute} of training.",
+        f"Compute: {compute} of training (search and evaluation runs, each where it really trained).",
     ]
 
 

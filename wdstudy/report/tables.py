@@ -417,18 +417,6 @@ def _importance(t: pd.DataFrame) -> dict:
     return {"lr": imp.get("lr", math.nan), "weight_decay": imp.get("weight_decay", math.nan)}
 
 
-def compute_hours(d: ReportData) -> dict[str, float]:
-    """Training hours (search and evaluation runs) summed per kind of device: {'GPU': h, 'CPU': h}."""
-    out: dict[str, float] = {}
-    for df in (d.trials, d.evals):
-        if df.empty or "wall_time_s" not in df:
-            continue
-        for dev, secs in df.groupby(df.device.fillna("cpu").astype(str)).wall_time_s.sum().items():
-            kind = "GPU" if dev.startswith("cuda") else "CPU"
-            out[kind] = out.get(kind, 0.0) + float(secs) / 3600
-    return out
-
-
 def _status(d: ReportData) -> list[str]:
     p = d.progress
     lines = []
