@@ -71,33 +71,39 @@ def _scale(d: ReportData) -> float:
 
 
 def fig_differences(d: ReportData) -> Figure | None:
-    """Forest plot: every paired comparison's mean test-error difference with its 95% interval."""
+    """Forest plot: every paired comparison's mean difference in test error and in generalization
+    gap, each with its 95% interval."""
     c = d.comparison
     if c.empty or c.test_error_diff.isna().all():
         return None
     c = c.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(WIDTH, 0.32 * len(c) + 1.1))
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 0.3 * len(c) + 1.2), sharey=True,
+                             gridspec_kw={"width_ratios": [1, 0.8]})
     y = np.arange(len(c))[::-1]
-    for yi, r in zip(y, c.itertuples()):
-        solid = r.outcome.endswith("wins")
-        hollow = r.outcome in ("inconclusive", "not tested")
-        col = color(r.arm)
-        if not math.isnan(r.test_error_low):
-            ax.plot([100 * r.test_error_low, 100 * r.test_error_high], [yi, yi], color=col, lw=2 if solid else 1.2)
-        ax.plot([100 * r.test_error_diff], [yi], "o", ms=6, color=col, mfc="white" if hollow else col)
-        ax.text(1.01, yi, r.outcome, transform=ax.get_yaxis_transform(), va="center", fontsize=7.5,
-                color="#222" if solid else "#666")
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}" for r in c.itertuples()])
-    ax.set_xlabel("paired difference in test error (points; < 0: the first arm is better)")
-    ax.set_ylim(-0.7, len(c) - 0.3)
-    ax.grid(axis="x", alpha=0.3)
+    for ax, col, xlabel in ((axes[0], "test_error", "Δ test error (points)"),
+                            (axes[1], "gap_error", "Δ gap: test − train error (points)")):
+        for yi, r in zip(y, c.itertuples()):
+            solid = r.outcome.endswith("wins")
+            hollow = r.outcome in ("inconclusive", "not tested")
+            mean, lo, hi = getattr(r, f"{col}_diff"), getattr(r, f"{col}_low"), getattr(r, f"{col}_high")
+            if not math.isnan(lo):
+                ax.plot([100 * lo, 100 * hi], [yi, yi], color=color(r.arm), lw=2 if solid else 1.2)
+            if not math.isnan(mean):
+                ax.plot([100 * mean], [yi], "o", ms=5.5, color=color(r.arm), mfc="white" if hollow else color(r.arm))
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}" for r in c.itertuples()],
+                       fontsize=7.5)
+    axes[0].set_ylim(-0.7, len(c) - 0.3)
     _fit(fig)
-    return Figure("differences", "answer", "Paired differences in test error", (
-        "Mean over the evaluation seeds of (first arm − second arm) test error, in points, with its 95% "
-        "Student-t interval; both arms ran the same seeds. Filled: the Holm-corrected paired t-test says "
-        "one arm wins; hollow: inconclusive (a chosen value at the edge of its range) or not tested."),
-        "Forest plot of the paired test-error differences of every comparison, with 95% intervals.", fig)
+    return Figure("differences", "answer", "Paired differences between arms", (
+        "Mean over the evaluation seeds of (first arm − second arm), in points, with its 95% Student-t interval; "
+        "both arms ran the same seeds. Left: test error (< 0: the first arm is better); right: generalization "
+        "gap (< 0: the first arm generalizes with a smaller gap). Filled: the Holm-corrected paired t-test on "
+        "test error says one arm wins; hollow: inconclusive (a chosen value at the edge of its range) or not "
+        "tested. The outcome of each row is in the table above."),
+        "Forest plot of the paired differences in test error and in generalization gap, with 95% intervals.", fig)
 
 
 # -- 4. seeds ----------------------------------------------------------------------------------
