@@ -22,7 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 from wdstudy import records as R
-from wdstudy.analysis import evaluations_frame, trials_frame
+from wdstudy.analysis import evaluations_frame, race_frame, trials_frame
 from wdstudy.cells import MAX_RETRY, Cells, GenerationPruner, ensure_studies, grid_order
 from wdstudy.spec import LogRange, load_spec
 from wdstudy.storage import HOST, StudyLock, open_storage
@@ -56,7 +56,7 @@ def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_
         regularizers=["l2", "decoupled"],
         search={"sampler": "tpe", "startup_trials": 4, "trials": 12, "batch": 3, "pruner": "median",
                 "lr": {"low": 1e-4, "high": 1.0}},
-        task_defaults={"epochs": 3}, evaluation={"seeds": 2},
+        task_defaults={"epochs": 3}, evaluation={"seeds": 2}, selection={"top_k": 2, "seeds": 2},
     )
     runs = {}
     for n in (1, 2):
@@ -67,7 +67,7 @@ def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_
         assert r.returncode == 0, r.stdout + r.stderr
         storage = journal(path)
         assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
-        runs[n] = (trials_frame(storage, "tiny"), evaluations_frame(storage, "tiny"))
+        runs[n] = (trials_frame(storage, "tiny"), evaluations_frame(storage, "tiny"), race_frame(storage, "tiny"))
     one, two = runs[1][0], runs[2][0]
     assert two.worker.nunique() == 2  # both workers took trials
     pd.testing.assert_frame_equal(_search_key(one), _search_key(two))
@@ -76,6 +76,10 @@ def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_
     e1, e2 = (e[["cell", "seed", "lr", "weight_decay", "value"]].sort_values(["cell", "seed"]).reset_index(drop=True)
               for e in (runs[1][1], runs[2][1]))
     pd.testing.assert_frame_equal(e1, e2)
+    r1, r2 = (r.drop(columns=["race_values"]).sort_values(["cell", "search_rank"]).reset_index(drop=True)
+              for r in (runs[1][2], runs[2][2]))
+    assert len(r1) == 2 * 2 and r1.chosen.sum() == 2  # the race ran, and picked the same configurations
+    pd.testing.assert_frame_equal(r1, r2)
 
 
 def test_generation_pruner_sees_earlier_generations_only():
@@ -255,9 +259,9 @@ def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
     try:
         wait_for(lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
         while kills < 20 and launcher.poll() is None:
-            time.sleep(rng.uniform(2, 6))
+            time.sleep(rng.uniform(0.3, 1.5))  # short: the kills must outpace a fast machine's study
             workers = _children(launcher.pid)
-            if workers:
+            if workers and running_trials(tmp_path, "tiny"):  # kill while trials are in flight
                 os.kill(rng.choice(workers), signal.SIGKILL)
                 kills += 1
         out, err = launcher.communicate(timeout=900)

@@ -196,8 +196,8 @@ def test_figures_and_tables_written(real_report):
                      "importance"}
     for p in paths.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {p.stem for p in paths.tables} == {"summary", "comparison", "pruning", "coupling", "importance",
-                                              "trial_counts"}
+    assert {p.stem for p in paths.tables} == {"summary", "comparison", "selection", "pruning", "coupling",
+                                              "importance", "trial_counts"}
 
 
 # -- partial studies and hostile names -----------------------------------------------------------

@@ -116,9 +116,35 @@ def evaluations_frame(storage, study: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def progress_frame(storage, study: str) -> pd.DataFrame:
-    """Per cell: budget, trials by state, best objective so far, evaluation runs done."""
+def race_studies(storage, study: str) -> dict[str, object]:
+    """``{cell_name: race_summary}`` for the cells of ``study`` that have a race study."""
+    return {s.study_name[: -len("/race")]: s for s in storage.get_all_studies()
+            if s.study_name.startswith(f"{study}/") and s.study_name.endswith("/race")}
+
+
+def race_frame(storage, study: str) -> pd.DataFrame:
+    """One row per race candidate of every racing cell: its search rank and value, its race runs'
+    mean and number, and whether the race chose it (columns of ``tables/selection.csv``)."""
+    from .cells import race_standings
+
     rows = []
+    for name, s in race_studies(storage, study).items():
+        cands = s.user_attrs.get(R.CANDIDATES)
+        if not cands:
+            continue
+        trials = storage.get_all_trials(s._study_id, deepcopy=False)
+        for c in race_standings(cands, trials):
+            rows.append({"cell": name, "search_rank": c["rank"], "trial": c["trial"], "lr": c["params"].get("lr"),
+                         "weight_decay": c["params"].get("weight_decay", 0.0), "search_value": c["value"],
+                         "race_mean": c["race_mean"], "race_n": c["race_n"], "diverged": c["diverged"],
+                         "race_values": c["race_values"], "chosen": c["chosen"]})
+    return pd.DataFrame(rows)
+
+
+def progress_frame(storage, study: str) -> pd.DataFrame:
+    """Per cell: budget, trials by state, best objective so far, race and evaluation runs done."""
+    rows = []
+    races = race_studies(storage, study)
     for name, (s, ev) in cell_studies(storage, study).items():
         cell = s.user_attrs[R.CELL]
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
@@ -134,14 +160,24 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
             ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
         searched = counts["COMPLETE"] + counts["PRUNED"] >= cell["budget"] and not counts["RUNNING"]
+        selection = cell.get("selection")
+        # the race runs the search's best top_k completed trials: as many as there are, once it is searched
+        pool = counts["COMPLETE"] if searched else cell["budget"]
+        race_total = min(selection["top_k"], pool) * len(selection["seeds"]) if selection else 0
+        race_done = 0
+        if name in races:
+            race_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                            for t in storage.get_all_trials(races[name]._study_id, deepcopy=False))
         if searched and counts["COMPLETE"] == 0:
-            ev_total = 0  # nothing to evaluate: every search trial was pruned
+            ev_total = race_total = 0  # nothing to race or evaluate: every search trial was pruned
         rows.append({
             "cell": name[len(study) + 1 :],
             "budget": cell["budget"],
             "done": counts["COMPLETE"] + counts["PRUNED"],
             **{st.lower(): counts[st] for st in STATES},
             "best": None if best == math.inf else best,
+            "race_done": race_done,
+            "race_total": race_total,
             "eval_done": ev_done,
             "eval_total": ev_total,
         })

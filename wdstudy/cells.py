@@ -81,6 +81,8 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "seed": spec.search.seed,
         "objective": spec.search.objective,
         "eval_seeds": eval_seeds(spec),
+        **({"selection": {"top_k": spec.selection.top_k, "seeds": spec.selection.seed_list()}}
+           if spec.selection.races else {}),
     }
 
 
@@ -180,10 +182,37 @@ def _slot_key(t: FrozenTrial) -> tuple[int, int, int]:
     return (t.user_attrs.get(R.GENERATION, 0), t.user_attrs.get(R.SLOT, 0), t.user_attrs.get(R.VARIANT, 0))
 
 
+def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Completed trials, best first; ties go to the earliest (generation, slot)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    return sorted(done, key=lambda t: (t.value, _slot_key(t), t.number))
+
+
+def race_standings(candidates: list[dict], trials: list[FrozenTrial]) -> list[dict]:
+    """The race's result per candidate (in search rank order): its race runs' mean, their number,
+    whether one diverged, and ``chosen`` for the single pick.
+
+    The pick is the lowest mean among candidates that completed every race seed they ran
+    without diverging; ties go to the better search rank. A candidate that diverged on a race
+    seed is never picked: it would not be a configuration one can recommend.
+    """
+    out = []
+    for i, cand in enumerate(candidates):
+        runs = [t for t in trials if t.user_attrs.get(R.CANDIDATE) == i]
+        values = [t.value for t in runs if t.state == TrialState.COMPLETE and t.value is not None]
+        diverged = any(t.state == TrialState.PRUNED for t in runs)
+        out.append({**cand, "rank": i + 1, "race_values": values, "race_n": len(values), "diverged": diverged,
+                    "race_mean": sum(values) / len(values) if values else math.nan, "chosen": False})
+    eligible = [c for c in out if c["race_n"] and not c["diverged"]]
+    if eligible:
+        min(eligible, key=lambda c: (c["race_mean"], c["rank"]))["chosen"] = True
+    return out
+
+
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
     """The lowest objective among COMPLETE trials; ties go to the earliest (generation, slot)."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
-    return min(complete, key=lambda t: (t.value, _slot_key(t))) if complete else None
+    top = ranked(trials)
+    return top[0] if top else None
 
 
 class GenerationPruner(optuna.pruners.BasePruner):
@@ -290,7 +319,15 @@ class Cells:
             if unit is not None or not idle:
                 return unit, False
             self._searched.add(cell.name)
-        ev = self._eval_study(cell, search)
+        race = None
+        if self.spec.selection.races:
+            race = self._race_study(cell, search)
+            if race is None:
+                return None, True  # nothing to race: no search trial completed
+            unit, idle = self._take_or_advance(cell, race, "race")
+            if unit is not None or not idle:
+                return unit, False
+        ev = self._eval_study(cell, search, race)
         if ev is None:
             return None, True  # nothing to evaluate: no search trial completed
         unit, idle = self._take_or_advance(cell, ev, "eval")
@@ -305,7 +342,9 @@ class Cells:
             return self._take(cell, study, kind), False
         if any(t.state == TrialState.RUNNING for t in trials):
             return None, False
-        queued = self._advance_search(cell, study, trials) if kind == "search" else self._advance_eval(study, trials)
+        advance = {"search": lambda: self._advance_search(cell, study, trials),
+                   "race": lambda: self._advance_race(study, trials), "eval": lambda: self._advance_eval(study, trials)}
+        queued = advance[kind]()
         if queued:
             return self._take(cell, study, kind), False
         return None, True
@@ -345,21 +384,65 @@ class Cells:
                 queued = True
         return queued
 
+    # -- race
+    def _race_study(self, cell: Cell, search: optuna.Study) -> optuna.Study | None:
+        """The cell's race study, created with the search's best ``top_k`` configurations."""
+        race = self.study(cell.race_name)
+        if race is not None and R.CANDIDATES in race.user_attrs:
+            return race
+        top = ranked(search.get_trials(deepcopy=False))[: self.spec.selection.top_k]
+        if not top:
+            return None
+        if race is None:
+            race = self.study(cell.race_name, create=True)
+            _metric_names(race, self.spec.search.objective)
+        race.set_user_attr(R.CANDIDATES, [{"trial": t.number, "params": t.params, "value": t.value} for t in top])
+        return race
+
+    def _advance_race(self, race: optuna.Study, trials: list[FrozenTrial]) -> bool:
+        """Queue each (candidate, race seed) without a run, or re-queue a failed one."""
+        runs: dict[tuple, list[FrozenTrial]] = defaultdict(list)
+        for t in trials:
+            runs[(t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED))].append(t)
+        queued = False
+        for i, cand in enumerate(race.user_attrs[R.CANDIDATES]):
+            for seed in self.spec.selection.seed_list():
+                ts = runs.get((i, seed))
+                if not ts:
+                    race.enqueue_trial(cand["params"], user_attrs={R.CANDIDATE: i, R.SEED: seed})
+                    queued = True
+                elif all(t.state == TrialState.FAIL for t in ts):
+                    queued |= self._requeue(race, max(ts, key=lambda t: t.number), trials)
+        return queued
+
     # -- evaluation
-    def _eval_study(self, cell: Cell, search: optuna.Study) -> optuna.Study | None:
-        """The cell's evaluation study, created with its chosen configuration (or repaired)."""
+    def _eval_study(self, cell: Cell, search: optuna.Study, race: optuna.Study | None = None) -> optuna.Study | None:
+        """The cell's evaluation study, created with its chosen configuration (or repaired):
+        the race's pick where the spec races, else the search's best trial."""
         ev = self.study(cell.eval_name)
         if ev is not None and R.BEST_PARAMS in ev.user_attrs:
             return ev
-        best = best_trial(search.get_trials(deepcopy=False))
-        if best is None:
-            return None
+        race_mean = None
+        if race is not None:
+            standings = race_standings(race.user_attrs[R.CANDIDATES], race.get_trials(deepcopy=False))
+            pick = next((c for c in standings if c["chosen"]), None)
+            if pick is None:
+                return None  # every candidate diverged or was given up: nothing to evaluate
+            best_number, best_value, best_params = pick["trial"], pick["value"], pick["params"]
+            race_mean = pick["race_mean"]
+        else:
+            best = best_trial(search.get_trials(deepcopy=False))
+            if best is None:
+                return None
+            best_number, best_value, best_params = best.number, best.value, best.params
         if ev is None:
             ev = self.study(cell.eval_name, create=True)
             _metric_names(ev, "test_error")
-        ev.set_user_attr(R.BEST_TRIAL, best.number)
-        ev.set_user_attr(R.BEST_VALUE, best.value)
-        ev.set_user_attr(R.BEST_PARAMS, best.params)  # last: its presence marks the study as complete
+        ev.set_user_attr(R.BEST_TRIAL, best_number)
+        ev.set_user_attr(R.BEST_VALUE, best_value)
+        if race_mean is not None:
+            ev.set_user_attr(R.RACE_MEAN, race_mean)
+        ev.set_user_attr(R.BEST_PARAMS, best_params)  # last: its presence marks the study as complete
         return ev
 
     def _advance_eval(self, ev: optuna.Study, trials: list[FrozenTrial]) -> bool:
@@ -398,9 +481,11 @@ class Cells:
         if R.GENERATION in ua:
             same = [t for t in trials if t.state == TrialState.FAIL and _slot_key(t) == _slot_key(failed)]
             attrs = {R.GENERATION: ua[R.GENERATION], R.SLOT: ua[R.SLOT], R.VARIANT: ua.get(R.VARIANT, 0)}
-        else:
-            same = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(R.SEED) == ua.get(R.SEED)]
-            attrs = {R.SEED: ua.get(R.SEED)}
+        else:  # an evaluation seed, or a race run: (candidate, seed)
+            key = (ua.get(R.CANDIDATE), ua.get(R.SEED))
+            same = [t for t in trials if t.state == TrialState.FAIL
+                    and (t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED)) == key]
+            attrs = {R.SEED: ua.get(R.SEED), **({R.CANDIDATE: ua[R.CANDIDATE]} if R.CANDIDATE in ua else {})}
         if all(t.number != failed.number for t in same):
             same.append(failed)
         errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)

@@ -152,13 +152,15 @@ def _start(slot: Slot, spec_path: str, url: str, log_dir: Path) -> None:
 
 def format_progress(df, elapsed: float | None = None, eta: float | None = None) -> str:
     lines = []
-    head = f"{'cell':<40} {'trials':>9} {'run':>4} {'fail':>4} {'pruned':>6} {'best':>8} {'eval':>6}"
-    lines.append(head)
+    race = "race_total" in df and df.race_total.sum() > 0
+    head = f"{'cell':<40} {'trials':>9} {'run':>4} {'fail':>4} {'pruned':>6} {'best':>8}"
+    lines.append(head + (f" {'race':>7}" if race else "") + f" {'eval':>6}")
     for r in df.itertuples():
         best = "—" if r.best is None or r.best != r.best else f"{r.best:.4f}"
+        races = f" {f'{r.race_done}/{r.race_total}':>7}" if race else ""
         lines.append(
             f"{r.cell:<40} {f'{r.done}/{r.budget}':>9} {r.running:>4} {r.fail:>4} {r.pruned:>6} "
-            f"{best:>8} {f'{r.eval_done}/{r.eval_total}':>6}"
+            f"{best:>8}{races} {f'{r.eval_done}/{r.eval_total}':>6}"
         )
     if elapsed is not None:
         tail = f"elapsed {_hms(elapsed)}"
@@ -171,7 +173,9 @@ def format_progress(df, elapsed: float | None = None, eta: float | None = None) 
 def progress_line(df, elapsed: float, eta: float | None) -> str:
     """One line for logs (no terminal): totals over all cells."""
     line = (f"[{_hms(elapsed)}] trials {int(df.done.sum())}/{int(df.budget.sum())} · "
-            f"evaluation {int(df.eval_done.sum())}/{int(df.eval_total.sum())} · running {int(df.running.sum())} · "
+            + (f"race {int(df.race_done.sum())}/{int(df.race_total.sum())} · "
+               if "race_total" in df and df.race_total.sum() else "")
+            + f"evaluation {int(df.eval_done.sum())}/{int(df.eval_total.sum())} · running {int(df.running.sum())} · "
             f"failed {int(df.fail.sum())} · pruned {int(df.pruned.sum())}")
     return line + (f" · about {_hms(eta)} left" if eta is not None else "")
 
@@ -182,7 +186,8 @@ def _hms(seconds: float) -> str:
 
 
 def _remaining_units(df) -> int:
-    return int((df["budget"] - df["done"]).clip(lower=0).sum() + (df["eval_total"] - df["eval_done"]).sum())
+    race = (df["race_total"] - df["race_done"]).clip(lower=0).sum() if "race_total" in df else 0
+    return int((df["budget"] - df["done"]).clip(lower=0).sum() + race + (df["eval_total"] - df["eval_done"]).sum())
 
 
 def run_pool(

@@ -8,13 +8,15 @@ Per study (user attributes):
 
 * search study ``STUDY/TASK/OPT/REG``: :data:`CELL` (what defines the cell, checked on
   resume), :data:`VERSIONS`, :data:`SPEC_YAML`;
-* evaluation study ``.../eval``: :data:`BEST_TRIAL`, :data:`BEST_VALUE`,
-  :data:`BEST_PARAMS` (the configuration its runs retrain).
+* race study ``.../race`` (where the spec races): :data:`CANDIDATES`, the search's best
+  configurations re-run on new seeds;
+* evaluation study ``.../eval``: :data:`BEST_TRIAL`, :data:`BEST_VALUE`, :data:`RACE_MEAN`
+  (with a race), :data:`BEST_PARAMS` (the configuration its runs retrain).
 
 Per trial:
 
 * user attributes, shown in the dashboard and the exports: :data:`GENERATION` and
-  :data:`SLOT` (search), :data:`SEED` (evaluation), :data:`VARIANT` (a replacement
+  :data:`SLOT` (search), :data:`SEED` (race and evaluation), :data:`CANDIDATE` (race), :data:`VARIANT` (a replacement
   proposal after a slot's retries ran out), :data:`OUTCOME`, :data:`REASON`,
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
@@ -37,6 +39,9 @@ SPEC_YAML = "spec_yaml"
 BEST_TRIAL = "best_trial"
 BEST_VALUE = "best_value"
 BEST_PARAMS = "best_params"
+RACE_MEAN = "race_mean"  # evaluation study: the pick's mean validation result in the race
+CANDIDATES = "candidates"  # race study: the search's top-k configurations, best first (its presence marks it complete)
+CANDIDATE = "candidate"  # race trial: the index of its candidate in CANDIDATES
 
 # -- trials: user attributes -----------------------------------------------------------------
 GENERATION = "generation"

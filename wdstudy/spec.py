@@ -128,6 +128,23 @@ class EvaluationSpec(BaseModel):
     first_seed: int = Field(1000, ge=0, lt=2**31, description="seeds first_seed, first_seed+1, ... (the search uses search.seed)")
 
 
+class SelectionSpec(BaseModel):
+    """The post-selection race: after a cell's search, its ``top_k`` best configurations are
+    re-run on ``seeds`` new seeds (validation only) and the lowest mean is the pick."""
+
+    model_config = _STRICT
+    top_k: int = Field(1, ge=1, le=50, description="candidates re-run after the search (1: no race)")
+    seeds: int = Field(0, ge=0, le=50, description="new seeds each candidate is re-run on (0: no race)")
+    first_seed: int = Field(2000, ge=0, lt=2**31, description="race seeds first_seed, first_seed+1, ...")
+
+    @property
+    def races(self) -> bool:
+        return self.top_k >= 2 and self.seeds >= 1
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds)) if self.races else []
+
+
 class StudySpec(BaseModel):
     """A whole study as written in ``studies/NAME.yaml``."""
 
@@ -142,6 +159,7 @@ class StudySpec(BaseModel):
     decay_all: bool = False
     search: SearchSpec
     evaluation: EvaluationSpec = EvaluationSpec()
+    selection: SelectionSpec = SelectionSpec()
     output: str | None = None
     storage: str | None = None
 
@@ -180,6 +198,12 @@ class StudySpec(BaseModel):
         opts = [o.name for o in self.optimizers]
         if len(set(opts)) != len(opts):
             raise ValueError(f"an optimizer is listed twice: {opts}")
+        race = set(self.selection.seed_list())
+        evals = set(range(self.evaluation.first_seed, self.evaluation.first_seed + self.evaluation.seeds))
+        if race & (evals | {self.search.seed}):
+            clash = sorted(race & (evals | {self.search.seed}))
+            raise ValueError(f"selection.first_seed: race seeds {min(race)}–{max(race)} must not repeat the search "
+                             f"seed or an evaluation seed (both use {clash[0]})")
         wd = self.search.weight_decay
         if isinstance(wd, dict):
             decayed = [r for r in self.regularizers if r != "none"]
@@ -220,8 +244,9 @@ class StudySpec(BaseModel):
         ]
 
     def study_names(self) -> list[str]:
-        """Every Optuna study of this study: each cell's search and evaluation studies."""
-        return [n for c in self.cells() for n in (c.name, c.eval_name)]
+        """Every Optuna study of this study: each cell's search, race (if any) and evaluation studies."""
+        race = self.selection.races
+        return [n for c in self.cells() for n in ((c.name, c.race_name, c.eval_name) if race else (c.name, c.eval_name))]
 
     def output_dir(self, root: Path | None = None) -> Path:
         return Path(self.output) if self.output else (root or Path("reports")) / self.name
@@ -243,6 +268,10 @@ class Cell:
     @property
     def eval_name(self) -> str:
         return f"{self.name}/eval"
+
+    @property
+    def race_name(self) -> str:
+        return f"{self.name}/race"
 
     @property
     def label(self) -> str:

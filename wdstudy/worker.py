@@ -7,8 +7,8 @@ storage. Each turn of the loop has three steps, Optuna's ask-and-tell:
    <wdstudy.cells.Cells.reserve>` asks for the next WAITING trial of any cell (opening a
    generation or queuing evaluation seeds as needed) and tags it with this worker as owner;
 2. **run** (no lock; a :class:`~wdstudy.storage.Lease` renews ownership): one training
-   run — a search trial measured on the validation split, or an evaluation seed measured on
-   the test split;
+   run — a search trial or a race run (a candidate on a new seed) measured on the
+   validation split, or an evaluation seed measured on the test split;
 3. **record** (signals held): ``study.tell`` the value, or PRUNED for a pruned or diverged
    run. A run that raises ends FAIL with the exception's one-line reason and is re-queued
    under the lock; the worker goes on. SIGINT / SIGTERM fail and re-queue the running trial,
@@ -78,7 +78,7 @@ class Worker:
         trial = unit.trial
         try:
             with Lease(self.storage, trial._trial_id):
-                value = self._search(unit) if unit.kind == "search" else self._evaluate(unit)
+                value = {"search": self._search, "race": self._race, "eval": self._evaluate}[unit.kind](unit)
         except WorkerStopped as exc:
             with STOP.held(), self.lock:
                 self.cells.fail(unit.study, trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
@@ -158,11 +158,36 @@ class Worker:
         trial.set_user_attr(R.OUTCOME, "complete")
         return result.metrics["test_error"]
 
-    def _store(self, trial: optuna.Trial, result) -> None:
+    def _race(self, unit: Unit) -> float | None:
+        """One race run: a candidate configuration on a new seed, scored on the validation split
+        only (the test split stays untouched until the pick is evaluated); None if it diverged."""
+        from .train import DivergedError
+
+        trial, cell = unit.trial, unit.cell
+        lr, wd = self._begin(unit)
+        seed = int(trial.user_attrs[R.SEED])
+        self.log(f"[{owner_tag()}] {cell.race_name} candidate {trial.user_attrs.get(R.CANDIDATE)} seed {seed}: "
+                 f"lr={lr:.3g} λ={wd:.3g}")
+        try:
+            result = self._train(cell, lr, wd, seed, [], with_test=False)
+        except DivergedError as exc:
+            trial.set_user_attr(R.OUTCOME, "diverged")
+            trial.set_user_attr(R.REASON, str(exc))
+            return None
+        self._store(trial, result, history=False)
+        value = result.metrics[self.spec.search.objective]
+        if not math.isfinite(value):
+            trial.set_user_attr(R.OUTCOME, "diverged")
+            return None
+        trial.set_user_attr(R.OUTCOME, "complete")
+        return value
+
+    def _store(self, trial: optuna.Trial, result, history: bool = True) -> None:
         for k in R.METRIC_KEYS:
             if k in result.metrics:
                 trial.set_user_attr(k, result.metrics[k])
-        trial.set_user_attr(R.HISTORY, result.history)
+        if history:
+            trial.set_user_attr(R.HISTORY, result.history)
 
     def data(self, cell: Cell, with_test: bool):
         """The cell's splits, loaded once per worker and kept in memory."""

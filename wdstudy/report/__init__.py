@@ -25,7 +25,7 @@ from .tables import ReportData, compare_arms, compute_tables, load_report_data
 __all__ = ["SECTIONS", "ReportData", "ReportPaths", "build_report", "compare_arms", "compute_tables",
            "load_report_data"]
 
-TABLES = ("summary", "comparison", "pruning", "coupling", "importance", "counts")
+TABLES = ("summary", "comparison", "selection", "pruning", "coupling", "importance", "counts")
 
 
 @dataclass

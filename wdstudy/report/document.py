@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .figures import Rendered
-from .style import arms_in, label, missing, num, pct, pm, pts_ci
+from .style import arm_rank, arms_in, label, missing, num, pct, pm, pts_ci
 from ..analysis import compute_hours
 from .tables import ReportData
 
@@ -74,7 +74,10 @@ def build_document(d: ReportData, figures: list[Rendered]) -> list[Section]:
         add("answer", Para("No comparison yet: no two arms of one task have evaluation runs on common seeds."))
     add("design", *(Para(x) for x in design_lines(d)))
     if len(d.summary):
-        add("cells", chosen_table(d), evaluation_table(d))
+        add("cells", chosen_table(d))
+        if len(d.selection):
+            add("cells", race_table(d))
+        add("cells", evaluation_table(d))
     for f in figures:
         add(FIGURE_SECTION[f.section], f)
     if len(d.coupling):
@@ -157,6 +160,10 @@ def design_lines(d: ReportData) -> list[str]:
         "its own convention.",
         f"Training: {c0['schedule']} schedule; "
         f"{'all parameters regularized' if c0['decay_all'] else 'biases and normalization parameters not regularized'}.",
+        (f"Selection: a race — each cell's best {c0['selection']['top_k']} search configurations re-run on seeds "
+         f"{', '.join(map(str, c0['selection']['seeds']))} (validation split only); the lowest mean is the "
+         "cell's pick." if c0.get("selection") else
+         "Selection: each cell's best search trial is its pick (one validation run; no race)."),
         f"Evaluation: each cell's chosen configuration retrained on seeds {', '.join(map(str, c0['eval_seeds']))} "
         "(the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
@@ -172,17 +179,37 @@ def chosen_table(d: ReportData) -> Table:
                                      f"λ at the {r.weight_decay_edge}" if r.weight_decay_edge else "") if w)
         best = (f"{pct(r.best_val)} ± {100 * r.val_se:.2f}" if d.is_error and not missing(r.val_se)
                 else num(r.best_val))
+        picked = ("search" if r.picked_by == "search" else "—" if missing(r.race_rank) else
+                  f"race: search #{int(r.race_rank)}{' (overturned)' if r.race_rank != 1 else ''}")
         rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), warn, best,
                      f"{num(r.lr)} ({r.lr_range})",
                      "—" if r.regularizer == "none" else f"{num(r.weight_decay)} ({r.weight_decay_range})",
-                     num(r.shrink), "—" if missing(r.found_at) else f"{int(r.found_at)} of {r.searched}"])
+                     num(r.shrink), "—" if missing(r.found_at) else f"{int(r.found_at)} of {r.searched}", picked])
     return Table("chosen", ["task · optimizer", "arm", "edge of range", "validation (± s.e.)", "η (range)",
-                            "λ (range)", "shrink η·λ", "found at trial"], rows, [2.3, 1.3, 1.8, 1.7, 2.1, 2.3, 1.2, 1.2],
+                            "λ (range)", "shrink η·λ", "found at trial", "picked by"], rows,
+                 [2.2, 1.2, 1.6, 1.6, 2.0, 2.2, 1.1, 1.0, 1.7],
                  "The configuration each cell's search chose, by its validation result (± the binomial standard "
                  "error of an error rate on this many validation examples). A value within 5% of the log-range "
                  "of an edge may have its optimum outside the range. Shrink: the per-step shrink the pair stands "
                  "for (λ for independent). Found at: its position in the search order — near the end, the "
-                 "budget may not have sufficed.", ("edge of range",))
+                 "budget may not have sufficed. Picked by: the search's single run, or the race among its best "
+                 "candidates (overturned: the race chose another than the search's best).", ("edge of range",))
+
+
+def race_table(d: ReportData) -> Table:
+    sel = d.selection.merge(d.summary[["cell", "task", "optimizer", "regularizer"]], on="cell")
+    sel = sel.sort_values(["task", "optimizer", "regularizer", "search_rank"], key=arm_rank)
+    v = (lambda x: pct(x)) if d.is_error else (lambda x: num(x, ".4g"))  # noqa: E731
+    rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), str(r.search_rank), num(r.lr),
+             "—" if r.regularizer == "none" else num(r.weight_decay), v(r.search_value),
+             f"{v(r.race_mean)} (n = {r.race_n}){' diverged' if r.diverged else ''}",
+             "yes" if r.survivor else "no", "chosen" if r.chosen else ""] for r in sel.itertuples()]
+    return Table("race", ["task · optimizer", "arm", "search rank", "η", "λ", "search run", "race mean",
+                          "survivor", "pick"], rows, [2.2, 1.2, 0.9, 1.2, 1.2, 1.3, 2.0, 1.0, 1.0],
+                 "The race: each cell's best search candidates re-run on new seeds (validation split only); the "
+                 "lowest race mean is the pick. Survivors: candidates the race could not show worse than the pick "
+                 "(one-sided paired t-test over the race seeds, p ≥ 0.05) — which of them is evaluated is luck, "
+                 "so a comparison whose arms' survivors overlap is called indistinguishable.")
 
 
 def evaluation_table(d: ReportData) -> Table:

@@ -84,13 +84,14 @@ def fig_differences(d: ReportData) -> Figure | None:
                             (axes[1], "gap_error", "Δ gap: test − train error (points)")):
         for yi, r in zip(y, c.itertuples()):
             solid = r.outcome.endswith("wins")
-            hollow = r.outcome in ("inconclusive", "not tested")
+            hollow = r.outcome in ("inconclusive", "not tested", "indistinguishable")
             mean, lo, hi = getattr(r, f"{col}_diff"), getattr(r, f"{col}_low"), getattr(r, f"{col}_high")
             if not math.isnan(lo):
                 ax.plot([100 * lo, 100 * hi], [yi, yi], color=color(r.arm), lw=2 if solid else 1.2)
             if not math.isnan(mean):
                 ax.plot([100 * mean], [yi], "o", ms=5.5, color=color(r.arm), mfc="white" if hollow else color(r.arm))
         ax.axvline(0, color="black", lw=0.8)
+        ax.set_xscale("symlog", linthresh=2.0, linscale=1.5)  # ±2 points linear; wide intervals compressed
         ax.set_xlabel(xlabel)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}" for r in c.itertuples()],
@@ -99,10 +100,11 @@ def fig_differences(d: ReportData) -> Figure | None:
     _fit(fig)
     return Figure("differences", "answer", "Paired differences between arms", (
         "Mean over the evaluation seeds of (first arm − second arm), in points, with its 95% Student-t interval; "
+        "the x axes are linear within ±2 points and logarithmic beyond, so wide intervals do not hide narrow ones; "
         "both arms ran the same seeds. Left: test error (< 0: the first arm is better); right: generalization "
         "gap (< 0: the first arm generalizes with a smaller gap). Filled: the Holm-corrected paired t-test on "
-        "test error says one arm wins; hollow: inconclusive (a chosen value at the edge of its range) or not "
-        "tested. The outcome of each row is in the table above."),
+        "test error says one arm wins; hollow: inconclusive (a chosen value at the edge of its range), "
+        "indistinguishable (the race could not separate the arms' candidates) or not tested. The outcome of each row is in the table above."),
         "Forest plot of the paired differences in test error and in generalization gap, with 95% intervals.", fig)
 
 

@@ -15,7 +15,7 @@ import optuna
 import pandas as pd
 
 from .. import records as R
-from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, trials_frame
+from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..stats import binomial_se, coupling, holm, mean_ci, paired
 from .style import arm_rank, label, shrink
 
@@ -35,6 +35,7 @@ class ReportData:
     evals: pd.DataFrame
     progress: pd.DataFrame
     histories: pd.DataFrame
+    selection: pd.DataFrame  # race candidates (empty without a race), with a ``survivor`` column
     spec_yaml: str
     versions: dict
     objective: str
@@ -72,8 +73,28 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     first = next(iter(studies.values()))[0].user_attrs
     objective = next(iter(cells.values()))["objective"]
     return ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
-                      progress_frame(storage, study), _histories(storage, studies),
+                      progress_frame(storage, study), _histories(storage, studies), survivors(race_frame(storage, study)),
                       first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
+
+
+def survivors(sel: pd.DataFrame) -> pd.DataFrame:
+    """Mark each race candidate a ``survivor`` unless the race showed it worse than its cell's pick.
+
+    The candidates of a cell ran the same race seeds, so each is compared with the pick by the
+    paired difference of their race values: a candidate is out when the one-sided paired t-test
+    says it is worse at p < 0.05 (with 2 seeds that takes a large, consistent gap), or when it
+    diverged on a race seed. The survivors are the configurations the race could not tell from
+    the pick: which of them is evaluated is luck.
+    """
+    if sel.empty:
+        return sel.assign(survivor=pd.Series(dtype=bool))
+    out = {}
+    for _, g in sel.groupby("cell", sort=False):
+        pick = g[g.chosen]
+        lead = pick.race_values.iloc[0] if len(pick) else None
+        for r in g.itertuples():
+            out[r.Index] = _survives(r, lead)
+    return sel.assign(survivor=pd.Series(out, dtype=bool))
 
 
 def _histories(storage, studies) -> pd.DataFrame:
@@ -153,6 +174,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "lr_edge": "" if best is None else edge(best.lr, lr_lo, lr_hi),
             "weight_decay_edge": "" if wd is None else edge(wd, *wd_range),
             "found_at": found_at, "searched": len(order),
+            **_race_columns(d, name),
             "seeds": ci["test_error"].n,
             "diverged_seeds": int((e_all.state == "PRUNED").sum()) if len(e_all) else 0,
             "val_size": val_size,
@@ -161,6 +183,38 @@ def _summary(d: ReportData) -> pd.DataFrame:
             **{k: v for c, m in ci.items() for k, v in ((c, m.mean), (f"{c}_low", m.low), (f"{c}_high", m.high))},
         })
     return pd.DataFrame(rows).sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True)
+
+
+def _survives(r, lead) -> bool:
+    from scipy.stats import ttest_1samp
+
+    if r.chosen:
+        return True
+    if r.diverged or not r.race_n or lead is None or len(r.race_values) != len(lead):
+        return False
+    diff = np.asarray(r.race_values, float) - np.asarray(lead, float)
+    if len(diff) < 2:
+        return True  # one race seed cannot tell a candidate from the pick
+    if np.ptp(diff) == 0:
+        return bool(diff[0] <= 0)  # the same gap on every seed: worse whenever it is positive
+    return not ttest_1samp(diff, 0.0, alternative="greater").pvalue < ALPHA
+
+
+def _race_columns(d: ReportData, cell: str) -> dict:
+    g = d.selection[d.selection.cell == cell] if len(d.selection) else d.selection
+    if g.empty:
+        return {"picked_by": "search", "race_rank": math.nan, "race_mean": math.nan, "race_candidates": 0,
+                "survivors": 0}
+    pick = g[g.chosen]
+    return {"picked_by": "race", "race_rank": int(pick.search_rank.iloc[0]) if len(pick) else math.nan,
+            "race_mean": float(pick.race_mean.iloc[0]) if len(pick) else math.nan, "race_candidates": len(g),
+            "survivors": int(g.survivor.sum())}
+
+
+def survivor_range(d: ReportData, cell: str) -> tuple[float, float] | None:
+    """(lowest, highest) race mean over a cell's survivors; None without a race."""
+    g = d.selection[(d.selection.cell == cell) & d.selection.survivor] if len(d.selection) else d.selection
+    return None if g.empty else (float(g.race_mean.min()), float(g.race_mean.max()))
 
 
 # -- comparisons -----------------------------------------------------------------------------
@@ -237,6 +291,7 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
                 "val_noise": noise,
                 "edges": "; ".join(x for x in (_edge_note(ra), _edge_note(rb)) if x),
                 "seed_problems": "; ".join(x for x in (seed_problems(d, ra.cell), seed_problems(d, rb.cell)) if x),
+                **_selection_overlap(d, ra, rb),
             })
     if not rows:
         return pd.DataFrame()
@@ -249,12 +304,26 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
     return out
 
 
+def _selection_overlap(d: ReportData, ra, rb) -> dict:
+    """Whether the race separated the two arms: do their survivors' race means overlap?"""
+    a, b = survivor_range(d, ra.cell), survivor_range(d, rb.cell)
+    if a is None or b is None:
+        return {"selection": "", "selection_note": ""}
+    overlap = max(a[0], b[0]) <= min(a[1], b[1])
+    fmt = lambda x: f"{100 * x[0]:.2f}–{100 * x[1]:.2f}%" if d.is_error else f"{x[0]:.4g}–{x[1]:.4g}"  # noqa: E731
+    note = (f"survivors of the race: {label(ra.regularizer)} {int(ra.survivors)} of {int(ra.race_candidates)} "
+            f"({fmt(a)}), {label(rb.regularizer)} {int(rb.survivors)} of {int(rb.race_candidates)} ({fmt(b)})")
+    return {"selection": "overlap" if overlap else "separate", "selection_note": note}
+
+
 def judge(r) -> tuple[str, str]:
     """(outcome, caveats) of one comparison.
 
-    The outcome is one of 'A wins', 'no significant difference', 'inconclusive' (a chosen value
-    at the edge of its range: the optimum may lie outside) or 'not tested' (fewer than 2 paired
-    seeds). The caveats name everything a reader must weigh: edges, diverged or failed seeds,
+    The outcome is one of 'A wins', 'no significant difference', 'indistinguishable' (the test
+    difference is significant, but the race left both arms with survivors whose validation
+    means overlap, so which configuration was evaluated decides the sign), 'inconclusive' (a
+    chosen value at the edge of its range: the optimum may lie outside) or 'not tested' (fewer
+    than 2 paired seeds). The caveats name everything a reader must weigh: edges, diverged or failed seeds,
     picks within the validation noise, and the smallest difference the seeds could detect.
     """
     a, b = label(r.arm), label(r.reference)
@@ -271,6 +340,10 @@ def judge(r) -> tuple[str, str]:
     elif r.n_pairs < 2:
         outcome = "not tested"
         caveats.append("fewer than 2 seeds completed by both")
+    elif r.p_holm < ALPHA and getattr(r, "selection", "") == "overlap":
+        outcome = "indistinguishable"
+        caveats.append(f"{a if r.test_error_diff < 0 else b} tests better, but the race could not separate the "
+                       f"arms' candidates ({r.selection_note}): which survivor is evaluated decides it")
     elif r.p_holm < ALPHA:
         outcome = f"{a if r.test_error_diff < 0 else b} wins"
     else:

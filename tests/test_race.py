@@ -1,0 +1,168 @@
+"""The post-selection race: a cell's best candidates re-run on new seeds pick its configuration.
+
+The engine path is real (storage, reservation, race units, evaluation of the pick); where a
+test needs a known landscape, the training call is replaced by a function of (η, λ, seed),
+so that a lucky single run is known to be lucky.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from wdstudy import records as R
+from wdstudy.analysis import progress_frame, race_frame, trials_frame
+from wdstudy.cells import ensure_studies, race_standings
+from wdstudy.errors import WdstudyError
+from wdstudy.report import compute_tables, load_report_data
+from wdstudy.spec import load_spec
+from wdstudy.storage import open_storage
+from wdstudy.worker import Worker
+
+
+LUCKY_LR = 5e-3  # the search's single run at lr above this is 0.25 better than the truth
+
+
+def fake_train(worse: dict[str, float] | None = None):
+    """Validation error: a bowl in log η with its bottom at 10^-2.5, plus a lucky search run;
+    test error per arm (decoupled best) with a seed-to-seed wobble shared by the arms."""
+    worse = worse or {}
+
+    def train(self, cell, lr, wd, seed, callbacks, with_test):
+        reg = cell.regularizer
+        val = 0.5 + 0.1 * abs(math.log10(lr) + 2.5) + 0.001 * (seed % 7) + worse.get(reg, 0.0)
+        if seed == self.spec.search.seed and lr > LUCKY_LR:
+            val -= 0.25  # a lucky draw on the search seed
+        test = {"none": 0.35, "l2": 0.40, "decoupled": 0.30}[reg] + 0.01 * (seed % 5) + 1e-4 * (seed % 3)
+        m = {"val_error": val, "val_loss": val, "train_error": 0.1, "train_loss": 0.1, "val_size": 400,
+             "wall_time_s": 0.01, "device": "cpu", "epochs": 1, "weight_norm": 1.0}
+        if with_test:  # as train_run: the test split is measured only when asked for
+            m.update(test_error=test, test_loss=test, gap_error=test - 0.1, gap_loss=test - 0.1)
+        return SimpleNamespace(metrics=m, history=[])
+
+    return train
+
+
+def write_spec(tmp_path, **over):
+    import yaml
+
+    spec = {"name": "tiny", "tasks": [{"name": "mlp-mnist1d", "width": 16, "max_train": 400, "epochs": 1}],
+            "optimizers": ["adam"], "output": str(tmp_path / "out"), **over}
+    wd = ({"low": 1e-5, "high": 1e-2} if spec["regularizers"] == ["none"]  # (unused by the none arm)
+          else {"l2": {"low": 1e-5, "high": 1e-2}, "decoupled": {"low": 1e-2, "high": 10}})
+    spec["search"] = {**spec["search"], "weight_decay": wd}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(tmp_path, monkeypatch, worse=None, **over):
+    monkeypatch.setattr(Worker, "_train", fake_train(worse))
+    spec = load_spec(write_spec(tmp_path, **over))
+    url = str(tmp_path / "out" / "optuna.journal")
+    ensure_studies(spec, open_storage(url))
+    Worker(spec, url, poll=0.01, log=lambda m: None).run()
+    return spec, url, open_storage(url)
+
+
+GRID = dict(regularizers=["none"], search={"sampler": "grid", "grid_points": 3, "lr": {"low": 1e-3, "high": 1e-2}},
+            selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})
+
+
+def test_the_race_overturns_a_lucky_single_run(tmp_path, monkeypatch):
+    spec, url, storage = _run(tmp_path, monkeypatch, **GRID)
+    sel = race_frame(storage, "tiny")
+    assert len(sel) == 3 and sel.chosen.sum() == 1
+    first = sel[sel.search_rank == 1].iloc[0]
+    assert first.lr > LUCKY_LR and not first.chosen  # the search's best was the lucky run ...
+    pick = sel[sel.chosen].iloc[0]
+    assert pick.lr == pytest.approx(10 ** -2.5) and pick.race_mean == sel.race_mean.min()  # ... the race saw through it
+    ev = optuna.load_study(study_name=spec.cells()[0].eval_name, storage=storage)
+    assert ev.user_attrs[R.BEST_PARAMS] == {"lr": pick.lr} and ev.user_attrs[R.BEST_TRIAL] == pick.trial
+    t = trials_frame(storage, "tiny")
+    assert t[t.chosen].trial.tolist() == [pick.trial]  # the report's chosen trial is the race's pick
+    evals = optuna.load_study(study_name=spec.cells()[0].eval_name, storage=storage).trials
+    assert {tr.params["lr"] for tr in evals} == {pick.lr}
+
+
+def test_race_seeds_are_new_and_counted_in_the_progress(tmp_path, monkeypatch):
+    spec, url, storage = _run(tmp_path, monkeypatch, **GRID)
+    race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=storage)
+    seeds = {t.user_attrs[R.SEED] for t in race.trials}
+    assert seeds == {2000, 2001}
+    assert not seeds & ({spec.search.seed} | set(range(spec.evaluation.first_seed,
+                                                        spec.evaluation.first_seed + spec.evaluation.seeds)))
+    assert all(t.state == TrialState.COMPLETE for t in race.trials) and len(race.trials) == 3 * 2
+    assert all("test_error" not in t.user_attrs for t in race.trials)  # the race never touches the test split
+    row = progress_frame(storage, "tiny").iloc[0]
+    assert row.race_done == row.race_total == 6
+
+
+def test_race_seeds_that_repeat_evaluation_seeds_are_refused(tmp_path):
+    path = write_spec(tmp_path, **{**GRID, "selection": {"top_k": 2, "seeds": 3, "first_seed": 999}})
+    with pytest.raises(WdstudyError, match=r"selection\.first_seed.*1000"):
+        load_spec(path)
+
+
+def test_a_worker_stopped_mid_race_resumes_with_exact_budgets(tmp_path, monkeypatch):
+    monkeypatch.setattr(Worker, "_train", fake_train())
+    spec = load_spec(write_spec(tmp_path, **GRID))
+    url = str(tmp_path / "out" / "optuna.journal")
+    ensure_studies(spec, open_storage(url))
+    Worker(spec, url, poll=0.01, log=lambda m: None).run(max_units=3 + 2)  # the search and two race runs
+    storage = open_storage(url)
+    row = progress_frame(storage, "tiny").iloc[0]
+    assert row.done == 3 and row.race_done == 2 and row.eval_done == 0
+    Worker(spec, url, poll=0.01, log=lambda m: None).run()  # a new worker finishes the race
+    race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=open_storage(url))
+    keys = [(t.user_attrs[R.CANDIDATE], t.user_attrs[R.SEED]) for t in race.trials]
+    assert sorted(keys) == sorted({(c, s) for c in range(3) for s in (2000, 2001)})  # each exactly once
+    row = progress_frame(open_storage(url), "tiny").iloc[0]
+    assert (row.race_done, row.eval_done) == (6, 2)
+
+
+def _trial(candidate: int, seed: int, value: float | None, state=TrialState.COMPLETE):
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params={},
+                        distributions={}, user_attrs={R.CANDIDATE: candidate, R.SEED: seed})
+
+
+def test_race_standings_rules():
+    cands = [{"trial": 7, "params": {"lr": 1.0}, "value": 0.1}, {"trial": 3, "params": {"lr": 2.0}, "value": 0.2},
+             {"trial": 5, "params": {"lr": 3.0}, "value": 0.3}]
+    trials = [_trial(0, 1, 0.4), _trial(0, 2, 0.4), _trial(1, 1, 0.3), _trial(1, 2, 0.3),
+              _trial(2, 1, 0.1), _trial(2, 2, None, TrialState.PRUNED)]
+    out = race_standings(cands, trials)
+    assert [c["chosen"] for c in out] == [False, True, False]  # the diverged candidate is never picked
+    assert out[2]["diverged"] and out[1]["race_mean"] == pytest.approx(0.3) and out[0]["race_n"] == 2
+    tie = race_standings(cands[:2], [_trial(0, 1, 0.3), _trial(1, 1, 0.3)])
+    assert [c["chosen"] for c in tie] == [True, False]  # a tie goes to the better search rank
+
+
+ARMS = dict(regularizers=["l2", "decoupled"], selection={"top_k": 3, "seeds": 3}, evaluation={"seeds": 3},
+            search={"sampler": "random", "trials": 4, "lr": {"low": 1e-3, "high": 1e-2}})
+
+
+def _comparison(storage) -> pd.Series:
+    d = load_report_data(storage, "tiny", "test")
+    compute_tables(d)
+    return d.comparison.set_index(["arm", "reference"]).loc[("decoupled", "l2")]
+
+
+def test_arms_whose_race_survivors_overlap_are_indistinguishable(tmp_path, monkeypatch):
+    spec, url, storage = _run(tmp_path, monkeypatch, **ARMS)
+    r = _comparison(storage)
+    assert r.p_holm < 0.05 and r.test_error_diff < 0  # decoupled tests better on every seed ...
+    assert r.selection == "overlap" and r.outcome == "indistinguishable"  # ... but the race cannot separate the arms
+    assert "which survivor is evaluated decides it" in r.caveats
+
+
+def test_arms_the_race_separates_keep_their_verdict(tmp_path, monkeypatch):
+    spec, url, storage = _run(tmp_path, monkeypatch, worse={"l2": 0.3}, **ARMS)
+    r = _comparison(storage)
+    assert r.selection == "separate" and r.outcome == "decoupled wins"
+    assert set(race_frame(storage, "tiny").groupby("cell").chosen.sum()) == {1}
