@@ -126,6 +126,33 @@ def test_a_worker_stopped_mid_race_resumes_with_exact_budgets(tmp_path, monkeypa
     assert (row.race_done, row.eval_done) == (6, 2)
 
 
+def test_a_race_run_whose_worker_vanished_is_retried_once(tmp_path, monkeypatch):
+    """A race run left RUNNING by a dead worker (its lease expired): failed, re-run, counted once."""
+    import time
+
+    from wdstudy.cells import Cells
+    from wdstudy.storage import StudyLock
+
+    monkeypatch.setattr(Worker, "_train", fake_train())
+    spec = load_spec(write_spec(tmp_path, **GRID))
+    url = str(tmp_path / "out" / "optuna.journal")
+    storage = open_storage(url)
+    ensure_studies(spec, storage)
+    Worker(spec, url, poll=0.01, log=lambda m: None).run(max_units=3)  # the search
+    with StudyLock(url, spec.name):
+        unit, _ = Cells(spec, storage).reserve()  # a race run, taken by a worker that then dies
+    assert unit.kind == "race"
+    storage.set_trial_system_attr(unit.trial._trial_id, R.OWNER, "elsewhere:4242")
+    storage.set_trial_system_attr(unit.trial._trial_id, R.LEASE, time.time() - 3600)
+    Worker(spec, url, poll=0.01, log=lambda m: None).run()
+    race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=open_storage(url))
+    done = [(t.user_attrs[R.CANDIDATE], t.user_attrs[R.SEED]) for t in race.trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in race.trials if t.state == TrialState.FAIL]
+    assert sorted(done) == sorted({(c, s) for c in range(3) for s in (2000, 2001)})
+    assert len(failed) == 1 and failed[0].number == unit.trial.number
+    assert failed[0].system_attrs[R.FAIL_KIND] == R.LOST
+
+
 def _trial(candidate: int, seed: int, value: float | None, state=TrialState.COMPLETE):
     return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params={},
                         distributions={}, user_attrs={R.CANDIDATE: candidate, R.SEED: seed})
@@ -166,3 +193,27 @@ def test_arms_the_race_separates_keep_their_verdict(tmp_path, monkeypatch):
     r = _comparison(storage)
     assert r.selection == "separate" and r.outcome == "decoupled wins"
     assert set(race_frame(storage, "tiny").groupby("cell").chosen.sum()) == {1}
+
+
+def test_tuning_curve_bands_against_opda_on_fixed_inputs():
+    import numpy as np
+    from opda.nonparametric import EmpiricalDistribution
+
+    from wdstudy.stats import tuning_curve
+
+    ys = np.array([0.42, 0.35, 0.61, 0.33, 0.50, 0.38, 0.90, 0.36, 0.47, 0.34, 0.55, 0.40])
+    ns = np.arange(1, len(ys) + 1)
+    curve, lo, hi = tuning_curve(ys, ns)
+    lo_cdf, point, hi_cdf = EmpiricalDistribution.confidence_bands(ys, 0.8, a=0.0, b=1.0, method="ld_equal_tailed",
+                                                                    generator=np.random.default_rng(0), n_jobs=1)
+    np.testing.assert_allclose(curve, point.quantile_tuning_curve(ns, minimize=True))
+    np.testing.assert_allclose(lo, hi_cdf.quantile_tuning_curve(ns, minimize=True))
+    np.testing.assert_allclose(hi, lo_cdf.quantile_tuning_curve(ns, minimize=True))
+    # independent checks: the best of one draw has the sample median as its median; the best of n
+    # draws has median F^-1(1 - 0.5^(1/n)); the curve only falls, inside its band
+    srt = np.sort(ys)
+    for n in (1, 2, 5, 12):  # a discrete quantile is one of the two order statistics around it
+        k = int(np.ceil((1 - 0.5 ** (1 / n)) * len(ys)))
+        assert curve[n - 1] in (srt[k - 1], srt[min(k, len(ys) - 1)])
+    assert np.all(np.diff(curve) <= 0) and np.all(lo <= curve) and np.all(curve <= hi)
+    assert hi[-1] - lo[-1] > 0  # twelve draws leave real uncertainty

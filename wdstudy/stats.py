@@ -223,3 +223,27 @@ def binomial_se(error: float, n: int) -> float:
     if n is None or not n > 0 or error is None or math.isnan(error):
         return math.nan
     return math.sqrt(error * (1 - error) / n)
+
+
+def tuning_curve(values, ns, *, confidence: float = 0.8, low: float = 0.0, high: float = 1.0):
+    """Median tuning curve of a random search and its simultaneous confidence band.
+
+    ``values`` are the objective values of independent draws from the search space (lower
+    is better; a diverged run counts as ``high``); the curve at n is the median of the best
+    of n draws. Returns (curve, band_low, band_high) at ``ns``, from opda's exact,
+    distribution-free ``ld_equal_tailed`` bands for the CDF (the upper CDF band bounds the
+    curve from below). ``low``/``high`` bound the objective (0 and 1 for an error rate).
+    Error rates on a finite split can tie; the bands are then close to, not exactly, 80%.
+    """
+    import warnings
+
+    from opda.nonparametric import EmpiricalDistribution
+
+    with warnings.catch_warnings():  # error rates on a finite split tie; opda warns that exactness needs no ties
+        warnings.filterwarnings("ignore", message="Duplicates detected")
+        lo_cdf, point, hi_cdf = EmpiricalDistribution.confidence_bands(
+            np.asarray(values, dtype=float), confidence, a=low, b=high, method="ld_equal_tailed",
+            generator=np.random.default_rng(0), n_jobs=1)
+    ns = np.asarray(ns)
+    return (point.quantile_tuning_curve(ns, minimize=True), hi_cdf.quantile_tuning_curve(ns, minimize=True),
+            lo_cdf.quantile_tuning_curve(ns, minimize=True))

@@ -349,6 +349,9 @@ def judge(r) -> tuple[str, str]:
     else:
         outcome = "no significant difference"
         caveats.append(f"these {r.n_pairs} seeds detect about {100 * r.mde:.2f} pts")
+    if outcome != "indistinguishable" and getattr(r, "selection", "") == "overlap":
+        caveats.append(f"the race could not separate the arms' candidates ({r.selection_note}): another "
+                       "survivor might give another answer")
     return outcome, "; ".join(caveats)
 
 
