@@ -66,9 +66,14 @@ def test_mnist_formats_load_through_torchvision(tmp_path, dataset, folder):
     assert torch.equal(y, torch.from_numpy(written["train"][1]).long())
     data = load_data(dataset, data_dir=str(tmp_path), with_test=True, val_fraction=0.25)
     assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
-    # standardized with training statistics
-    full = torch.cat([data.train.x, data.val.x])
-    assert abs(float(full.mean())) < 1e-4 and abs(float(full.std()) - 1) < 1e-3
+    # standardized with statistics of the training split alone (the validation split is held out)
+    assert abs(float(data.train.x.mean())) < 1e-4 and abs(float(data.train.x.std()) - 1) < 1e-3
+    train_idx, val_idx = split_indices(120, 0.25, 0)
+    ref = x[train_idx].float() / 255
+    mean, std = ref.mean(), ref.std()
+    assert torch.allclose(data.val.x, (x[val_idx].float() / 255 - mean) / std, atol=1e-6)
+    whole = x.float() / 255  # statistics of the whole training file (validation included) differ
+    assert not torch.allclose(data.val.x, (x[val_idx].float() / 255 - whole.mean()) / whole.std(), atol=1e-6)
 
 
 def test_cifar10_format_loads_through_torchvision(tmp_path):

@@ -136,6 +136,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    from .claims import run_claims
+    from .train import quiet_lightning
+
+    quiet_lightning()
+    out = Path(args.out)
+    claims = run_claims(out, quick=args.quick, log=lambda m: print(m, flush=True))
+    width = max(len(c.key) for c in claims)
+    for c in claims:
+        print(f"{c.key:<{width}}  {c.verdict}")
+    print(f"wrote {out / 'claims.csv'}, {out / 'report.html'} and {out / 'report.pdf'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .launch import write_report
 
@@ -241,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="progress of a study, without running anything")
     spec_and_storage(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("claims", help="measure what the textbooks claim about weight decay (reports/claims/)")
+    p.add_argument("--out", default="reports/claims", help="output folder (default reports/claims)")
+    p.add_argument("--quick", action="store_true", help="fewer epochs, λ values and seeds (for tests)")
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
     spec_and_storage(p)

@@ -221,10 +221,13 @@ def evaluation_table(d: ReportData) -> Table:
                      r.test_error_high, suffix="%"), pct(r.train_error),
                      pm(r.gap_error, r.gap_error_low, r.gap_error_high, fmt="+.2f"),
                      pm(r.gap_loss, r.gap_loss_low, r.gap_loss_high, scale=1, fmt="+.3f"),
-                     f"{r.seeds} of {seeds}", bad])
+                     num(r.weight_norm, ".3g"), pct(r.zero_fraction, 1), f"{r.seeds} of {seeds}", bad])
     return Table("evaluation", ["task · optimizer", "arm", "test error", "train error", "gap, error pts",
-                                "gap, loss (nats)", "seeds", "diverged"], rows, [2.3, 1.3, 1.9, 1.3, 1.8, 1.9, 1.0, 1.2],
+                                "gap, loss (nats)", "‖w‖₂", "exact zeros", "seeds", "diverged"], rows,
+                 [2.2, 1.2, 1.8, 1.2, 1.7, 1.8, 0.9, 1.0, 0.9, 1.1],
                  "Evaluation of the chosen configurations: mean ± half-width of the 95% interval over the seeds. "
+                 "‖w‖₂ and exact zeros: the norm of the regularized weights at the end of training and the share of "
+                 "them that are exactly 0 (mean over seeds) — L1 arms may set weights to zero, the others should not. "
                  "Diverged seeds are left out of the means and named in every comparison that uses the arm.",
                  ("diverged",))
 

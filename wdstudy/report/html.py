@@ -26,7 +26,7 @@ th{background:#f4f4f4;white-space:nowrap}
 td{white-space:nowrap}td.wrap{white-space:normal;min-width:16em}
 th:first-child,td:first-child{position:sticky;left:0;background:#fff;box-shadow:1px 0 0 #e6e6e6}
 th:first-child{background:#f4f4f4}
-.warn{color:#b00;font-weight:600}
+.warn{color:#a00}
 .status{background:#fff4e5;border-left:4px solid #f0a500;padding:.5em 1em;margin:.6em 0}
 .note{color:#555;font-style:italic}
 .cap{font-size:.88em;color:#444;margin:.2em 0 1em}
@@ -42,7 +42,8 @@ def render_html(d: ReportData, sections: list[Section]) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<title>wdstudy report: {e(d.study)}</title><style>{CSS}</style></head><body>",
-             f"<h1>Decoupled weight decay vs L2 regularization — study <code>{e(d.study)}</code></h1>",
+             f"<h1>{e(getattr(d, 'title', 'Decoupled weight decay vs L2 regularization — study'))} "
+             f"<code>{e(d.study)}</code></h1>" if not hasattr(d, "title") else f"<h1>{e(d.title)}</h1>",
              f"<p>{e(generated_line(d))}</p>",
              "<nav>" + " ".join(f'<a href="#{e(s.key)}">{e(s.title)}</a>' for s in sections) + "</nav>"]
     for s in sections:

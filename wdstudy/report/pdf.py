@@ -68,7 +68,8 @@ def render_pdf(d: ReportData, sections: list[Section], path: Path) -> None:
     pdf.set_keywords("weight decay, L2 regularization, AdamW, hyperparameter search, Optuna")
     pdf.add_page()
     pdf.set_font("sans", "B", 14)
-    pdf.multi_cell(0, 6.5, f"Decoupled weight decay vs L2 regularization — study {d.study}", align="L",
+    title = getattr(d, "title", f"Decoupled weight decay vs L2 regularization — study {d.study}")
+    pdf.multi_cell(0, 6.5, title, align="L",
                    new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("sans", "", 8)
     pdf.set_text_color(90)

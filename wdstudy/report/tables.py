@@ -156,8 +156,9 @@ def _summary(d: ReportData) -> pd.DataFrame:
         wd_range = cell["weight_decay_range"]
         sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
         val_size = int(sizes.iloc[0]) if len(sizes) else 0
-        ci = {c: mean_ci(e[c]) if len(e) else mean_ci([]) for c in ("test_error", "train_error", "gap_error",
-                                                                     "gap_loss", "test_loss", "train_loss")}
+        ci = {c: mean_ci(e[c].dropna()) if len(e) and c in e else mean_ci([])
+              for c in ("test_error", "train_error", "gap_error", "gap_loss", "test_loss", "train_loss", "weight_norm",
+                        "zero_fraction")}
         order = search_order(t[t.state.isin(["COMPLETE", "PRUNED"])]) if len(t) else t
         found_at = (int(np.flatnonzero(order.trial.to_numpy() == best.trial)[0]) + 1
                     if best is not None and len(order) else None)

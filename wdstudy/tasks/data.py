@@ -121,6 +121,11 @@ def _normalize_images(x_uint8: Tensor, ref: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def _split(n: int, val_fraction: float, seed: int, max_train: int | None) -> tuple[Tensor, Tensor]:
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
+    return (train_idx if max_train is None else train_idx[:max_train]), val_idx
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Deterministic ``(train_idx, val_idx)`` for ``n`` examples; the same on every machine."""
     n_val = int(round(n * val_fraction))
@@ -151,16 +156,16 @@ def load_data(
         x_all, y_all, x_test, y_test = _mnist1d()
         if not with_test:
             x_test = y_test = None
+        train_idx, val_idx = _split(len(y_all), val_fraction, split_seed, max_train)
     else:
         x_raw, y_all = _torchvision(dataset, data_dir, download, train=True)
-        x_all = _normalize_images(x_raw, x_raw)
+        train_idx, val_idx = _split(len(y_all), val_fraction, split_seed, max_train)
+        ref = x_raw[train_idx]  # statistics of the training split only: validation is held out
+        x_all = _normalize_images(x_raw, ref)
         x_test = y_test = None
         if with_test:
             xt_raw, y_test = _torchvision(dataset, data_dir, download, train=False)
-            x_test = _normalize_images(xt_raw, x_raw)
-    train_idx, val_idx = split_indices(len(y_all), val_fraction, split_seed)
-    if max_train is not None:
-        train_idx = train_idx[:max_train]
+            x_test = _normalize_images(xt_raw, ref)
     test = Split(x_test, y_test) if x_test is not None else None
     return TaskData(Split(x_all[train_idx], y_all[train_idx]), Split(x_all[val_idx], y_all[val_idx]), test)
 
