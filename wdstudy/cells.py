@@ -58,13 +58,20 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     """What defines a cell; stored with its study, and checked again on resume.
 
-    The task's ``precision`` is left out while it is the default (``32``), so studies
-    started before the field existed still resume; any other precision is part of the cell.
+    The task's ``precision`` is left out while it is the default (``32``), and so are the
+    factory-task fields (``factory``, ``options``, ``accumulate_grad_batches``) while unset, so
+    studies started before those fields existed still resume; a factory task's record holds
+    its factory path and options, so changing either is a changed spec.
     """
+    from .tasks import FACTORY_ONLY
+
     wd = spec.weight_decay_range(cell.regularizer)
-    task = cell.task.model_dump()
+    task = cell.task.model_dump(mode="json")
     if task.get("precision") == "32":
         del task["precision"]
+    for key, default in FACTORY_ONLY.items():
+        if task.get(key) == default:
+            del task[key]
     return {
         "study": spec.name,
         "task": task,

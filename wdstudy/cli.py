@@ -105,7 +105,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
 
-    spec, url = prepare(args.spec, args.storage)  # creates the cells if this worker is first
+    # creates the cells if this worker is first; a worker started by launch needs no factory check
+    spec, url = prepare(args.spec, args.storage, check_factories=not args.single)
     if not args.single:
         slots = plan_slots(args.devices, args.workers, args.threads, args.per_device)
         try:

@@ -328,9 +328,21 @@ def _stop_all(pool: list[Slot], cells: Cells, lock: StudyLock, timeout: float = 
         cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
 
 
-def prepare(spec_path: str, storage: str | None) -> tuple[StudySpec, str]:
-    """Load the spec, open the storage, create the cell studies (nothing else is written)."""
+def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
+    """Load the spec, check its factory tasks, open the storage, create the cell studies
+    (nothing else is written).
+
+    A spec with factory tasks (your own model, :mod:`wdstudy.tasks.user`) has each factory
+    imported and called once here, before anything is written, so a bad import path or a
+    factory that raises ends in one line and exit code 2 rather than in a study whose every
+    trial fails. Only such specs pay for that (it imports torch into this process); the
+    workers ``launch`` starts skip it (``check_factories=False``): it checked for them.
+    """
     spec = load_spec(spec_path)
+    if check_factories and any(t.factory is not None for t in spec.tasks):
+        from .tasks.user import check_factories as check
+
+        check(spec, str(spec_path))
     url = resolve_url(spec, storage)
     store = open_storage(url)
     with StudyLock(url, spec.name):

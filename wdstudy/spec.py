@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import validate
 from .errors import WdstudyError
-from .tasks import TaskConfig
+from .tasks import TRAINING_FIELDS, TaskConfig
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -166,14 +166,21 @@ class StudySpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _expand(cls, data: Any) -> Any:
-        """Accept ``- mlp-mnist1d`` for ``- {name: mlp-mnist1d}``; apply ``task_defaults``."""
+        """Accept ``- mlp-mnist1d`` for ``- {name: mlp-mnist1d}``; apply ``task_defaults``.
+
+        A factory task takes only the training fields of ``task_defaults`` (epochs, batch size,
+        precision, ...): the others describe the built-in backbones and datasets, and passed to
+        a factory as options they would be arguments it never asked for.
+        """
         if not isinstance(data, dict):
             return data
         data = dict(data)
         defaults = data.get("task_defaults") or {}
         if isinstance(data.get("tasks"), list) and isinstance(defaults, dict):
+            training = {k: v for k, v in defaults.items() if k in TRAINING_FIELDS}
             data["tasks"] = [
-                {**defaults, "name": t} if isinstance(t, str) else ({**defaults, **t} if isinstance(t, dict) else t)
+                {**defaults, "name": t} if isinstance(t, str)
+                else ({**(training if t.get("factory") is not None else defaults), **t} if isinstance(t, dict) else t)
                 for t in data["tasks"]
             ]
         if isinstance(data.get("optimizers"), list):

@@ -41,6 +41,8 @@ from .errors import WdstudyError, bad_value, check_number
 from .regularizers import make_regularizer
 from .spec import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from .tasks import PRECISIONS, ShuffledBatches, Split, TaskConfig, TaskData
+from .tasks.data import batches
+from .tasks.user import build_user_task, check_user_task, optimizer_problem
 
 #: Accelerator names that promise a GPU (Lightning's spellings).
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -148,10 +150,12 @@ class Classifier(LightningModule):
     # -- data -------------------------------------------------------------------------
 
     def train_dataloader(self) -> ShuffledBatches:
-        return ShuffledBatches(self.data.train.to(self.device), self.batch_size, seed=self.seed)
+        return batches(self.data.train, self.batch_size, shuffle=True, seed=self.seed, device=self.device,
+                       num_workers=self.data.num_workers)
 
     def val_dataloader(self) -> ShuffledBatches:
-        return ShuffledBatches(self.data.val.to(self.device), self.eval_batch_size, shuffle=False)
+        return batches(self.data.val, self.eval_batch_size, shuffle=False, device=self.device,
+                       num_workers=self.data.num_workers)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # Batches are sliced from tensors that already live on the device.
@@ -238,16 +242,19 @@ class Classifier(LightningModule):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of ``model`` on ``split``: one pass, eval mode."""
+def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int = 0) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of ``model`` on ``split``: one pass, eval mode.
+
+    ``split`` is a :class:`~wdstudy.tasks.data.Split` or a Dataset of ``(x, y)`` examples
+    (read through a ``DataLoader`` with ``num_workers`` workers); ``model(x)`` gives logits.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum = err_sum = 0.0
     try:
-        for i in range(0, len(split), batch_size):
-            x = split.x[i : i + batch_size].to(device)
-            y = split.y[i : i + batch_size].to(device)
+        for x, y in batches(split, batch_size, shuffle=False, num_workers=num_workers):
+            x, y = x.to(device), y.to(device)
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits.double(), y, reduction="sum"))
             err_sum += float((logits.argmax(1) != y).sum())
@@ -280,12 +287,71 @@ class FinalMeasurement(Callback):
             self.on_device(self.device)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        model, m = pl_module.model, self.metrics
+        # the module itself, not its backbone: a brought LightningModule's forward gives the logits
+        model, m, workers = pl_module, self.metrics, self.data.num_workers
         self.device = device_label(next(model.parameters()).device)
-        m["train_loss"], m["train_error"] = evaluate(model, self.data.train, self.batch_size)
-        m["val_loss"], m["val_error"] = evaluate(model, self.data.val, self.batch_size)
+        m["train_loss"], m["train_error"] = evaluate(model, self.data.train, self.batch_size, workers)
+        m["val_loss"], m["val_error"] = evaluate(model, self.data.val, self.batch_size, workers)
         if self.with_test:
-            m["test_loss"], m["test_error"] = evaluate(model, self.data.test, self.batch_size)
+            m["test_loss"], m["test_error"] = evaluate(model, self.data.test, self.batch_size, workers)
+
+
+class BroughtModule(Callback):
+    """What wdstudy adds around a user's own LightningModule (the protocol of :mod:`wdstudy.tasks.user`).
+
+    At the start of training it checks that the module built the cell's base optimizer at the
+    study's learning rate (the regularizer callback refuses a non-zero ``weight_decay`` itself):
+    a module that quietly used another optimizer or learning rate would make the cell's label
+    and the search's ``lr`` a lie. Per epoch it keeps the history the built-in module keeps —
+    the learning rate, the running training loss of the batches, and the ``val_loss`` /
+    ``val_error`` the module logged — and raises :class:`DivergedError` when the training
+    loss became NaN or infinite.
+    """
+
+    def __init__(self, optimizer: str, lr: float):
+        self.optimizer = optimizer
+        self.lr = lr
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.optimizers:
+            raise WdstudyError("the LightningModule configured no optimizer")
+        for opt in trainer.optimizers:
+            problem = optimizer_problem(opt, self.optimizer, self.lr)
+            if problem:
+                raise WdstudyError(problem)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        self._n = 0
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):  # summed on the device: no synchronization per step
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            self._sum += loss.detach().double() * scale
+            self._n += 1
+
+    def _row(self, epoch: int) -> dict[str, Any]:
+        if not self.history or self.history[-1]["epoch"] != epoch:
+            self.history.append({"epoch": epoch})
+        return self.history[-1]
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = self._row(trainer.current_epoch)
+        for key in ("val_loss", "val_error"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                row[key] = float(value)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        running = float(self._sum) / self._n if self._n else None
+        self._row(trainer.current_epoch).update(lr=self._lr, train_loss_running=running)
+        if running is not None and not math.isfinite(running):
+            raise DivergedError(f"training loss is {running} in epoch {trainer.current_epoch}")
 
 
 @dataclass
@@ -376,31 +442,58 @@ def train_run(
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise bad_value("seed", seed, "must be a whole number from 0 to 2**32 - 1")
     reg = make_regularizer(regularizer, weight_decay, decay_all=decay_all)
-    if data is None:
-        data = task.load_data(with_test=with_test)
-    elif with_test and data.test is None:
-        raise WdstudyError("with_test=True needs data that includes the test split")
+    if task.is_user:
+        start = time.perf_counter()
+        seed_everything(seed, workers=False, verbose=False)  # the factory builds the model under the run's seed
+        user = build_user_task(task.factory, task.options, lr=lr, schedule=schedule)
+        check_user_task(task, user)
+        data = TaskData(user.train, user.val, user.test, user.num_workers)
+        model = user.model
+    else:
+        if data is None:
+            data = task.load_data(with_test=with_test)
+        elif with_test and data.test is None:
+            raise WdstudyError("with_test=True needs data that includes the test split")
+        start = time.perf_counter()
+        seed_everything(seed, workers=False, verbose=False)
+        model = task.build_model()
 
-    start = time.perf_counter()
-    seed_everything(seed, workers=False, verbose=False)
-    module = Classifier(
-        task.build_model(),
-        data,
-        optimizer=optimizer,
-        lr=lr,
-        schedule=schedule,
-        batch_size=task.batch_size,
-        eval_batch_size=task.eval_batch_size,
-        seed=seed,
-        grad_clip=task.grad_clip,
-    )
+    brought = isinstance(model, LightningModule)  # a user's whole LightningModule (wdstudy.tasks.user)
+    if brought:
+        module, watch = model, BroughtModule(optimizer.name, lr)
+        extra: dict[str, Any] = {"accumulate_grad_batches": task.accumulate_grad_batches}
+        if task.grad_clip:
+            extra.update(gradient_clip_val=task.grad_clip, gradient_clip_algorithm="norm")
+    else:
+        module = Classifier(
+            model,
+            data,
+            optimizer=optimizer,
+            lr=lr,
+            schedule=schedule,
+            batch_size=task.batch_size,
+            eval_batch_size=task.eval_batch_size,
+            seed=seed,
+            grad_clip=task.grad_clip,
+        )
+        watch, extra = None, {}
     final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device)
+    own = [reg, *(callbacks or []), final] + ([watch] if watch is not None else [])
     try:
-        trainer = make_trainer(task.epochs, [reg, *(callbacks or []), final], accelerator=accelerator,
-                               precision=task.precision)
+        trainer = make_trainer(task.epochs, own, accelerator=accelerator, precision=task.precision, **extra)
     except MisconfigurationException as exc:
         raise bad_value("accelerator", accelerator, str(exc).splitlines()[0]) from None
-    trainer.fit(module)
+    if brought:
+        device = trainer.strategy.root_device
+        trainer.fit(
+            module,
+            train_dataloaders=batches(data.train, task.batch_size, shuffle=True, seed=seed, device=device,
+                                      num_workers=data.num_workers),
+            val_dataloaders=batches(data.val, task.eval_batch_size, shuffle=False, device=device,
+                                    num_workers=data.num_workers),
+        )
+    else:
+        trainer.fit(module)
     if not final.metrics:  # fit returned without reaching on_train_end (Lightning swallowed a stop)
         raise RuntimeError(f"training stopped in epoch {trainer.current_epoch} before its final measurement")
 
@@ -421,7 +514,7 @@ def train_run(
     m["precision"] = task.precision
     m["seed"] = seed
 
-    by_epoch = {row["epoch"]: dict(row) for row in module.history}
+    by_epoch = {row["epoch"]: dict(row) for row in (watch.history if brought else module.history)}
     for row in reg.history:
         by_epoch.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
     return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)])

@@ -190,7 +190,10 @@ class Worker:
             trial.set_user_attr(R.HISTORY, result.history)
 
     def data(self, cell: Cell, with_test: bool):
-        """The cell's splits, loaded once per worker and kept in memory."""
+        """The cell's splits, loaded once per worker and kept in memory (a factory task's come
+        from its factory with each run: see :mod:`wdstudy.tasks.user`)."""
+        if cell.task.is_user:
+            return None
         key = (cell.task.dataset, cell.task.val_fraction, cell.task.split_seed, cell.task.max_train,
                cell.task.data_dir, with_test)
         if key not in self._data:

@@ -2,14 +2,17 @@
 
 A task is named ``MODEL-DATASET`` (``mlp-mnist1d``, ``cnn-mnist1d``, ``gru-mnist1d``,
 ``lstm-mnist1d``, ``cnn-cifar10``, ``mlp-fashionmnist``, ...) and configured by a
-:class:`TaskConfig`, plain data that a study spec can override field by field.
+:class:`TaskConfig`, plain data that a study spec can override field by field. A task
+with a ``factory`` (``mypkg.tasks:build``) is your own model and data instead: see
+:mod:`wdstudy.tasks.user`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES
 
@@ -41,6 +44,13 @@ _SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
 _SIZE_FIELDS = {"mlp": ("width", "layers", "dropout"), "cnn": ("width", "layers", "kernel_size", "batch_norm", "dropout")}
 _SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout")
 
+#: The fields a factory task shares with built-in tasks: how the study trains it. Every other
+#: key of a factory task is an option, passed to the factory as a keyword argument.
+TRAINING_FIELDS = ("epochs", "batch_size", "eval_batch_size", "grad_clip", "precision", "accumulate_grad_batches")
+#: Fields that exist only for factory tasks; left out of a built-in cell's record while unset.
+FACTORY_ONLY = {"factory": None, "options": {}, "accumulate_grad_batches": 1}
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
 
 class TaskConfig(BaseModel):
     """One task: which data, which backbone and sizes, and the training budget.
@@ -51,6 +61,8 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # before name, so that name's validator knows whether the task is built-in
+    factory: str | None = Field(None, description="your own task: module.path:function or file.py:function")
     name: str
     width: int | None = Field(None, ge=1, description="MLP hidden units, CNN first-layer channels, RNN hidden size")
     layers: int | None = Field(None, ge=1, description="hidden layers / conv layers / stacked RNN layers")
@@ -67,6 +79,35 @@ class TaskConfig(BaseModel):
     data_dir: str | None = None
     download: bool = False
     precision: str = Field("32", description="Lightning precision: 32, bf16-mixed or 16-mixed")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    accumulate_grad_batches: int = Field(1, ge=1, description="factory LightningModules: batches per optimizer step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options(cls, data: Any) -> Any:
+        """A factory task's keys other than the training fields are its factory's options."""
+        if not isinstance(data, dict) or data.get("factory") is None:
+            return data
+        own = {"name", "factory", "options", *TRAINING_FIELDS}
+        extra = {k: v for k, v in data.items() if k not in own}
+        options = data.get("options") or {}
+        if extra and isinstance(options, dict):
+            return {**{k: v for k, v in data.items() if k in own}, "options": {**options, **extra}}
+        return data
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_path(cls, v: str | None) -> str | None:
+        if v is not None and (":" not in v or not v.rpartition(":")[0] or not v.rpartition(":")[2]):
+            raise ValueError("write module.path:function or path/to/file.py:function")
+        return v
+
+    @field_validator("options", "accumulate_grad_batches")
+    @classmethod
+    def _factory_only(cls, v: Any, info) -> Any:
+        if info.data.get("factory") is None and v not in ({}, 1):
+            raise ValueError("applies to factory tasks only (built-in tasks train with one optimizer step per batch)")
+        return v
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -80,10 +121,24 @@ class TaskConfig(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known(cls, v: str, info) -> str:
+        if "factory" not in info.data:
+            return v  # the factory itself was refused; that error says it
+        if info.data["factory"] is not None:
+            if v in TASKS:
+                raise ValueError(f"{v!r} is a built-in task; give your own task another name")
+            if not _USER_NAME.match(v):
+                raise ValueError("use letters, digits, '-', '_' and '.' (the name is part of the cell's study name)")
+            return v
         if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}, "
+                             "or give a factory for your own (factory: mypkg.tasks:build)")
         return v
+
+    @property
+    def is_user(self) -> bool:
+        """Whether this task is built by a factory (your own model and data)."""
+        return self.factory is not None
 
     @property
     def model(self) -> str:
@@ -138,6 +193,7 @@ __all__ = [
     "MODELS",
     "PRECISIONS",
     "TASKS",
+    "TRAINING_FIELDS",
     "ShuffledBatches",
     "Split",
     "TaskConfig",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import bad_value
 
@@ -47,11 +48,17 @@ class Split:
 
 @dataclass(frozen=True)
 class TaskData:
-    """The train / validation (/ test) splits of one task. ``test`` is None unless asked for."""
+    """The train / validation (/ test) splits of one task. ``test`` is None unless asked for.
 
-    train: Split
-    val: Split
-    test: Split | None = None
+    A split is a :class:`Split` of tensors or, for a factory task's data that does not fit in
+    memory, any ``torch.utils.data.Dataset`` of ``(x, y)`` examples, read through a
+    ``DataLoader`` with ``num_workers`` worker processes (see :func:`batches`).
+    """
+
+    train: Split | Dataset
+    val: Split | Dataset
+    test: Split | Dataset | None = None
+    num_workers: int = 0
 
 
 # -- raw loaders: (x_train, y_train, x_test, y_test) as float / long tensors -------
@@ -207,7 +214,44 @@ class ShuffledBatches:
                 yield x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]
 
 
+def batches(split: Split | Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+            device: torch.device | str | None = None, num_workers: int = 0):
+    """Minibatches of one split: sliced from tensors, or loaded from a Dataset.
+
+    A :class:`Split` becomes :class:`ShuffledBatches` (moved to ``device`` first, when given).
+    A ``Dataset`` goes through a ``DataLoader``: ``num_workers`` persistent worker processes,
+    memory pinned when ``device`` is a GPU (so the copy to it can overlap), and a shuffle
+    drawn from a generator seeded with ``seed``, so the order of every pass depends on the
+    run's seed alone, as with tensors.
+    """
+    if isinstance(split, Split):
+        return ShuffledBatches(split.to(device) if device is not None else split, batch_size, shuffle=shuffle, seed=seed)
+    pin = device is not None and torch.device(device).type == "cuda"
+    # The DataLoader draws its workers' base seed from `generator` once per iterator, which
+    # persistent workers create once and others once per pass: a generator of its own keeps
+    # both that draw and the shuffle (SeededShuffle) away from the RNG the model trains with.
+    return DataLoader(split, batch_size=batch_size, sampler=SeededShuffle(len(split), seed) if shuffle else None,
+                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+class SeededShuffle(torch.utils.data.Sampler):
+    """Indices ``0 … n-1`` in an order that depends only on ``(seed, pass)``, as :class:`ShuffledBatches`."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+        self.passes += 1
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 __all__ = [
+    "batches",
     "DATASETS",
     "INPUT_SHAPES",
     "NUM_CLASSES",

@@ -1,0 +1,109 @@
+"""A study's results in a notebook: the DataFrames the report is built from.
+
+:func:`load_results` reads a study from its storage alone — finished, still running, or
+run on another cluster — as :mod:`wdstudy.analysis` and the report do, and imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import WdstudyError
+
+
+@dataclass
+class Results:
+    """One study's tables.
+
+    * ``trials``: one row per search trial of every cell (``OUTPUT/trials.csv``):
+      ``cell, task, optimizer, regularizer, trial, state, value, lr, weight_decay, ...``,
+      the metrics of each run and ``chosen`` (the configuration its evaluation retrains);
+    * ``evaluations``: one row per evaluation run, the chosen configuration of a cell on one
+      seed, measured on the test split (``OUTPUT/evaluations.csv``);
+    * ``comparison``: one row per comparison of two arms of a task × optimizer, paired over
+      the evaluation seeds both completed (``tables/comparison.csv``: ``outcome``,
+      ``caveats``, ``verdict``, the mean difference with its interval, Holm-corrected p, ...);
+    * ``summary``: one row per cell — its pick, validation noise floor, edges of range and
+      evaluation means (``tables/summary.csv``).
+    """
+
+    study: str
+    storage: str
+    trials: pd.DataFrame
+    evaluations: pd.DataFrame
+    comparison: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def _is_spec(target: str) -> bool:
+    return target.endswith((".yaml", ".yml")) and Path(target).is_file()
+
+
+def load_results(spec_or_storage: str | Path, study: str | None = None) -> Results:
+    """Load a study's trials, evaluations and comparison as pandas DataFrames.
+
+    ``spec_or_storage`` is a study spec (``studies/NAME.yaml``: its storage and name are
+    used, as ``python -m wdstudy report`` does) or a storage — a journal file
+    (``reports/NAME/optuna.journal``), ``postgresql://…`` or ``sqlite:///…`` — with
+    ``study`` naming the study in it (it may be left out when the storage holds one study).
+    The frames are those of the report: ``trials`` and ``evaluations`` are what ``launch``
+    exports as ``trials.csv`` and ``evaluations.csv``, ``comparison`` and ``summary`` what the
+    report's ``tables/*.csv`` hold (fANOVA importances are not computed here).
+
+    Example (after ``python -m wdstudy launch examples/my_study.yaml``)::
+
+        >>> import wdstudy
+        >>> r = wdstudy.load_results("examples/my_study.yaml")            # doctest: +SKIP
+        >>> r.trials.groupby("regularizer").value.min()                      # doctest: +SKIP
+        >>> r.evaluations.pivot(index="seed", columns="regularizer", values="test_error")  # doctest: +SKIP
+        >>> r.comparison[["task", "arm", "reference", "verdict"]]           # doctest: +SKIP
+        >>> wdstudy.load_results("reports/my-study/optuna.journal").study  # doctest: +SKIP
+        'my-study'
+
+    Raises :class:`~wdstudy.errors.WdstudyError` (one line naming the argument) when the
+    spec, the storage or the study does not exist.
+    """
+    from .analysis import evaluations_frame, trials_frame
+    from .launch import resolve_url, shown
+    from .spec import load_spec
+    from .storage import is_rdb, open_storage
+
+    target = str(spec_or_storage)
+    if _is_spec(target):
+        spec = load_spec(target)
+        url = resolve_url(spec, None)
+        if study is not None and study != spec.name:
+            raise WdstudyError(f"study={study!r}: the spec {target} names the study {spec.name!r}")
+        study = spec.name
+    else:
+        url = target
+    if not is_rdb(url) and not Path(url).is_file():
+        what = "journal file (has the study been launched?)" if _is_spec(target) else "spec or journal file"
+        raise WdstudyError(f"spec_or_storage={str(spec_or_storage)!r}: no such {what}"
+                           + (f" ({url})" if url != target else ""))
+    storage = open_storage(url)
+    if study is None:
+        study = _only_study(storage, target)
+
+    from .report.tables import compute_tables, load_report_data
+
+    label = url if is_rdb(url) else shown(url)
+    d = load_report_data(storage, study, label)
+    compute_tables(d, importance=False)
+    return Results(study, label, trials_frame(storage, study), evaluations_frame(storage, study),
+                   d.comparison, d.summary)
+
+
+def _only_study(storage, target: str) -> str:
+    """The one study whose cells the storage holds; an error listing them if there are several."""
+    from . import records as R
+
+    names = sorted({s.study_name.split("/", 1)[0] for s in storage.get_all_studies() if R.CELL in s.user_attrs})
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise WdstudyError(f"spec_or_storage={target!r}: no wdstudy study in this storage")
+    raise WdstudyError(f"spec_or_storage={target!r}: it holds the studies {', '.join(names)}; name one with study=")
