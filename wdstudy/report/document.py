@@ -114,6 +114,8 @@ EMPTY = {"seeds": "No evaluation runs yet.", "curves": "No evaluation runs yet."
 
 
 def generated_line(d: ReportData) -> str:
+    if getattr(d, "generated", None):
+        return d.generated
     return (f"Study {d.study}, read from the storage {d.storage_label} on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by wdstudy.")
 
