@@ -217,3 +217,47 @@ def test_tuning_curve_bands_against_opda_on_fixed_inputs():
         assert curve[n - 1] in (srt[k - 1], srt[min(k, len(ys) - 1)])
     assert np.all(np.diff(curve) <= 0) and np.all(lo <= curve) and np.all(curve <= hi)
     assert hi[-1] - lo[-1] > 0  # twelve draws leave real uncertainty
+
+
+def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
+    """Real processes: the launcher is killed (its workers follow it) while race runs are in
+    flight; a second launch finishes with every (candidate, seed) run exactly once."""
+    from pathlib import Path
+
+    from .test_engine import _children, _state
+    from .test_study import assert_exact, cli, journal, popen, wait_for
+    from .test_study import write_spec as study_spec
+
+    spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 25},
+                      selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})
+
+    def racing():
+        path = tmp_path / "out" / "optuna.journal"
+        if not path.exists():
+            return False
+        prog = progress_frame(journal(tmp_path), "tiny")
+        return len(prog) and prog.race_done.sum() >= 1 and prog.eval_done.sum() == 0
+
+    launcher = popen("launch", str(spec), "--workers", "2", "--quiet")
+    try:
+        wait_for(racing, 300, "the race to start", interval=0.1)
+        workers = _children(launcher.pid)
+        launcher.kill()
+        launcher.wait()
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in workers),
+                 60, "the workers to stop")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    before = progress_frame(journal(tmp_path), "tiny")
+    assert 1 <= before.race_done.sum() < 2 * 6  # killed mid-race
+    r = cli("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=3, seeds=2, cells=2)
+    for cell in ("l2", "decoupled"):
+        race = optuna.load_study(study_name=f"tiny/mlp-mnist1d/adam/{cell}/race", storage=storage)
+        done = [(t.user_attrs[R.CANDIDATE], t.user_attrs[R.SEED]) for t in race.trials
+                if t.state == TrialState.COMPLETE]
+        assert sorted(done) == sorted({(c, s) for c in range(3) for s in (2000, 2001)})
+    assert set(progress_frame(storage, "tiny").race_done) == {6}
