@@ -434,6 +434,40 @@ def test_slot_planning_and_progress_text():
     assert "t/adam/l2" in table and "4/10" in table and "0.1234" in table and "0:02:05 left" in table
     line = progress_line(df, 65, None)
     assert line == "[0:01:05] trials 4/10 · evaluation 0/3 · running 2 · failed 1 · pruned 1"
+    from rich.console import Console
+
+    from wdstudy.launch import progress_table
+
+    console = Console(record=True, width=140, force_terminal=False)
+    console.print(progress_table(df.assign(race_done=2, race_total=6), 65, 125))
+    shown = console.export_text()
+    for needle in ("cell", "race", "evaluation", "t/adam/l2", "4/10", "0.1234", "2/6", "0/3", "about 0:02:05 left"):
+        assert needle in shown, needle
+
+
+def test_launch_on_a_terminal_shows_a_live_table(tmp_path):
+    """launch under a pseudo-terminal draws rich's live table and leaves the final one on screen."""
+    import os
+    import pty
+
+    spec = write_spec(tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: launch on the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "2"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "wdstudy launch" in text and "evaluation" in text  # the rich table's title and header
+    assert "mlp-mnist1d/adam/decoupled" in text and "3/3" in text and "2/2" in text  # its final state
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -170,6 +170,28 @@ def format_progress(df, elapsed: float | None = None, eta: float | None = None) 
     return "\n".join(lines)
 
 
+def progress_table(df, elapsed: float | None = None, eta: float | None = None):
+    """The live progress display on a terminal: a rich table, one row per cell, totals in its caption."""
+    from rich.table import Table
+
+    race = "race_total" in df and df.race_total.sum() > 0
+    t = Table(title="wdstudy launch", title_justify="left", expand=False, show_edge=False, pad_edge=False)
+    for name, justify in (("cell", "left"), ("trials", "right"), ("running", "right"), ("failed", "right"),
+                          ("pruned", "right"), ("best", "right"), *((("race", "right"),) if race else ()),
+                          ("evaluation", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)
+    for r in df.itertuples():
+        best = "—" if r.best is None or r.best != r.best else f"{r.best:.4f}"
+        done = r.done >= r.budget and (not race or r.race_done >= r.race_total) and r.eval_done >= r.eval_total
+        t.add_row(r.cell, f"{r.done}/{r.budget}", str(r.running), f"[red]{r.fail}[/]" if r.fail else "0",
+                  str(r.pruned), best, *((f"{r.race_done}/{r.race_total}",) if race else ()),
+                  f"{r.eval_done}/{r.eval_total}", style="green" if done else None)
+    if elapsed is not None:
+        t.caption = f"elapsed {_hms(elapsed)}" + (f" · about {_hms(eta)} left" if eta is not None else "")
+        t.caption_justify = "left"
+    return t
+
+
 def progress_line(df, elapsed: float, eta: float | None) -> str:
     """One line for logs (no terminal): totals over all cells."""
     line = (f"[{_hms(elapsed)}] trials {int(df.done.sum())}/{int(df.budget.sum())} · "
@@ -222,8 +244,14 @@ def run_pool(
     start = time.monotonic()
     first = progress_frame(storage, spec.name)
     remaining0 = _remaining_units(first)
-    last_print, drawn = 0.0, 0
+    last_print = 0.0
     interrupted = complete = False
+    live = None
+    if tty:  # a live table on a terminal; one plain line per change in a log
+        from rich.live import Live
+
+        live = Live(progress_table(first, 0.0, None), refresh_per_second=2, auto_refresh=False)
+        live.start()
     try:
         while True:
             for s in pool:
@@ -272,11 +300,10 @@ def run_pool(
                 rem = _remaining_units(df)
                 finished_units = remaining0 - rem
                 eta = rem * elapsed / finished_units if finished_units > 0 else None
-                text = format_progress(df, elapsed, eta) if tty or done else progress_line(df, elapsed, eta)
-                if tty and drawn:
-                    sys.stdout.write(f"\x1b[{drawn}F\x1b[J")
-                print(text, flush=True)
-                drawn = text.count("\n") + 1
+                if live is not None:
+                    live.update(progress_table(df, elapsed, eta), refresh=True)
+                else:
+                    print(format_progress(df, elapsed, eta) if done else progress_line(df, elapsed, eta), flush=True)
                 last_print = now
             if done:
                 break
@@ -284,6 +311,8 @@ def run_pool(
     except KeyboardInterrupt:
         interrupted = True
     finally:  # also on any error in this process: never leave workers behind
+        if live is not None:
+            live.stop()
         if interrupted or not (complete or all(s.finished for s in pool)):
             _stop_all(pool, cells, StudyLock(url, spec.name))
     signal.signal(signal.SIGTERM, previous)
