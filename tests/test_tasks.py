@@ -235,3 +235,19 @@ def test_gradient_clipping_option():
     plain = train_run(task, "adam", "l2", 1e-2, 1e-4, accelerator="cpu")
     clipped = train_run(task.model_copy(update={"grad_clip": 0.01}), "adam", "l2", 1e-2, 1e-4, accelerator="cpu")
     assert clipped.metrics["train_loss"] != plain.metrics["train_loss"]
+
+
+def test_logistic_regression_is_one_linear_layer_and_trains():
+    import subprocess
+    import sys
+
+    task = task_config("logreg-mnist1d", epochs=5)
+    model = task.build_model()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and (linears[0].in_features, linears[0].out_features) == (40, 10)
+    assert sum(p.numel() for p in model.parameters()) == 40 * 10 + 10
+    r = train_run(task, "adam", "l2", 1e-2, 1e-4, with_test=True, accelerator="cpu")
+    assert r.metrics["train_error"] < 0.85 and r.metrics["test_error"] < 0.9  # better than chance (90%)
+    help_text = subprocess.run([sys.executable, "-m", "wdstudy", "train", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "logreg-mnist1d" in help_text

@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="one training run of a task, printing its metrics")
-    p.add_argument("--task", required=True, help="e.g. mlp-mnist1d, cnn-mnist1d, gru-mnist1d, cnn-cifar10")
+    from .tasks.names import DATASETS, MODELS
+
+    p.add_argument("--task", required=True,
+                   help=f"MODEL-DATASET, models {', '.join(MODELS)}; datasets {', '.join(DATASETS)} "
+                        "(e.g. mlp-mnist1d, logreg-mnist1d, cnn-cifar10)")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--regularizer", default="decoupled", choices=list(REGULARIZER_NAMES))
     p.add_argument("--weight-decay", type=float, default=0.0, help="λ (default 0)")

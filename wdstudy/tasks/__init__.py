@@ -40,9 +40,11 @@ _SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn-image": {"width": 32, "layers": 3, "kernel_size": 3},
     "gru": {"width": 64, "layers": 1},
     "lstm": {"width": 64, "layers": 1},
+    "logreg": {},  # multinomial logistic regression: one linear layer, nothing to size
 }
 _SIZE_FIELDS = {"mlp": ("width", "layers", "dropout"), "cnn": ("width", "layers", "kernel_size", "batch_norm", "dropout")}
 _SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout")
+_SIZE_FIELDS["logreg"] = ()
 
 #: The fields a factory task shares with built-in tasks: how the study trains it. Every other
 #: key of a factory task is an option, passed to the factory as a keyword argument.

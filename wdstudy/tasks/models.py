@@ -1,4 +1,4 @@
-"""Backbones: MLP, CNN (1-D for sequences, 2-D for images) and RNN (GRU, LSTM).
+"""Backbones: MLP, CNN (1-D for sequences, 2-D for images), RNN (GRU, LSTM) and logistic regression.
 
 Each takes the shape of one input example and returns class logits. Sizes are
 plain integers so that a study spec can override them.
@@ -111,7 +111,9 @@ class RNN(nn.Module):
 
 
 def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, **sizes) -> nn.Module:
-    """Build backbone ``model`` ('mlp', 'cnn', 'gru', 'lstm') with the given sizes."""
+    """Build backbone ``model`` ('mlp', 'cnn', 'gru', 'lstm', 'logreg') with the given sizes."""
+    if model == "logreg":  # multinomial logistic regression: flatten, one linear layer, softmax in the loss
+        return MLP(input_shape, num_classes, layers=0)
     if model == "mlp":
         return MLP(input_shape, num_classes, **sizes)
     if model == "cnn":

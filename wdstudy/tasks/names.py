@@ -6,7 +6,7 @@ storage or drawing a report never imports torch.
 
 from __future__ import annotations
 
-MODELS = ("mlp", "cnn", "gru", "lstm")
+MODELS = ("mlp", "cnn", "gru", "lstm", "logreg")
 DATASETS = ("mnist1d", "mnist", "fashionmnist", "cifar10")
 
 #: Shape of one input example (without the batch dimension), per dataset.
