@@ -276,11 +276,12 @@ def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
     assert (df.state == "FAIL").sum() >= 1 and (df[df.state == "FAIL"].fail_kind == "lost").all()
 
 
-def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_path):
-    spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 20})
+def kill_launch_when(spec: Path, ready, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Start ``launch`` with 2 workers, SIGKILL it once ``ready()`` holds, and wait until its
+    workers, which watch their launcher, have stopped too."""
     launcher = popen("launch", str(spec), "--workers", "2", "--quiet")
     try:
-        wait_for(lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
+        wait_for(ready, timeout, what, interval=interval)
         workers = _children(launcher.pid)
         launcher.kill()
         launcher.wait()
@@ -289,6 +290,11 @@ def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_path):
+    spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 20})
+    kill_launch_when(spec, lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
     df = trials_frame(journal(tmp_path), "tiny")
     assert (df.state != "RUNNING").all()  # each worker failed and re-queued its own trial
     r = cli("launch", str(spec), "--workers", "2", "--quiet")

@@ -222,10 +222,8 @@ def test_tuning_curve_bands_against_opda_on_fixed_inputs():
 def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
     """Real processes: the launcher is killed (its workers follow it) while race runs are in
     flight; a second launch finishes with every (candidate, seed) run exactly once."""
-    from pathlib import Path
-
-    from .test_engine import _children, _state
-    from .test_study import assert_exact, cli, journal, popen, wait_for
+    from .test_engine import kill_launch_when
+    from .test_study import assert_exact, cli, journal
     from .test_study import write_spec as study_spec
 
     spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 25},
@@ -238,17 +236,7 @@ def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
         prog = progress_frame(journal(tmp_path), "tiny")
         return len(prog) and prog.race_done.sum() >= 1 and prog.eval_done.sum() == 0
 
-    launcher = popen("launch", str(spec), "--workers", "2", "--quiet")
-    try:
-        wait_for(racing, 300, "the race to start", interval=0.1)
-        workers = _children(launcher.pid)
-        launcher.kill()
-        launcher.wait()
-        wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in workers),
-                 60, "the workers to stop")
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    kill_launch_when(spec, racing, 300, "the race to start", interval=0.1)
     before = progress_frame(journal(tmp_path), "tiny")
     assert 1 <= before.race_done.sum() < 2 * 6  # killed mid-race
     r = cli("launch", str(spec), "--workers", "2", "--quiet")

@@ -12,6 +12,7 @@ The verdict of each row is recomputed from the row's own numbers by :func:`verdi
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
@@ -64,7 +65,9 @@ QUICK = Setup(epochs=2, seeds=[0, 1], width=32, max_train=600, gap_tasks=("mlp-m
 # -- instruments ------------------------------------------------------------------------------
 
 
+@functools.cache
 def _callbacks():
+    """The instrument classes (defined on first use: importing this module needs no Lightning)."""
     from lightning.pytorch import Callback
 
     class Capture(Callback):

@@ -114,8 +114,6 @@ class Worker:
         """One search trial: the validation objective, or None if pruned or diverged."""
         from optuna_integration import PyTorchLightningPruningCallback
 
-        from .train import DivergedError
-
         trial, cell = unit.trial, unit.cell
         lr, wd = self._begin(unit)
         gen = trial.user_attrs.get(R.GENERATION)
@@ -123,64 +121,54 @@ class Worker:
                  f"{trial.user_attrs.get(R.SLOT)}): lr={lr:.3g} λ={wd:.3g}")
         pruning = PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective)
         try:
-            result = self._train(cell, lr, wd, self.spec.search.seed, [pruning], with_test=False)
-        except DivergedError as exc:
-            trial.set_user_attr(R.OUTCOME, "diverged")
-            trial.set_user_attr(R.REASON, str(exc))
-            return None
+            return self._measure(trial, cell, lr, wd, self.spec.search.seed, [pruning], with_test=False,
+                                 key=self.spec.search.objective)
         except optuna.TrialPruned:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
-        self._store(trial, result)
-        value = result.metrics[self.spec.search.objective]
-        if not math.isfinite(value):
-            trial.set_user_attr(R.OUTCOME, "diverged")
-            trial.set_user_attr(R.REASON, f"objective is {value}")
-            return None
-        trial.set_user_attr(R.OUTCOME, "complete")
-        return value
 
     def _evaluate(self, unit: Unit) -> float | None:
         """One evaluation seed of the chosen configuration: test error, or None if diverged."""
-        from .train import DivergedError
-
         trial, cell = unit.trial, unit.cell
         lr, wd = self._begin(unit)
         seed = int(trial.user_attrs[R.SEED])
         self.log(f"[{owner_tag()}] {cell.eval_name} seed {seed}: lr={lr:.3g} λ={wd:.3g}")
-        try:
-            result = self._train(cell, lr, wd, seed, [], with_test=True)
-        except DivergedError as exc:
-            trial.set_user_attr(R.OUTCOME, "diverged")
-            trial.set_user_attr(R.REASON, str(exc))
-            return None
-        self._store(trial, result)
-        trial.set_user_attr(R.OUTCOME, "complete")
-        return result.metrics["test_error"]
+        return self._measure(trial, cell, lr, wd, seed, [], with_test=True, key="test_error")
 
     def _race(self, unit: Unit) -> float | None:
         """One race run: a candidate configuration on a new seed, scored on the validation split
         only (the test split stays untouched until the pick is evaluated); None if it diverged."""
-        from .train import DivergedError
-
         trial, cell = unit.trial, unit.cell
         lr, wd = self._begin(unit)
         seed = int(trial.user_attrs[R.SEED])
         self.log(f"[{owner_tag()}] {cell.race_name} candidate {trial.user_attrs.get(R.CANDIDATE)} seed {seed}: "
                  f"lr={lr:.3g} λ={wd:.3g}")
+        return self._measure(trial, cell, lr, wd, seed, [], with_test=False, key=self.spec.search.objective,
+                             history=False)
+
+    def _measure(self, trial: optuna.Trial, cell: Cell, lr: float, wd: float, seed: int, callbacks, *,
+                 with_test: bool, key: str, history: bool = True) -> float | None:
+        """Train once, store the metrics on ``trial`` and return metric ``key``; None, with outcome
+        ``diverged`` and the reason, if the loss or that metric became NaN or infinite. A pruning
+        callback's ``optuna.TrialPruned`` passes through."""
+        from .train import DivergedError
+
         try:
-            result = self._train(cell, lr, wd, seed, [], with_test=False)
+            result = self._train(cell, lr, wd, seed, callbacks, with_test=with_test)
         except DivergedError as exc:
-            trial.set_user_attr(R.OUTCOME, "diverged")
-            trial.set_user_attr(R.REASON, str(exc))
-            return None
-        self._store(trial, result, history=False)
-        value = result.metrics[self.spec.search.objective]
+            return self._diverged(trial, str(exc))
+        self._store(trial, result, history=history)
+        value = result.metrics[key]
         if not math.isfinite(value):
-            trial.set_user_attr(R.OUTCOME, "diverged")
-            return None
+            return self._diverged(trial, f"objective is {value}")
         trial.set_user_attr(R.OUTCOME, "complete")
         return value
+
+    @staticmethod
+    def _diverged(trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr(R.OUTCOME, "diverged")
+        trial.set_user_attr(R.REASON, reason)
+        return None
 
     def _store(self, trial: optuna.Trial, result, history: bool = True) -> None:
         for k in R.METRIC_KEYS:

@@ -50,10 +50,6 @@ def _fit(fig: plt.Figure, top: float = 1.0) -> None:
         ax.minorticks_off()  # log axes: hundreds of unlabelled ticks cost more to draw than they tell
 
 
-def _groups(d: ReportData) -> list[tuple[str, str]]:
-    return d.groups()
-
-
 def _cells_of(d: ReportData, task: str, opt: str) -> dict[str, str]:
     s = d.summary[(d.summary.task == task) & (d.summary.optimizer == opt)]
     return {r.regularizer: r.cell for r in s.itertuples()}
@@ -116,7 +112,7 @@ def fig_seeds(d: ReportData) -> Figure | None:
     e = d.evals[d.evals.state == "COMPLETE"] if not d.evals.empty else d.evals
     if e.empty:
         return None
-    groups = _groups(d)
+    groups = d.groups()
     fig, axes = plt.subplots(2, len(groups), figsize=(WIDTH, 5.4), squeeze=False)
     for j, (task, opt) in enumerate(groups):
         g = e[(e.task == task) & (e.optimizer == opt)]
@@ -160,7 +156,7 @@ def fig_slices(d: ReportData) -> Figure | None:
     """Per task: objective against λ and against the per-step shrink, near each arm's chosen η."""
     if d.trials.empty or d.summary.dropna(subset=["lr"]).empty:
         return None
-    groups = _groups(d)
+    groups = d.groups()
     sc = _scale(d)
     fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH, 2.5 * len(groups) + 0.6), squeeze=False)
     handles = {}
@@ -223,7 +219,7 @@ def fig_landscapes(d: ReportData) -> Figure | None:
         return None
     sc = _scale(d)
     rows = []
-    for task, opt in _groups(d):
+    for task, opt in d.groups():
         cells = {r: c for r, c in _cells_of(d, task, opt).items() if d.cells[c]["weight_decay_range"]}
         regs = arms_in(cells)
         done = {r: d.complete(cells[r]) for r in regs}
@@ -375,13 +371,14 @@ def fig_coupling(d: ReportData) -> Figure | None:
 def fig_best_so_far(d: ReportData) -> Figure | None:
     if d.trials.empty:
         return None
-    groups = _groups(d)
+    groups = d.groups()
     sc = _scale(d)
     fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 2.7), squeeze=False)
     for j, (task, opt) in enumerate(groups):
         ax = axes[0][j]
-        for reg, cell in sorted(_cells_of(d, task, opt).items(), key=lambda kv: arms_in(_cells_of(d, task, opt)).index(kv[0])):
-            t = search_order(d.trials[(d.trials.cell == cell) & d.trials.state.isin(["COMPLETE", "PRUNED"])])
+        cells = _cells_of(d, task, opt)
+        for reg in arms_in(cells):
+            t = search_order(d.trials[(d.trials.cell == cells[reg]) & d.trials.state.isin(["COMPLETE", "PRUNED"])])
             if t.empty:
                 continue
             v = t.value.where(t.state == "COMPLETE").astype(float).cummin() * sc
@@ -411,7 +408,7 @@ def fig_tuning(d: ReportData) -> Figure | None:
     sampler = next(iter(d.cells.values()))["sampler"]
     if d.trials.empty or sampler not in ("random", "grid"):
         return None
-    groups = _groups(d)
+    groups = d.groups()
     sc = _scale(d)
     fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 2.7), squeeze=False)
     drawn = False
@@ -465,7 +462,7 @@ def fig_curves(d: ReportData) -> Figure | None:
     h = d.histories
     if h.empty:
         return None
-    groups = [(t, o) for t, o in _groups(d) if len(h[(h.task == t) & (h.optimizer == o)])]
+    groups = [(t, o) for t, o in d.groups() if len(h[(h.task == t) & (h.optimizer == o)])]
     fig, axes = plt.subplots(len(groups), 3, figsize=(WIDTH, 2.3 * len(groups) + 0.5), squeeze=False)
     n = 0
     for i, (task, opt) in enumerate(groups):

@@ -42,8 +42,8 @@ def render_html(d: ReportData, sections: list[Section]) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<title>wdstudy report: {e(d.study)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{e(getattr(d, 'title', 'Decoupled weight decay vs L2 regularization — study'))} "
-             f"<code>{e(d.study)}</code></h1>" if not hasattr(d, "title") else f"<h1>{e(d.title)}</h1>",
+             f"<h1>{e(d.title)}</h1>" if hasattr(d, "title") else
+             f"<h1>Decoupled weight decay vs L2 regularization — study <code>{e(d.study)}</code></h1>",
              f"<p>{e(generated_line(d))}</p>",
              "<nav>" + " ".join(f'<a href="#{e(s.key)}">{e(s.title)}</a>' for s in sections) + "</nav>"]
     for s in sections:
