@@ -226,7 +226,7 @@ def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
     from .test_study import assert_exact, cli, journal
     from .test_study import write_spec as study_spec
 
-    spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 25},
+    spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 40},
                       selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})
 
     def racing():
@@ -234,7 +234,8 @@ def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
         if not path.exists():
             return False
         prog = progress_frame(journal(tmp_path), "tiny")
-        return len(prog) and prog.race_done.sum() >= 1 and prog.eval_done.sum() == 0
+        # early in the race (at most 4 of its 12 runs done), so the kill lands mid-race on a busy machine too
+        return len(prog) and 1 <= prog.race_done.sum() <= 4 and prog.eval_done.sum() == 0
 
     kill_launch_when(spec, racing, 300, "the race to start", interval=0.1)
     before = progress_frame(journal(tmp_path), "tiny")

@@ -71,7 +71,8 @@ def _block(b) -> str:
 
 def _table(t: Table) -> str:
     e = html.escape
-    wide = {i for i, w in enumerate(t.widths) if w >= 2.7}  # long text: wraps instead of widening the table
+    # long text wraps instead of widening the table: a wide column, or one holding sentences
+    wide = {i for i, w in enumerate(t.widths) if w >= 2.7 or max((len(str(r[i])) for r in t.rows), default=0) > 40}
     out = [f'<div class="tw" id="table-{e(t.key)}"><table><thead><tr>',
            *(f"<th>{e(h)}</th>" for h in t.head), "</tr></thead><tbody>"]
     for row in t.rows:
