@@ -182,3 +182,57 @@ def test_pruning_audit_is_quiet_when_pruning_is_even(tmp_path):
                                          intermediate_values={0: 0.5}, user_attrs={R.OUTCOME: "pruned"}))
     d = _data(storage)
     assert len(d.pruning) == 2 and not d.pruning.warning.any()
+
+
+# -- the decoupled arm searched over its per-step shrink η·λ ------------------------------------
+
+
+def test_decoupled_searched_over_the_shrink_trains_with_lambda_equal_shrink_over_lr(tmp_path):
+    from tests.test_study import write_spec
+    from wdstudy.analysis import evaluations_frame, trials_frame
+    from wdstudy.spec import load_spec
+    from wdstudy.tasks import task_config
+    from wdstudy.train import optimizer_config, train_run
+    from wdstudy.worker import Worker
+
+    spec = load_spec(write_spec(tmp_path, regularizers=["decoupled"],
+                                search={"sampler": "grid", "grid_points": 2, "trials": None,
+                                        "weight_decay": {"low": 1e-5, "high": 1e-3, "axis": "shrink"}},
+                                evaluation={"seeds": 1}))
+    cell = spec.cells()[0]
+    assert set(distributions(spec, cell)) == {"lr", "shrink"}
+    url = str(tmp_path / "out" / "optuna.journal")
+    ensure_studies(spec, open_storage(url))
+    Worker(spec, url, poll=0.1, log=lambda m: None).run()
+    storage = open_storage(url)
+    record = optuna.load_study(study_name=cell.name, storage=storage).user_attrs[R.CELL]
+    # λ reachable with η in [1e-3, 1e-2] and η·λ in [1e-5, 1e-3]: [1e-3, 1]
+    assert record["weight_decay_range"] == pytest.approx([1e-3, 1.0])
+    assert record[R.DECAY_AXIS] == {"axis": "shrink", "range": [1e-5, 1e-3]}
+    df = trials_frame(storage, "tiny")
+    shrinks = {round(r.lr * r.weight_decay, 12) for r in df.itertuples()}
+    assert shrinks == {1e-5, 1e-3}  # λ is stored as shrink / η, and the grid's endpoints are exact
+    # the evaluation trained with λ = shrink / η: the same weights as a direct run with that λ
+    ev = evaluations_frame(storage, "tiny").iloc[0]
+    direct = train_run(task_config("mlp-mnist1d", width=16, max_train=400, epochs=2), optimizer_config("adam"),
+                       "decoupled", ev.lr, ev.weight_decay, seed=int(ev.seed), accelerator="cpu")
+    assert direct.metrics["weight_norm"] == pytest.approx(ev.weight_norm, rel=1e-6)
+    d = load_report_data(storage, "tiny", "test")
+    compute_tables(d)
+    row = d.summary.iloc[0]
+    assert row.weight_decay_range == "η·λ 1e-05–0.001" and row.decay_axis == "shrink"
+    # the grid's every point is on an edge of the shrink range, so the pick is too
+    assert row.weight_decay_edge in ("low edge", "high edge")
+
+
+def test_a_shrink_axis_is_refused_for_an_arm_other_than_decoupled():
+    from wdstudy.errors import WdstudyError
+
+    spec = {"name": "a", "tasks": ["mlp-mnist1d"], "optimizers": ["adam"], "regularizers": ["l2", "decoupled"],
+            "search": {"lr": {"low": 1e-4, "high": 1e-1}, "sampler": "random", "trials": 4,
+                       "weight_decay": {"l2": {"low": 1e-6, "high": 1e-1, "axis": "shrink"},
+                                        "decoupled": {"low": 1e-7, "high": 1e-2, "axis": "shrink"}}}}
+    with pytest.raises(WdstudyError, match=r"search\.weight_decay\.l2\.axis: 'shrink' applies to the decoupled arm"):
+        validate(StudySpec, spec, "a.yaml")
+    spec["search"]["weight_decay"]["l2"]["axis"] = "lambda"
+    assert validate(StudySpec, spec).weight_decay_range("decoupled").axis == "shrink"

@@ -375,6 +375,22 @@ def test_shipped_specs_are_valid():
     for p in root.glob("*.yaml"):  # shipped specs do not prune (it biases the comparison)
         assert load_spec(p).search.pruner == "none"
     assert quick.evaluation.seeds == 5 and "independent" in load_spec(root / "mnist1d-full.yaml").regularizers
+    assert quick.weight_decay_range("decoupled").axis == "shrink"
+
+
+def test_the_committed_quickstart_answer_has_no_choice_at_an_edge():
+    """The committed sample report: one row per cell, every chosen η and λ inside its range."""
+    import pandas as pd
+
+    from wdstudy.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    quick = load_spec(root / "studies" / "quickstart.yaml")
+    summary = pd.read_csv(root / "reports" / "quickstart" / "tables" / "summary.csv", keep_default_na=False)
+    assert sorted(summary.cell) == sorted(c.name for c in quick.cells())
+    assert (summary.lr_edge == "").all() and (summary.weight_decay_edge == "").all(), summary[
+        ["cell", "lr", "weight_decay", "lr_edge", "weight_decay_edge"]]
+    assert (summary.seeds == 5).all() and (summary.diverged_seeds == 0).all()
 
 
 def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):

@@ -155,6 +155,23 @@ def test_models_output_logits(name):
     assert model(torch.randn(5, 40)).shape == (5, 10)
 
 
+def test_an_rnn_reads_chunk_values_per_step():
+    model = task_config("gru-mnist1d", chunk=4, width=8).build_model()
+    assert model.rnn.input_size == 4
+    x = torch.randn(3, 40)
+    seen = []
+    model.rnn.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    assert model(x).shape == (3, 10) and seen[0].shape == (3, 10, 4)
+    for t in range(10):  # step t reads values 4t .. 4t+3, in order
+        assert torch.equal(seen[0][:, t], x[:, 4 * t: 4 * t + 4])
+    with pytest.raises(WdstudyError, match="chunk: 3 does not divide the sequence length 40"):
+        task_config("gru-mnist1d", chunk=3)
+    with pytest.raises(WdstudyError, match="chunk: applies to recurrent tasks on 1-D sequences"):
+        task_config("mlp-mnist1d", chunk=4)
+    with pytest.raises(WdstudyError, match="chunk: applies to recurrent tasks on 1-D sequences"):
+        task_config("gru-mnist", chunk=4)
+
+
 def test_every_named_task_builds():
     for name in TASKS:
         task = task_config(name)

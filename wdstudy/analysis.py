@@ -42,7 +42,7 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
             "state": t.state.name,
             "value": t.value,
             "lr": t.params.get("lr"),
-            "weight_decay": t.params.get("weight_decay", 0.0 if t.params else None),
+            "weight_decay": R.decay_of(t.params) if t.params else None,
             "generation": t.user_attrs.get(R.GENERATION),
             "slot": t.user_attrs.get(R.SLOT),
             "outcome": t.user_attrs.get(R.OUTCOME),
@@ -135,7 +135,7 @@ def race_frame(storage, study: str) -> pd.DataFrame:
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
         for c in race_standings(cands, trials):
             rows.append({"cell": name, "search_rank": c["rank"], "trial": c["trial"], "lr": c["params"].get("lr"),
-                         "weight_decay": c["params"].get("weight_decay", 0.0), "search_value": c["value"],
+                         "weight_decay": R.decay_of(c["params"]), "search_value": c["value"],
                          "race_mean": c["race_mean"], "race_n": c["race_n"], "diverged": c["diverged"],
                          "race_values": c["race_values"], "chosen": c["chosen"]})
     return pd.DataFrame(rows)

@@ -63,13 +63,13 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     studies started before those fields existed still resume; a factory task's record holds
     its factory path and options, so changing either is a changed spec.
     """
-    from .tasks import FACTORY_ONLY
+    from .tasks import FACTORY_ONLY, LATER_FIELDS
 
     wd = spec.weight_decay_range(cell.regularizer)
     task = cell.task.model_dump(mode="json")
     if task.get("precision") == "32":
         del task["precision"]
-    for key, default in FACTORY_ONLY.items():
+    for key, default in {**FACTORY_ONLY, **LATER_FIELDS}.items():
         if task.get(key) == default:
             del task[key]
     return {
@@ -80,7 +80,9 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "schedule": spec.schedule,
         "decay_all": spec.decay_all,
         "lr_range": [spec.search.lr.low, spec.search.lr.high],
-        "weight_decay_range": [wd.low, wd.high] if wd else None,
+        "weight_decay_range": list(wd.lambda_range(spec.search.lr)) if wd else None,
+        # only when λ is not the searched axis, so records of λ-searched studies stay as they were
+        **({R.DECAY_AXIS: {"axis": wd.axis, "range": [wd.low, wd.high]}} if wd and wd.axis != "lambda" else {}),
         "sampler": spec.search.sampler,
         "budget": spec.budget(cell.regularizer),
         "batch": spec.search.batch,
@@ -99,11 +101,12 @@ def eval_seeds(spec: StudySpec) -> list[int]:
 
 
 def distributions(spec: StudySpec, cell: Cell) -> dict[str, FloatDistribution]:
-    """The searched parameters of a cell: ``lr`` and (unless the arm is ``none``) ``weight_decay``."""
+    """The searched parameters of a cell: ``lr`` and (unless the arm is ``none``) the strength on
+    its axis: ``weight_decay`` (λ), ``shrink`` or ``timescale`` (see ``records.DECAY_AXES``)."""
     out = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
     wd = spec.weight_decay_range(cell.regularizer)
     if wd is not None:
-        out["weight_decay"] = FloatDistribution(wd.low, wd.high, log=True)
+        out[R.DECAY_AXES[wd.axis]] = FloatDistribution(wd.low, wd.high, log=True)
     return out
 
 
@@ -149,7 +152,8 @@ def grid_order(spec: StudySpec, cell: Cell) -> list[dict[str, float]]:
     s = spec.search
     lrs = spec.search.lr.grid(s.grid_points)
     wd = spec.weight_decay_range(cell.regularizer)
-    points = [{"lr": a, "weight_decay": b} for a in lrs for b in wd.grid(s.grid_points)] if wd else [{"lr": a} for a in lrs]
+    key = R.DECAY_AXES[wd.axis] if wd else None
+    points = [{"lr": a, key: b} for a in lrs for b in wd.grid(s.grid_points)] if wd else [{"lr": a} for a in lrs]
     order = np.random.default_rng(s.seed).permutation(len(points))
     return [points[i] for i in order]
 

@@ -19,16 +19,17 @@ M = TypeVar("M", bound=BaseModel)
 def format_validation_error(exc: ValidationError, where: str | None = None) -> str:
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         value = err.get("input")
-        shown = "" if err["type"] == "missing" else f"={value!r}"
+        # a whole mapping (a check across keys) is not repeated: its message names the keys
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f"={value!r}"
         prefix = f"{where}: " if where else ""
-        lines.append(f"{prefix}{path}{shown}: {msg}")
+        lines.append(f"{prefix}{path}{shown}: {msg}" if path else f"{prefix}{msg}")
     return "\n".join(lines)
 
 

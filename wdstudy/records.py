@@ -68,6 +68,38 @@ FAIL_KIND = "fail_kind"
 ERROR = "error"
 LOST = "lost"
 
+# -- the searched strength ------------------------------------------------------------------
+#: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself
+#: (``weight_decay``), or, for the decoupled arm, the per-step shrink η·λ (``shrink``) or its
+#: timescale 1/(η·λ) in steps (``timescale``). λ follows from the parameters in every case.
+DECAY_AXES = {"lambda": "weight_decay", "shrink": "shrink", "timescale": "timescale"}
+DECAY_AXIS = "decay_axis"  # cell record: {"axis": ..., "range": [low, high]} when the axis is not λ
+
+
+def decay_of(params: dict) -> float:
+    """λ of a trial from its parameters, whichever axis searched it (0 for the ``none`` arm)."""
+    if "weight_decay" in params:
+        return params["weight_decay"]
+    if "shrink" in params:
+        return params["shrink"] / params["lr"]
+    if "timescale" in params:
+        return 1.0 / (params["timescale"] * params["lr"])
+    return 0.0
+
+
+def axis_value(axis: str, lr: float, wd: float) -> float:
+    """The searched coordinate of (η, λ) on ``axis``: λ, η·λ or 1/(η·λ)."""
+    return {"lambda": wd, "shrink": lr * wd, "timescale": 1.0 / (lr * wd) if lr * wd else float("inf")}[axis]
+
+
+def searched_decay(cell: dict) -> tuple[str, list[float]] | None:
+    """A cell record's searched strength axis and its range (None for the ``none`` arm)."""
+    if cell.get("weight_decay_range") is None:
+        return None
+    extra = cell.get(DECAY_AXIS)
+    return (extra["axis"], extra["range"]) if extra else ("lambda", cell["weight_decay_range"])
+
+
 PACKAGES = ("wdstudy", "torch", "torchvision", "lightning", "optuna", "optuna-integration", "pandas", "numpy")
 
 

@@ -94,10 +94,25 @@ class LogRange(BaseModel):
         return x <= fraction or x >= 1 - fraction
 
 
+class DecayRange(LogRange):
+    """A λ range; for the decoupled arm it may instead range over the per-step shrink η·λ
+    (``axis: shrink``) or its timescale 1/(η·λ) in steps (``axis: timescale``): λ = shrink/η."""
+
+    axis: Literal["lambda", "shrink", "timescale"] = "lambda"
+
+    def lambda_range(self, lr: LogRange) -> tuple[float, float]:
+        """Every λ the search can reach with learning rates in ``lr``."""
+        if self.axis == "shrink":
+            return self.low / lr.high, self.high / lr.low
+        if self.axis == "timescale":
+            return 1.0 / (self.high * lr.high), 1.0 / (self.low * lr.low)
+        return self.low, self.high
+
+
 class SearchSpec(BaseModel):
     model_config = _STRICT
     lr: LogRange
-    weight_decay: LogRange | dict[str, LogRange]
+    weight_decay: DecayRange | dict[str, DecayRange]
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     trials: int | None = Field(None, ge=1, description="budget per cell; grid: points per axis squared")
     grid_points: int | None = Field(None, ge=1, description="grid sampler: points per axis")
@@ -212,8 +227,14 @@ class StudySpec(BaseModel):
             raise ValueError(f"selection.first_seed: race seeds {min(race)}–{max(race)} must not repeat the search "
                              f"seed or an evaluation seed (both use {clash[0]})")
         wd = self.search.weight_decay
+        decayed = [r for r in self.regularizers if r != "none"]
+        for r in decayed:
+            rng = wd[r] if isinstance(wd, dict) else wd
+            if rng is not None and rng.axis != "lambda" and r != "decoupled":
+                where = f"search.weight_decay.{r}.axis" if isinstance(wd, dict) else "search.weight_decay.axis"
+                raise ValueError(f"{where}: {rng.axis!r} applies to the decoupled arm only (its shrink is η·λ); "
+                                 f"search {r} over λ (axis: lambda)")
         if isinstance(wd, dict):
-            decayed = [r for r in self.regularizers if r != "none"]
             missing = [r for r in decayed if r not in wd]
             extra = [r for r in wd if r not in decayed]
             if missing or extra:
@@ -229,7 +250,7 @@ class StudySpec(BaseModel):
 
     # -- derived ---------------------------------------------------------------------
 
-    def weight_decay_range(self, regularizer: str) -> LogRange | None:
+    def weight_decay_range(self, regularizer: str) -> DecayRange | None:
         if regularizer == "none":
             return None
         wd = self.search.weight_decay

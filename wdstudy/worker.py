@@ -108,7 +108,7 @@ class Worker:
         trial = self._trial = unit.trial
         trial.set_user_attr(R.WORKER, owner_tag())
         trial.set_user_attr(R.CUDA_VISIBLE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        return trial.params["lr"], trial.params.get("weight_decay", 0.0)
+        return trial.params["lr"], R.decay_of(trial.params)
 
     def _search(self, unit: Unit) -> float | None:
         """One search trial: the validation objective, or None if pruned or diverged."""

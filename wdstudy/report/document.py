@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from .figures import Rendered
 from .style import arm_rank, arms_in, label, missing, num, pct, pm, pts_ci
 from ..analysis import compute_hours
-from .tables import ReportData
+from .tables import ReportData, _range_text
+from .. import records as R
 
 #: (id, title) of every section, in order; each appears even when it has nothing to show yet
 SECTIONS = [
@@ -147,7 +148,7 @@ def design_lines(d: ReportData) -> list[str]:
     per_reg = {label(c["regularizer"]): c["budget"] for c in cells}
     budgets = (str(c0["budget"]) if len(set(per_reg.values())) == 1
                else ", ".join(f"{b} ({r})" for r, b in per_reg.items()))
-    ranges = "; ".join(f"{label(c['regularizer'])} {c['weight_decay_range'][0]:.3g}–{c['weight_decay_range'][1]:.3g}"
+    ranges = "; ".join(f"{label(c['regularizer'])} {_range_text(*R.searched_decay(c))}"
                        for c in sorted({c["regularizer"]: c for c in cells}.values(),
                                        key=lambda c: regs.index(c["regularizer"])) if c["weight_decay_range"])
     hours = compute_hours(d.trials, d.evals)

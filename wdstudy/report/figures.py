@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
+from .. import records as R  # noqa: E402
 from ..stats import mean_ci, tuning_curve  # noqa: E402
 from .style import arms_in, color, label, shrink  # noqa: E402
 from .tables import NEAR_LR, ReportData, search_order, top_trials  # noqa: E402
@@ -264,7 +265,10 @@ def fig_landscapes(d: ReportData) -> Figure | None:
     return Figure("landscapes", "landscapes", "Landscapes over (η, λ)", (
         f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
         "worse trials share the darkest colour, so the good region is resolved. Each panel spans its arm's own "
-        "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."),
+        "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."
+        + (" An arm searched over its per-step shrink η·λ (or its timescale) covers the band between the "
+           "dashed lines, the λ = shrink/η of the range's two ends." if any(
+               c.get(R.DECAY_AXIS) for c in d.cells.values()) else "")),
         "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
 
 
@@ -280,6 +284,12 @@ def _landscape_panel(ax, d: ReportData, done: pd.DataFrame, allt: pd.DataFrame, 
     if done.empty:
         ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
         return None
+    searched = R.searched_decay(cell)
+    if searched is not None and searched[0] != "lambda":  # the band of (η, λ) that the searched axis covers
+        lrs = np.geomspace(*cell["lr_range"], 50)
+        for bound in searched[1]:
+            ax.plot(lrs, [R.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs],
+                    color="#999999", lw=0.8, ls="--", zorder=1)
     cmap = sns.color_palette(CMAP, as_cmap=True)
     x, y, v = done.lr.to_numpy(float), done.weight_decay.to_numpy(float), sc * done.value.to_numpy(float)
     mappable = None

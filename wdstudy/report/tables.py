@@ -154,6 +154,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
         best = chosen_trial(comp)
         lr_lo, lr_hi = cell["lr_range"]
         wd_range = cell["weight_decay_range"]
+        searched = R.searched_decay(cell)  # (axis, range): where the search looked for the strength
         sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
         val_size = int(sizes.iloc[0]) if len(sizes) else 0
         ci = {c: mean_ci(e[c].dropna()) if len(e) and c in e else mean_ci([])
@@ -171,9 +172,10 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "weight_decay": wd,
             "shrink": math.nan if wd is None else shrink(reg, best.lr, wd),
             "lr_range": f"{lr_lo:.3g}–{lr_hi:.3g}",
-            "weight_decay_range": "—" if wd_range is None else f"{wd_range[0]:.3g}–{wd_range[1]:.3g}",
+            "weight_decay_range": "—" if searched is None else _range_text(*searched),
+            "decay_axis": "" if searched is None else searched[0],
             "lr_edge": "" if best is None else edge(best.lr, lr_lo, lr_hi),
-            "weight_decay_edge": "" if wd is None else edge(wd, *wd_range),
+            "weight_decay_edge": "" if wd is None else edge(R.axis_value(searched[0], best.lr, wd), *searched[1]),
             "found_at": found_at, "searched": len(order),
             **_race_columns(d, name),
             "seeds": ci["test_error"].n,
@@ -251,9 +253,19 @@ def seed_problems(d: ReportData, cell: str) -> str:
     return "; ".join(out)
 
 
+AXIS_SYMBOL = {"lambda": "λ", "shrink": "η·λ", "timescale": "1/(η·λ)"}
+
+
+def _range_text(axis: str, rng: list[float]) -> str:
+    """A searched strength range as the report shows it: ``1e-08–0.1`` for λ, else with its axis named."""
+    text = f"{rng[0]:.3g}–{rng[1]:.3g}"
+    return text if axis == "lambda" else f"{AXIS_SYMBOL[axis]} {text}"
+
+
 def _edge_note(r) -> str:
     parts = [f"{label(r.regularizer)} lr at the {r.lr_edge}" if r.lr_edge else "",
-             f"{label(r.regularizer)} λ at the {r.weight_decay_edge}" if r.weight_decay_edge else ""]
+             f"{label(r.regularizer)} {AXIS_SYMBOL.get(r.decay_axis, 'λ')} at the {r.weight_decay_edge}"
+             if r.weight_decay_edge else ""]
     return ", ".join(x for x in parts if x)
 
 
@@ -381,15 +393,15 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
     from scipy.stats import mannwhitneyu
 
     for name, cell in d.cells.items():
-        wd = cell["weight_decay_range"]
+        searched = R.searched_decay(cell)
         t = d.trials[d.trials.cell == name]
         pruned = t[(t.state == "PRUNED") & (t.outcome == "pruned")]
-        if wd is None or pruned.empty:
+        if searched is None or pruned.empty:
             continue
         done = t[t.state == "COMPLETE"]
-        lo, hi = math.log10(wd[0]), math.log10(wd[1])
-        pos = lambda x: (np.log10(x.astype(float)) - lo) / (hi - lo)  # noqa: E731
-        pp, pc = pos(pruned.weight_decay), pos(done.weight_decay)
+        axis, (lo, hi) = searched[0], np.log10(searched[1])
+        pos = lambda x: (np.log10([R.axis_value(axis, a, b) for a, b in zip(x.lr, x.weight_decay)]) - lo) / (hi - lo)  # noqa: E731
+        pp, pc = pd.Series(pos(pruned), dtype=float), pd.Series(pos(done), dtype=float)
         p = float(mannwhitneyu(pp, pc).pvalue) if len(pp) >= 3 and len(pc) >= 3 else math.nan
         high_share = float((pp > 0.5).mean())
         side = "high" if high_share >= 0.5 else "low"

@@ -43,7 +43,7 @@ _SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "logreg": {},  # multinomial logistic regression: one linear layer, nothing to size
 }
 _SIZE_FIELDS = {"mlp": ("width", "layers", "dropout"), "cnn": ("width", "layers", "kernel_size", "batch_norm", "dropout")}
-_SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout")
+_SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout", "chunk")
 _SIZE_FIELDS["logreg"] = ()
 
 #: The fields a factory task shares with built-in tasks: how the study trains it. Every other
@@ -51,6 +51,8 @@ _SIZE_FIELDS["logreg"] = ()
 TRAINING_FIELDS = ("epochs", "batch_size", "eval_batch_size", "grad_clip", "precision", "accumulate_grad_batches")
 #: Fields that exist only for factory tasks; left out of a built-in cell's record while unset.
 FACTORY_ONLY = {"factory": None, "options": {}, "accumulate_grad_batches": 1}
+#: Fields added after studies were stored: left out of a cell's record while unset, so those studies resume.
+LATER_FIELDS = {"chunk": None}
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -70,6 +72,7 @@ class TaskConfig(BaseModel):
     layers: int | None = Field(None, ge=1, description="hidden layers / conv layers / stacked RNN layers")
     kernel_size: int | None = Field(None, ge=1)
     batch_norm: bool = False
+    chunk: int | None = Field(None, ge=1, description="RNNs on 1-D sequences: values read per step (40 values, chunk 4: 10 steps)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (after L2 is added)")
     epochs: int = Field(30, ge=1)
@@ -110,6 +113,17 @@ class TaskConfig(BaseModel):
         if info.data.get("factory") is None and v not in ({}, 1):
             raise ValueError("applies to factory tasks only (built-in tasks train with one optimizer step per batch)")
         return v
+
+    @model_validator(mode="after")
+    def _chunk(self) -> TaskConfig:
+        if self.chunk is None or self.factory is not None:
+            return self
+        if self.model not in ("gru", "lstm") or len(self.input_shape) != 1:
+            raise ValueError(f"chunk: applies to recurrent tasks on 1-D sequences (gru-mnist1d, lstm-mnist1d), not {self.name}")
+        length = self.input_shape[0]
+        if length % self.chunk:
+            raise ValueError(f"chunk: {self.chunk} does not divide the sequence length {length}")
+        return self
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -81,8 +81,8 @@ class CNN(nn.Module):
 class RNN(nn.Module):
     """A GRU or LSTM over the sequence; the last hidden state feeds a linear classifier.
 
-    A sequence of shape ``(L,)`` is read one value per step; an image ``(C, H, W)``
-    one row (all channels) per step.
+    A sequence of shape ``(L,)`` is read ``chunk`` consecutive values per step (``L / chunk``
+    steps); an image ``(C, H, W)`` one row (all channels) per step.
     """
 
     def __init__(
@@ -93,17 +93,21 @@ class RNN(nn.Module):
         width: int = 64,
         layers: int = 1,
         dropout: float = 0.0,
+        chunk: int = 1,
     ):
         super().__init__()
         self.one_d = len(input_shape) == 1
-        n_features = 1 if self.one_d else input_shape[0] * input_shape[-1]
+        if self.one_d and input_shape[0] % chunk:
+            raise ValueError(f"chunk {chunk} does not divide the sequence length {input_shape[0]}")
+        self.chunk = chunk
+        n_features = chunk if self.one_d else input_shape[0] * input_shape[-1]
         rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
         self.rnn = rnn_cls(n_features, width, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.one_d:
-            seq = x.unsqueeze(-1)
+            seq = x.reshape(x.shape[0], -1, self.chunk)
         else:  # (N, C, H, W) -> (N, H, C*W)
             seq = x.permute(0, 2, 1, 3).flatten(2)
         out, _ = self.rnn(seq)
