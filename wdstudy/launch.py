@@ -29,11 +29,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import chosen_trial, export, progress_frame
-from .cells import Cells, ensure_studies
+from typing import TYPE_CHECKING
+
 from .errors import WdstudyError
 from .spec import StudySpec, load_spec
-from .storage import StudyLock, default_url, is_rdb, open_storage
+from .storage import StudyLock, default_url, is_rdb
+
+if TYPE_CHECKING:
+    from .cells import Cells
+
+# optuna, pandas and the engine are imported inside the functions: ``launch`` starts its workers
+# first (they spend seconds importing torch) and imports them while the workers start.
 
 #: A slot is given up after this many crashes in a row without finishing a unit (kills from outside do not count).
 CRASH_LOOP = 8
@@ -221,20 +227,32 @@ def run_pool(
     quiet: bool = False,
     display: bool = True,
     warm: Callable[[], None] | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> bool:
     """Run worker processes until all finish; returns True if every cell is searched and evaluated.
 
-    ``warm`` runs in a background thread once a worker has finished its first unit (the
-    workers are then past their own start-up): the launcher's idle time pays for the
+    ``setup`` (creating the cells) runs once the workers are started, while they import
+    torch. ``warm`` runs in a background thread once a worker has finished its first unit
+    (the workers are then past their own start-up): the launcher's idle time pays for the
     imports of what it does at the end.
     """
-    storage = open_storage(url)
-    cells = Cells(spec, storage)
     log_dir = spec.output_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = [Slot(i, env) for i, env in enumerate(slots)]
     for s in pool:
         _start(s, spec_path, url, log_dir)
+    try:  # each worker creates or checks the cells too (under the study lock) before it takes work
+        if setup is not None:
+            setup()
+    except BaseException:
+        _terminate(pool)
+        raise
+    from .analysis import progress_frame
+    from .cells import Cells
+    from .storage import open_storage
+
+    storage = open_storage(url)
+    cells = Cells(spec, storage)
 
     # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does; SIGINT too, even when
     # this process was started with it ignored (a background job of a non-interactive shell)
@@ -307,7 +325,8 @@ def run_pool(
                 last_print = now
             if done:
                 break
-            time.sleep(0.5)
+            # near the end, look more often: the wind-down starts as soon as the last unit is recorded
+            time.sleep(0.2 if _remaining_units(df) <= len(pool) else 0.5)
     except KeyboardInterrupt:
         interrupted = True
     finally:  # also on any error in this process: never leave workers behind
@@ -338,6 +357,12 @@ def _raise_interrupt(signum, frame):
 
 def _stop_all(pool: list[Slot], cells: Cells, lock: StudyLock, timeout: float = 60.0) -> None:
     """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers."""
+    _terminate(pool, timeout)
+    with lock:
+        cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
+
+
+def _terminate(pool: list[Slot], timeout: float = 60.0) -> None:
     for s in pool:
         if s.proc is not None and s.proc.poll() is None:
             try:
@@ -353,8 +378,6 @@ def _stop_all(pool: list[Slot], cells: Cells, lock: StudyLock, timeout: float = 
         except subprocess.TimeoutExpired:
             s.proc.kill()
             s.proc.wait()
-    with lock:
-        cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
 
 
 def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
@@ -367,17 +390,30 @@ def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -
     trial fails. Only such specs pay for that (it imports torch into this process); the
     workers ``launch`` starts skip it (``check_factories=False``): it checked for them.
     """
+    spec, url = checked_spec(spec_path, storage, check_factories)
+    create_cells(spec, url, spec_path)
+    return spec, url
+
+
+def checked_spec(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
+    """The spec (its factory tasks checked) and its storage URL; nothing is opened or written."""
     spec = load_spec(spec_path)
     if check_factories and any(t.factory is not None for t in spec.tasks):
         from .tasks.user import check_factories as check
 
         check(spec, str(spec_path))
-    url = resolve_url(spec, storage)
+    return spec, resolve_url(spec, storage)
+
+
+def create_cells(spec: StudySpec, url: str, spec_path: str) -> None:
+    """Create the cell studies or check them against the spec; re-queue trials of dead workers."""
+    from .cells import Cells, ensure_studies
+    from .storage import open_storage
+
     store = open_storage(url)
     with StudyLock(url, spec.name):
         ensure_studies(spec, store, Path(spec_path).read_text())
         Cells(spec, store).release_dead()
-    return spec, url
 
 
 def format_plan(slots: list[dict[str, str]]) -> str:
@@ -395,17 +431,21 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         load_spec(spec_path)
         print(format_plan(slots))
         return 0
-    spec, url = prepare(spec_path, storage)
+    spec, url = checked_spec(spec_path, storage)
     where = url if is_rdb(url) else shown(url)
     if not quiet:
         packed = f" ({per_device} per GPU)" if per_device else ""
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
               f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}", flush=True)
     try:
-        complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report)
+        complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report,
+                            setup=lambda: create_cells(spec, url, spec_path))
     except KeyboardInterrupt:
         print("\nwdstudy: stopped; no trial is left running. Run the same command to resume.", file=sys.stderr)
         return 130
+    from .analysis import export
+    from .storage import open_storage
+
     store = open_storage(url)
     out = spec.output_dir()
     paths = export(store, spec.name, out)
@@ -419,13 +459,14 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
 
 
 def _import_report() -> None:
+    import pyarrow.parquet  # noqa: F401  (the export's Parquet files)
     import wdstudy.report  # noqa: F401  (matplotlib, seaborn, scipy: seconds, paid while workers train)
 
 
 def summary_text(storage, study: str) -> str:
     """Each cell's best search trial and its evaluation over seeds (mean ± sd), then the compute
     spent, GPU-hours and CPU-hours apart (where each run really trained)."""
-    from .analysis import compute_hours, evaluations_frame, trials_frame
+    from .analysis import chosen_trial, compute_hours, evaluations_frame, trials_frame
 
     trials = trials_frame(storage, study)
     evals = evaluations_frame(storage, study)
@@ -456,6 +497,7 @@ def summary_text(storage, study: str) -> str:
 def write_report(spec_path: str, storage: str | None = None, quiet: bool = False) -> int:
     """Build the study's report from its storage alone into the spec's output folder."""
     from .report import build_report
+    from .storage import open_storage
 
     spec = load_spec(spec_path)
     url = resolve_url(spec, storage)

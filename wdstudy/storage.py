@@ -32,11 +32,13 @@ from pathlib import Path
 import threading
 import time
 import warnings
-
-import optuna
+from typing import TYPE_CHECKING
 
 from . import records as R
 from .errors import WdstudyError
+
+if TYPE_CHECKING:  # optuna is imported where it is used: launch computes a URL before it
+    import optuna
 
 #: Lease settings (seconds); overridable by environment (tests, clusters with slow storage).
 LEASE_INTERVAL = float(os.environ.get("WDSTUDY_LEASE_INTERVAL", "10"))
@@ -60,6 +62,8 @@ RDB_SCHEMES = ("postgresql", "sqlite")
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open the storage at ``url``: an RDB URL, or a path to a journal file."""
+    import optuna
+
     if is_rdb(url):
         scheme = url.split("://", 1)[0].split("+", 1)[0]
         if scheme not in RDB_SCHEMES or url.startswith("sqlite://") and not url.startswith("sqlite:///"):
@@ -217,6 +221,8 @@ class Lease:
         self._thread = threading.Thread(target=self._run, name=f"lease-{trial_id}", daemon=True)
 
     def _run(self) -> None:
+        import optuna
+
         while not self._stop.wait(self.interval):
             try:
                 self.storage.set_trial_system_attr(self.trial_id, R.LEASE, time.time())
