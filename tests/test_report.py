@@ -315,6 +315,9 @@ def test_a_regression_cell_stores_its_mse_as_the_error(mixed_report):
         done = optuna.load_study(study_name=cell.name, storage=storage).get_trials(
             states=(optuna.trial.TrialState.COMPLETE,))
         assert len(done) == 4
+        mse = " (MSE)" if cell.task.name == "linreg-curve1d" else ""  # what the dashboard labels the axes
+        assert optuna.load_study(study_name=cell.name, storage=storage).metric_names == [f"val_error{mse}"]
+        assert optuna.load_study(study_name=cell.eval_name, storage=storage).metric_names == [f"test_error{mse}"]
         for t in done:  # the search minimized val_error: for the regression that is its MSE, equal to its loss
             assert t.value == t.user_attrs["val_error"]
             if cell.task.name == "linreg-curve1d":
