@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import re
 
 import pandas as pd
 import pytest
+from pypdf import PdfReader
 
 from wdstudy.claims import verdict
 from wdstudy.cli import main
@@ -53,4 +56,50 @@ def test_verdict_rules_on_fixed_numbers():
                                              "not monotone) for mlp/l2")
     gap["mlp/l2_rho"] = 0.3
     assert verdict("gap_vs_lambda", gap) == "holds only for mlp/decoupled (not for mlp/l2)"
+    gap.update({"cnn/l2_monotone": 0.0, "cnn/l2_rho": -0.7, "cnn/l2_p": 0.01})  # monotone, a trend, neither
+    assert verdict("gap_vs_lambda", gap) == ("holds only for mlp/decoupled, and as a trend (negative ρ, p < 0.05, "
+                                             "not monotone) for cnn/l2 (not for mlp/l2)")
+    gap["mlp/decoupled_monotone"] = 0.0
+    assert verdict("gap_vs_lambda", gap) == ("holds only as a trend (negative ρ, p < 0.05, not monotone) for "
+                                             "mlp/decoupled, cnn/l2 (not for mlp/l2)")
     assert verdict("converge_faster", {"steps_none": 100.0, "steps_decoupled": 120.0}) == "does not hold"
+
+
+def test_the_linear_tasks_are_measured_and_the_fitted_curves_drawn(quick):
+    out, df = quick
+    n = {r.key: json.loads(r.numbers) for r in df.itertuples()}
+    gap, norm = n["gap_vs_lambda"], n["norm_vs_lambda"]
+    for arm in ("l2", "decoupled"):  # the regression's gap (in MSE) and weight norm enter the verdicts
+        assert {f"linreg-curve1d/{arm}_{k}" for k in ("monotone", "rho", "p", "change")} <= set(gap)
+        assert f"linreg-curve1d/{arm}_monotone" in norm and norm[f"linreg-curve1d/{arm}_ratio"] < 1
+    measured = df.set_index("key").measured["gap_vs_lambda"]
+    assert re.search(r"linreg-curve1d l2: gap [+-]\d\.\d{3} MSE → [+-]\d\.\d{3} MSE", measured)
+    assert re.search(r"mlp-mnist1d l2: gap [+-]\d+\.\d pts", measured)
+    page = (out / "report.html").read_text()
+    fig = page[page.index('<figure id="fig-curves">'):]
+    fig = fig[:fig.index("</figure>")]
+    assert 'src="data:image/png;base64,' in fig and "fitted curve at the smallest λ" in fig
+    png = base64.b64decode(re.search(r'base64,([^"]+)"', fig).group(1))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a drawing, not an empty canvas
+    assert "A linear regression with a rich feature expansion" in PdfReader(str(out / "report.pdf")).pages[-1].extract_text()
+
+
+def test_the_fitted_curves_follow_the_noise_at_small_lambda():
+    """The figure's data: the quick setup's weak fit is wigglier than its strong one, for both arms."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from wdstudy import claims as C
+    from wdstudy.train import quiet_lightning
+
+    quiet_lightning()
+    setup = replace(C.QUICK, gap_tasks=(C.CURVE_TASK,), seeds=[0], runs={C.CURVE_TASK: {
+        "lr": 0.1, "epochs": None, "lams": {"l2": [1e-5, 1e-1], "decoupled": [1e-3, 3.0]}}})
+    sw, curves = C._sweeps(setup, None)
+    assert len(curves["x"]) == 50 and len(curves["grid"]) == len(curves["truth"]) == C.GRID
+    for arm, (weak, strong) in (("l2", (1e-5, 1e-1)), ("decoupled", (1e-3, 3.0))):
+        tv = {lam: np.abs(np.diff(curves["fits"][(arm, lam, 0)])).sum() for lam in (weak, strong)}
+        assert tv[weak] > 1.5 * tv[strong]
+        g = sw[sw.arm == arm].set_index("lam")
+        assert g.train_error[weak] < g.train_error[strong] and g.gap_error[weak] > g.gap_error[strong]

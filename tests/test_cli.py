@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,8 @@ def test_train_json_is_machine_readable():
         (["--task", "mlp-mnist1d", "--set", "depth=3"], "depth=3: unknown key"),
         (["--task", "mlp-mnist1d", "--set", "widthonly"], "'widthonly': expected KEY=VALUE"),
         (["--task", "mlp-mnist1d", "--regularizer", "none", "--weight-decay", "0.1"], "weight_decay=0.1"),
+        (["--task", "cnn-curve1d"], "name='cnn-curve1d': model 'cnn' does not fit dataset 'curve1d'"),
+        (["--task", "linreg-mnist1d"], "name='linreg-mnist1d': model 'linreg' does not fit dataset 'mnist1d'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle, capsys):
@@ -79,3 +82,21 @@ def test_divergence_exits_1_with_message():
     r = run("train", "--task", "mlp-mnist1d", "--optimizer", "sgd", "--lr", "1e6", "--epochs", "1",
             "--regularizer", "none", "--schedule", "constant")
     assert r.returncode == 1 and "diverged" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_help_lists_both_linear_tasks():
+    r = run("train", "--help")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert "logreg-mnist1d" in words and "linreg-curve1d" in words  # whole names, never broken at a hyphen
+    assert "curve1d" in r.stdout.split("--task")[-1]
+
+
+def test_train_of_a_regression_prints_its_mse(capsys):
+    assert main(["train", "--task", "linreg-curve1d", "--lr", "0.1", "--epochs", "5", "--test",
+                 "--regularizer", "l2", "--weight-decay", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if "split" in line)
+    assert head.split() == ["split", "loss", "MSE"]
+    assert "%" not in out and "points" not in out
+    assert re.search(r"gap \(test − train\): loss [+-]\d\.\d{4}, MSE [+-]\d\.\d{4}$", out, re.M), out

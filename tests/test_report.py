@@ -275,3 +275,106 @@ def test_report_of_a_study_without_trials(tmp_path):
     assert [o.title for o in reader.outline] == [title for _, title in SECTIONS]
     first = " ".join(reader.pages[0].extract_text().split())
     assert "not tested" in first and "fewer than 2 seeds completed by both" in first
+
+
+# -- a regression task: its error is the MSE, and the report says so --------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory):
+    """A real tiny study with a classification task and the regression task, both arms."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    spec = validate(StudySpec, {
+        "name": "mix",
+        "tasks": [{"name": "mlp-mnist1d", "width": 8, "max_train": 300, "epochs": 1},
+                  {"name": "linreg-curve1d", "epochs": 10}],
+        "optimizers": ["adam"],
+        "regularizers": ["l2", "decoupled"],
+        "search": {"lr": {"low": 1e-2, "high": 1e-1},
+                   "weight_decay": {"l2": {"low": 1e-5, "high": 1e-2}, "decoupled": {"low": 1e-2, "high": 10}},
+                   "sampler": "random", "trials": 4},
+        "evaluation": {"seeds": 2},
+        "output": str(tmp / "out"),
+    })
+    url = str(tmp / "out" / "optuna.journal")
+    ensure_studies(spec, open_storage(url), "name: mix\n")
+    Worker(spec, url, poll=0.2, log=lambda m: None).run()
+    paths = build_report(open_storage(url), "mix", tmp / "out", url)
+    return spec, url, paths
+
+
+def test_a_regression_cell_stores_its_mse_as_the_error(mixed_report):
+    from wdstudy.analysis import evaluations_frame, trials_frame
+
+    spec, url, paths = mixed_report
+    storage = open_storage(url)
+    trials, evals = trials_frame(storage, "mix"), evaluations_frame(storage, "mix")
+    assert set(trials[trials.task == "linreg-curve1d"].metric) == {"mse"}
+    assert set(trials[trials.task == "mlp-mnist1d"].metric) == {"error"}
+    for cell in spec.cells():
+        done = optuna.load_study(study_name=cell.name, storage=storage).get_trials(
+            states=(optuna.trial.TrialState.COMPLETE,))
+        assert len(done) == 4
+        mse = " (MSE)" if cell.task.name == "linreg-curve1d" else ""  # what the dashboard labels the axes
+        assert optuna.load_study(study_name=cell.name, storage=storage).metric_names == [f"val_error{mse}"]
+        assert optuna.load_study(study_name=cell.eval_name, storage=storage).metric_names == [f"test_error{mse}"]
+        for t in done:  # the search minimized val_error: for the regression that is its MSE, equal to its loss
+            assert t.value == t.user_attrs["val_error"]
+            if cell.task.name == "linreg-curve1d":
+                assert t.user_attrs["val_error"] == pytest.approx(t.user_attrs["val_loss"], rel=1e-6)
+            else:
+                assert t.user_attrs["val_error"] != t.user_attrs["val_loss"]
+    e = evals[(evals.task == "linreg-curve1d") & (evals.state == "COMPLETE")]
+    assert len(e) == 4 and np.allclose(e.test_error, e.test_loss, rtol=1e-6)
+    assert np.allclose(e.gap_error, e.test_error - e.train_error)
+    summary = pd.read_csv(paths.tables[0])
+    assert set(summary[summary.task == "linreg-curve1d"].metric) == {"mse"}
+    assert summary[summary.task == "linreg-curve1d"].val_se.isna().all()  # no binomial s.e. for an MSE
+    assert summary[summary.task == "mlp-mnist1d"].val_se.notna().all()
+    comparison = pd.read_csv(paths.tables[1])
+    row = comparison[comparison.task == "linreg-curve1d"].iloc[0]
+    assert row.metric == "mse" and "test MSE" in row.verdict and "pts" not in row.verdict
+
+
+def test_the_report_labels_a_regression_cell_mse(mixed_report):
+    from wdstudy.report import compute_tables, load_report_data
+    from wdstudy.report.document import answer_table, chosen_table, evaluation_table
+    from wdstudy.report.figures import fig_curves, fig_differences, fig_seeds, fig_slices
+
+    spec, url, paths = mixed_report
+    d = load_report_data(open_storage(url), "mix", url)
+    compute_tables(d, importance=False)
+    ev = evaluation_table(d)
+    assert ev.head[2:6] == ["test error / test MSE", "train error / train MSE", "gap, error pts / gap, MSE",
+                            "gap, loss (nats) / gap, loss (MSE)"]
+    for row in ev.rows:
+        if row[0].startswith("linreg-curve1d"):
+            assert all(c.endswith(" MSE") for c in row[2:5]) and "%" not in "".join(row[2:5])
+        else:
+            assert row[2].endswith("%") and row[3].endswith("%") and "MSE" not in "".join(row[2:5])
+    for row in chosen_table(d).rows:
+        assert row[3].endswith(" MSE") == row[0].startswith("linreg-curve1d")
+        assert ("%" in row[3]) == row[0].startswith("mlp-mnist1d")
+    answer = answer_table(d)
+    assert answer.head[3] == "Δ test error, pts [95% CI] / Δ test MSE [95% CI]"
+    assert all(r[3].endswith(" MSE") == r[0].startswith("linreg") for r in answer.rows)
+
+    import matplotlib.pyplot as plt
+
+    seeds = fig_seeds(d).fig
+    labels = [ax.get_ylabel() for ax in seeds.axes]
+    titles = [ax.get_title() for ax in seeds.axes]
+    col = {t.split(" ·")[0]: i for i, t in enumerate(titles) if t}
+    assert labels[col["mlp-mnist1d"]] == "test error (%)" and labels[col["linreg-curve1d"]] == "test MSE"
+    curves = fig_curves(d).fig
+    ylabels = [ax.get_ylabel() for ax in curves.axes]
+    assert "linreg-curve1d\nMSE" in ylabels and "mlp-mnist1d\nerror (%)" in ylabels and "MSE" in ylabels
+    slices = fig_slices(d).fig
+    assert {"validation error (%)", "validation MSE"} <= {ax.get_ylabel() for ax in slices.axes}
+    diffs = fig_differences(d)
+    assert {"Δ test error (points)", "Δ test MSE"} <= {ax.get_xlabel() for ax in diffs.fig.axes}
+    assert "linreg-curve1d (regression) the error is the mean squared error" in diffs.caption
+    for f in (seeds, curves, slices, diffs.fig):
+        plt.close(f)
+    page = paths.html.read_text()
+    assert "test error / test MSE" in page and "(regression) the error is the mean squared error (MSE)" in page

@@ -176,7 +176,53 @@ def test_every_named_task_builds():
     for name in TASKS:
         task = task_config(name)
         shape = task.input_shape
-        assert task.build_model()(torch.randn(2, *shape)).shape == (2, 10)
+        out = (2,) if task.metric.key == "mse" else (2, 10)  # a regression predicts one number per example
+        assert task.build_model()(torch.randn(2, *shape)).shape == out
+
+
+def test_tasks_pair_classifiers_with_labels_and_linreg_with_curve1d():
+    assert {"logreg-mnist1d", "linreg-curve1d", "mlp-mnist1d", "cnn-cifar10"} <= set(TASKS)
+    assert not {"cnn-curve1d", "mlp-curve1d", "logreg-curve1d", "linreg-mnist1d", "linreg-cifar10"} & set(TASKS)
+    with pytest.raises(WdstudyError, match=r"^name='cnn-curve1d': model 'cnn' does not fit dataset 'curve1d': "
+                                           r"curve1d is a regression data set.*use linreg-curve1d$"):
+        task_config("cnn-curve1d")
+    with pytest.raises(WdstudyError, match=r"^name='linreg-mnist1d': model 'linreg' does not fit dataset 'mnist1d'.*"
+                                           r"e\.g\. logreg-mnist1d"):
+        task_config("linreg-mnist1d")
+    with pytest.raises(WdstudyError, match=r"tasks\.0\.name='mlp-curve1d': model 'mlp' does not fit"):
+        from wdstudy.config import validate
+        from wdstudy.spec import StudySpec
+
+        validate(StudySpec, {"name": "x", "tasks": ["mlp-curve1d"], "optimizers": ["adam"], "regularizers": ["l2"],
+                             "search": {"lr": {"low": 1e-3, "high": 1e-1},
+                                        "weight_decay": {"low": 1e-5, "high": 1e-1}, "trials": 2}})
+    assert task_config("linreg-curve1d").metric.key == "mse" and task_config("logreg-mnist1d").metric.key == "error"
+
+
+def test_curve1d_is_generated_deterministically_with_distinct_splits():
+    from wdstudy.tasks.data import CURVE1D_FEATURES, curve1d_features, curve1d_points, curve1d_truth
+
+    task = task_config("linreg-curve1d")
+    assert (task.epochs, task.batch_size, task.val_fraction) == (80, 10, 0.5)  # the dataset's own defaults ...
+    assert task_config("linreg-curve1d", epochs=3).epochs == 3  # ... which a task overrides
+    a, b = task.load_data(with_test=True), task.load_data(with_test=True)
+    assert (len(a.train), len(a.val), len(a.test)) == (50, 50, 1000)
+    for split in ("train", "val", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert torch.equal(sa.x, sb.x) and torch.equal(sa.y, sb.y)
+        assert sa.x.shape[1:] == (CURVE1D_FEATURES,) and sa.y.dtype == torch.float32
+    x, y, xt, yt = curve1d_points(0)
+    train, val = split_indices(len(y), 0.5, 0)
+    assert torch.equal(a.train.x, curve1d_features(x[train])) and torch.equal(a.train.y, y[train])
+    assert torch.equal(a.val.x, curve1d_features(x[val])) and torch.equal(a.test.x, curve1d_features(xt))
+    # the train, validation and test points are different points of the same curve
+    assert not set(x[train].tolist()) & set(x[val].tolist()) and not set(x.tolist()) & set(xt.tolist())
+    assert not torch.equal(curve1d_points(1)[0], x)  # another seed, other points
+    assert torch.equal(curve1d_points.__wrapped__(0)[1], y)  # drawn again (not cached): the same points
+    noise = y - curve1d_truth(x)
+    assert 0.2 < float(noise.std()) < 0.4 and abs(float(noise.mean())) < 0.1  # σ = 0.3 around the curve
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert torch.allclose(curve1d_features(torch.tensor([0.0]))[0, 0], torch.tensor(1.0))  # a bump on each grid point
 
 
 def test_unknown_names_and_fields_are_errors():
@@ -268,3 +314,49 @@ def test_logistic_regression_is_one_linear_layer_and_trains():
     help_text = subprocess.run([sys.executable, "-m", "wdstudy", "train", "--help"], capture_output=True,
                                text=True).stdout
     assert "logreg-mnist1d" in help_text
+
+
+def test_linear_regression_trains_with_its_mse_as_the_error():
+    from lightning.pytorch import Callback
+
+    from wdstudy.regularizers import split_parameters
+    from wdstudy.tasks.data import curve1d_features
+
+    task = task_config("linreg-curve1d")
+    model = task.build_model()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and (linears[0].in_features, linears[0].out_features) == (40, 1)
+    decay, no_decay = split_parameters(model)
+    assert [p.shape for p in decay] == [(1, 40)] and [p.shape for p in no_decay] == [(1,)]  # the bias is not decayed
+    data = task.load_data(with_test=True)
+    grid = curve1d_features(torch.linspace(0, 1, 400))
+
+    class Predict(Callback):
+        def on_train_end(self, trainer, pl_module):
+            with torch.inference_mode():
+                self.pred = {s: pl_module.model(getattr(data, s).x).double() for s in ("train", "val", "test")}
+                self.curve = pl_module.model(grid).double()
+
+    runs = {}
+    for lam in (1e-5, 1e-1):
+        cb = Predict()
+        r = train_run(task, "adam", "l2", 0.1, lam, with_test=True, data=data, callbacks=[cb], accelerator="cpu")
+        m = r.metrics
+        for s in ("train", "val", "test"):  # the stored error is the mean squared error, as is the loss
+            mse = float(((cb.pred[s] - getattr(data, s).y.double()) ** 2).mean())
+            assert m[f"{s}_error"] == pytest.approx(mse, rel=1e-6) and m[f"{s}_loss"] == pytest.approx(mse, rel=1e-6)
+        assert m["gap_error"] == pytest.approx(m["test_error"] - m["train_error"])
+        assert m["steps"] == 80 * 5 and r.history[-1]["val_error"] == pytest.approx(m["val_error"], rel=1e-5)
+        assert r.history[-1]["train_error_running"] > 0
+        runs[lam] = (m, np.abs(np.diff(cb.curve.numpy())).sum())  # total variation of the fitted curve
+    (weak, wiggle_weak), (strong, wiggle_strong) = runs[1e-5], runs[1e-1]
+    assert weak["train_error"] < 0.05 < 0.07 < strong["train_error"]  # the weak fit follows the noise (σ² = 0.09)
+    assert weak["gap_error"] > 2 * strong["gap_error"] > 0
+    assert wiggle_weak > 1.5 * wiggle_strong  # visibly wiggly against smooth
+    assert weak["weight_norm"] > strong["weight_norm"]
+
+
+def test_regression_divergence_is_detected():
+    task = task_config("linreg-curve1d", epochs=3)
+    with pytest.raises(DivergedError, match="training loss is (nan|inf)"):
+        train_run(task, "sgd", "none", 1e6, 0.0, schedule="constant", accelerator="cpu")

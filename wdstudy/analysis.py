@@ -14,6 +14,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import records as R
+from .tasks.names import task_metric
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -38,6 +39,7 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
             "task": cell["task"]["name"],
             "optimizer": cell["optimizer"]["name"],
             "regularizer": cell["regularizer"],
+            "metric": task_metric(cell["task"]["name"]).key,  # what the *_error columns hold: error or mse
             "trial": t.number,
             "state": t.state.name,
             "value": t.value,

@@ -110,8 +110,13 @@ def distributions(spec: StudySpec, cell: Cell) -> dict[str, FloatDistribution]:
     return out
 
 
-def _metric_names(study: optuna.Study, name: str) -> None:
-    """Name the objective, so the dashboard labels its axes with it."""
+def _metric_names(study: optuna.Study, name: str, cell: Cell) -> None:
+    """Name the objective, so the dashboard labels its axes with it (``val_error (MSE)`` for a
+    regression task, whose error is its mean squared error)."""
+    from .tasks.names import task_metric
+
+    if not task_metric(cell.task.name).is_rate:
+        name = f"{name} (MSE)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([name])
@@ -125,7 +130,7 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> No
         record = cell_record(spec, cell)
         stored = study.user_attrs.get(R.CELL)
         if stored is None:
-            _metric_names(study, spec.search.objective)
+            _metric_names(study, spec.search.objective, cell)
             study.set_user_attr(R.CELL, record)
             study.set_user_attr(R.VERSIONS, versions)
             if spec_yaml is not None:
@@ -406,7 +411,7 @@ class Cells:
             return None
         if race is None:
             race = self.study(cell.race_name, create=True)
-            _metric_names(race, self.spec.search.objective)
+            _metric_names(race, self.spec.search.objective, cell)
         race.set_user_attr(R.CANDIDATES, [{"trial": t.number, "params": t.params, "value": t.value} for t in top])
         return race
 
@@ -448,7 +453,7 @@ class Cells:
             best_number, best_value, best_params = best.number, best.value, best.params
         if ev is None:
             ev = self.study(cell.eval_name, create=True)
-            _metric_names(ev, "test_error")
+            _metric_names(ev, "test_error", cell)
         ev.set_user_attr(R.BEST_TRIAL, best_number)
         ev.set_user_attr(R.BEST_VALUE, best_value)
         if race_mean is not None:

@@ -78,15 +78,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(λ={args.weight_decay:g}, lr={args.lr:g}, {args.schedule}, {m['epochs']} epochs, "
         f"seed {args.seed}, {m['device']}, precision {m['precision']})"
     )
-    print(f"  {'split':<6} {'loss':>8} {'error':>8}")
+    metric = task.metric  # the error rate, or a regression's MSE
+    print(f"  {'split':<6} {'loss':>8} {metric.name:>8}")
     for split in ("train", "val", "test"):
         if f"{split}_loss" in m:
-            print(f"  {split:<6} {_fmt(m[split + '_loss']):>8} {_fmt_pct(m[split + '_error']):>8}")
+            shown = _fmt_pct(m[split + "_error"]) if metric.is_rate else _fmt(m[split + "_error"])
+            print(f"  {split:<6} {_fmt(m[split + '_loss']):>8} {shown:>8}")
     ref = "test" if "gap_error" in m else "val"
     prefix = "" if ref == "test" else "val_"
+    gap = m[prefix + "gap_error"]
     print(
         f"  gap ({ref} − train): loss {m[prefix + 'gap_loss']:+.4f}, "
-        f"error {100 * m[prefix + 'gap_error']:+.2f} points"
+        + (f"error {100 * gap:+.2f} points" if metric.is_rate else f"MSE {gap:+.4f}")
     )
     print(
         f"  regularized-weight norm {m['weight_norm']:.4f} · L2 penalty "
@@ -191,18 +194,31 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_epilog() -> str:
+    """The built-in tasks, one kind a line (never wrapped inside a name)."""
+    from .tasks.names import CLASSIFICATION, CLASSIFIERS, REGRESSION, REGRESSORS
+
+    return "\n".join([
+        "built-in tasks (MODEL-DATASET):",
+        f"  classification (cross-entropy; error in %): models {', '.join(CLASSIFIERS)}",
+        f"    on datasets {', '.join(CLASSIFICATION)}, e.g. mlp-mnist1d, cnn-cifar10",
+        f"  regression (mean squared error; the error is the MSE): {', '.join(REGRESSORS)} on {', '.join(REGRESSION)}",
+        "  linear models:",
+        "    logreg-mnist1d   multinomial logistic regression: one linear layer",
+        "    linreg-curve1d   linear regression on 40 fixed RBF features of noisy samples",
+        "                     of a smooth curve (try --lr 0.1)",
+    ])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .spec import OPTIMIZERS, REGULARIZER_NAMES, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="wdstudy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="one training run of a task, printing its metrics")
-    from .tasks.names import DATASETS, MODELS
-
-    p.add_argument("--task", required=True,
-                   help=f"MODEL-DATASET, models {', '.join(MODELS)}; datasets {', '.join(DATASETS)} "
-                        "(e.g. mlp-mnist1d, logreg-mnist1d, cnn-cifar10)")
+    p = sub.add_parser("train", help="one training run of a task, printing its metrics",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_tasks_epilog())
+    p.add_argument("--task", required=True, help="a built-in task, MODEL-DATASET (listed below)")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--regularizer", default="decoupled", choices=list(REGULARIZER_NAMES))
     p.add_argument("--weight-decay", type=float, default=0.0, help="λ (default 0)")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from .errors import WdstudyError
 from .spec import StudySpec, load_spec
 from .storage import StudyLock, default_url, is_rdb
+from .tasks.names import task_metric
 
 if TYPE_CHECKING:
     from .cells import Cells
@@ -481,9 +482,14 @@ def summary_text(storage, study: str) -> str:
             continue
         best = chosen_trial(comp)
         e = evals[(evals.cell == cell) & (evals.state == "COMPLETE")] if not evals.empty else evals
-        if len(e):
-            te = f"{100 * e.test_error.mean():.2f}±{100 * e.test_error.std(ddof=1) if len(e) > 1 else 0:.2f}% (n={len(e)})"
-            gap = f"{100 * e.gap_error.mean():+.2f}±{100 * e.gap_error.std(ddof=1) if len(e) > 1 else 0:.2f} pts"
+        metric = task_metric(comp.task.iloc[0])  # the error rate, or a regression's MSE
+        sd = (lambda c: e[c].std(ddof=1) if len(e) > 1 else 0.0)  # noqa: E731
+        if len(e) and metric.is_rate:
+            te = f"{100 * e.test_error.mean():.2f}±{100 * sd('test_error'):.2f}% (n={len(e)})"
+            gap = f"{100 * e.gap_error.mean():+.2f}±{100 * sd('gap_error'):.2f} pts"
+        elif len(e):
+            te = f"{e.test_error.mean():.4f}±{sd('test_error'):.4f} MSE (n={len(e)})"
+            gap = f"{e.gap_error.mean():+.4f}±{sd('gap_error'):.4f} MSE"
         else:
             te = gap = "—"
         lines.append(

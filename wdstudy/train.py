@@ -3,6 +3,12 @@
 The base optimizer is always built with ``weight_decay=0``: the regularizer callback
 is the only source of regularization. Metrics are measured honestly:
 
+The "error" is the task's metric (:attr:`TaskConfig.metric <wdstudy.tasks.TaskConfig.metric>`):
+the classification error rate, or — for a regression task such as ``linreg-curve1d``, trained
+with a mean-squared-error loss — the MSE itself, stored under the same keys (``val_error``,
+``test_error``, ``train_error``, ``gap_error``, ...) so a study searches, races and compares it
+unchanged.
+
 * per epoch: validation loss and error (full pass, eval mode), the running average
   of the minibatch training loss (labelled as such), the learning rate, and the norm
   of the regularized weights;
@@ -100,8 +106,25 @@ def device_label(device: torch.device) -> str:
     return device.type
 
 
+def data_loss(out: Tensor, y: Tensor, metric: str = "error", reduction: str = "mean") -> Tensor:
+    """The task's loss: cross-entropy of class logits, or the squared error of a regression (``mse``)."""
+    if metric == "mse":
+        return F.mse_loss(out, y.to(out.dtype), reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+def error_sum(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
+    """The task's error summed over a batch: misclassified examples, or squared errors (``mse``)."""
+    if metric == "mse":
+        return F.mse_loss(out, y.to(out.dtype), reduction="sum")
+    return (out.argmax(1) != y).sum()
+
+
 class Classifier(LightningModule):
     """Cross-entropy classification of in-memory tensors with any backbone.
+
+    :attr:`metric` names the loss and error (:func:`data_loss`, :func:`error_sum`);
+    :class:`Regressor` is the same module with a mean-squared-error loss.
 
     Training batches are sliced from the training split on the training device;
     nothing is logged per step (only accumulated), and the optimizer is stepped by
@@ -112,6 +135,8 @@ class Classifier(LightningModule):
     gradient clipping (``grad_clip``) follows them in this module's own hook, so L2
     is clipped as a loss term would be.
     """
+
+    metric = "error"
 
     def __init__(
         self,
@@ -187,10 +212,10 @@ class Classifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = data_loss(logits, y, self.metric)
         # summed once per epoch: no per-step synchronization
         self._losses.append(loss.detach())
-        self._wrong.append((logits.detach().argmax(1) != y).sum())
+        self._wrong.append(error_sum(logits.detach(), y, self.metric))
         self._sizes.append(len(y))
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -228,8 +253,8 @@ class Classifier(LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.model(x)
-        self._val[0] += F.cross_entropy(logits, y, reduction="sum")
-        self._val[1] += (logits.argmax(1) != y).sum()
+        self._val[0] += data_loss(logits, y, self.metric, reduction="sum")
+        self._val[1] += error_sum(logits, y, self.metric)
         self._val[2] += len(y)
 
     def on_validation_epoch_end(self) -> None:
@@ -241,12 +266,22 @@ class Classifier(LightningModule):
         self.history.append({"epoch": self.current_epoch, "val_loss": loss, "val_error": err})
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int = 0) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of ``model`` on ``split``: one pass, eval mode.
+class Regressor(Classifier):
+    """Regression with a mean-squared-error loss: the model returns one number per example, and
+    the "error" logged and measured (``val_error``, ``train_error_running``) is the MSE."""
 
-    ``split`` is a :class:`~wdstudy.tasks.data.Split` or a Dataset of ``(x, y)`` examples
-    (read through a ``DataLoader`` with ``num_workers`` workers); ``model(x)`` gives logits.
+    metric = "mse"
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int = 0,
+             metric: str = "error") -> tuple[float, float]:
+    """Mean loss and error of ``model`` on ``split``: one pass, eval mode, summed in float64.
+
+    Cross-entropy and error rate (``metric="error"``; ``model(x)`` gives logits), or, for a
+    regression (``metric="mse"``), the mean squared error twice. ``split`` is a
+    :class:`~wdstudy.tasks.data.Split` or a Dataset of ``(x, y)`` examples (read through a
+    ``DataLoader`` with ``num_workers`` workers).
     """
     was_training = model.training
     model.eval()
@@ -255,9 +290,9 @@ def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int =
     try:
         for x, y in batches(split, batch_size, shuffle=False, num_workers=num_workers):
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum += float(F.cross_entropy(logits.double(), y, reduction="sum"))
-            err_sum += float((logits.argmax(1) != y).sum())
+            logits = model(x).double()
+            loss_sum += float(data_loss(logits, y, metric, reduction="sum"))
+            err_sum += float(error_sum(logits, y, metric))
     finally:
         model.train(was_training)
     return loss_sum / len(split), err_sum / len(split)
@@ -273,8 +308,9 @@ class FinalMeasurement(Callback):
     diverged) still tell where their time went.
     """
 
-    def __init__(self, data: TaskData, batch_size: int, with_test: bool, on_device=None):
+    def __init__(self, data: TaskData, batch_size: int, with_test: bool, on_device=None, metric: str = "error"):
         self.data = data
+        self.metric = metric
         self.batch_size = batch_size
         self.with_test = with_test
         self.on_device = on_device
@@ -290,10 +326,9 @@ class FinalMeasurement(Callback):
         # the module itself, not its backbone: a brought LightningModule's forward gives the logits
         model, m, workers = pl_module, self.metrics, self.data.num_workers
         self.device = device_label(next(model.parameters()).device)
-        m["train_loss"], m["train_error"] = evaluate(model, self.data.train, self.batch_size, workers)
-        m["val_loss"], m["val_error"] = evaluate(model, self.data.val, self.batch_size, workers)
-        if self.with_test:
-            m["test_loss"], m["test_error"] = evaluate(model, self.data.test, self.batch_size, workers)
+        for split in ("train", "val", "test") if self.with_test else ("train", "val"):
+            m[f"{split}_loss"], m[f"{split}_error"] = evaluate(model, getattr(self.data, split), self.batch_size,
+                                                                workers, self.metric)
 
 
 class BroughtModule(Callback):
@@ -465,7 +500,7 @@ def train_run(
         if task.grad_clip:
             extra.update(gradient_clip_val=task.grad_clip, gradient_clip_algorithm="norm")
     else:
-        module = Classifier(
+        module = (Regressor if task.metric.key == "mse" else Classifier)(
             model,
             data,
             optimizer=optimizer,
@@ -477,7 +512,7 @@ def train_run(
             grad_clip=task.grad_clip,
         )
         watch, extra = None, {}
-    final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device)
+    final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device, task.metric.key)
     own = [reg, *(callbacks or []), final] + ([watch] if watch is not None else [])
     try:
         trainer = make_trainer(task.epochs, own, accelerator=accelerator, precision=task.precision, **extra)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .figures import Rendered
-from .style import arm_rank, arms_in, label, missing, num, pct, pm, pts_ci
+from .style import arm_rank, arms_in, err, err_ci, err_head, err_pm, label, missing, num, pct, pm
 from ..analysis import compute_hours
 from .tables import ReportData, _range_text
 from .. import records as R
@@ -122,18 +122,20 @@ def generated_line(d: ReportData) -> str:
 
 
 def answer_intro(d: ReportData) -> str:
+    note = d.regression_note()
     return ("Each row compares two arms of one task on the same evaluation seeds: the mean paired difference "
             "in test error (first − second, in points; negative means the first arm is better) with its 95% "
             "interval, and the paired t-test's p-value after Holm's correction for every comparison in this "
             "report. A chosen value at the edge of its range makes a comparison inconclusive; every other "
-            "caveat is listed beside the outcome.")
+            "caveat is listed beside the outcome." + (f" {note}" if note else ""))
 
 
 def answer_table(d: ReportData) -> Table:
     rows = [[f"{r.task} · {r.optimizer}", f"{label(r.arm)} − {label(r.reference)}", r.outcome,
-             pts_ci(r.test_error_diff, r.test_error_low, r.test_error_high), num(r.p_holm, ".2g"), str(r.n_pairs),
-             r.caveats] for r in d.comparison.itertuples()]
-    return Table("answer", ["task · optimizer", "comparison", "outcome", "Δ test error, pts [95% CI]", "p (Holm)",
+             err_ci(d.metric(r.task), r.test_error_diff, r.test_error_low, r.test_error_high), num(r.p_holm, ".2g"),
+             str(r.n_pairs), r.caveats] for r in d.comparison.itertuples()]
+    head = err_head(d.metrics(), "Δ test error, pts [95% CI]", "Δ test MSE [95% CI]")
+    return Table("answer", ["task · optimizer", "comparison", "outcome", head, "p (Holm)",
                             "seeds", "caveats"], rows, [2.2, 2.1, 2.0, 2.4, 1.1, 0.9, 5.0],
                  "Wilcoxon and sign-flip p-values, the effect size and the gap differences are in "
                  "tables/comparison.csv.", ("caveats",))
@@ -170,7 +172,7 @@ def design_lines(d: ReportData) -> list[str]:
         f"Evaluation: each cell's chosen configuration retrained on seeds {', '.join(map(str, c0['eval_seeds']))} "
         "(the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
-        "is test − train. Intervals are 95% Student-t.",
+        "is test − train. Intervals are 95% Student-t." + (f" {d.regression_note()}" if d.regression_note() else ""),
         f"Compute: {compute} of training (search and evaluation runs, each where it really trained).",
     ]
 
@@ -180,8 +182,8 @@ def chosen_table(d: ReportData) -> Table:
     for r in d.summary.itertuples():
         warn = "; ".join(w for w in (f"η at the {r.lr_edge}" if r.lr_edge else "",
                                      f"λ at the {r.weight_decay_edge}" if r.weight_decay_edge else "") if w)
-        best = (f"{pct(r.best_val)} ± {100 * r.val_se:.2f}" if d.is_error and not missing(r.val_se)
-                else num(r.best_val))
+        best = (f"{pct(r.best_val)} ± {100 * r.val_se:.2f}" if d.rate(r.task) and not missing(r.val_se)
+                else num(r.best_val) if d.metric(r.task).is_rate else f"{num(r.best_val, '.4g')} MSE")
         picked = ("search" if r.picked_by == "search" else "—" if missing(r.race_rank) else
                   f"race: search #{int(r.race_rank)}{' (overturned)' if r.race_rank != 1 else ''}")
         rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), warn, best,
@@ -202,10 +204,14 @@ def chosen_table(d: ReportData) -> Table:
 def race_table(d: ReportData) -> Table:
     sel = d.selection.merge(d.summary[["cell", "task", "optimizer", "regularizer"]], on="cell")
     sel = sel.sort_values(["task", "optimizer", "regularizer", "search_rank"], key=arm_rank)
-    v = (lambda x: pct(x)) if d.is_error else (lambda x: num(x, ".4g"))  # noqa: E731
+    def v(x, task):
+        if d.rate(task):
+            return pct(x)
+        return num(x, ".4g") + ("" if d.metric(task).is_rate else " MSE")
+
     rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), str(r.search_rank), num(r.lr),
-             "—" if r.regularizer == "none" else num(r.weight_decay), v(r.search_value),
-             f"{v(r.race_mean)} (n = {r.race_n}){' diverged' if r.diverged else ''}",
+             "—" if r.regularizer == "none" else num(r.weight_decay), v(r.search_value, r.task),
+             f"{v(r.race_mean, r.task)} (n = {r.race_n}){' diverged' if r.diverged else ''}",
              "yes" if r.survivor else "no", "chosen" if r.chosen else ""] for r in sel.itertuples()]
     return Table("race", ["task · optimizer", "arm", "search rank", "η", "λ", "search run", "race mean",
                           "survivor", "pick"], rows, [2.2, 1.2, 0.9, 1.2, 1.2, 1.3, 2.0, 1.0, 1.0],
@@ -220,13 +226,17 @@ def evaluation_table(d: ReportData) -> Table:
     for r in d.summary.itertuples():
         seeds = len(d.cells[r.cell]["eval_seeds"])
         bad = f"{r.diverged_seeds} diverged" if r.diverged_seeds else ""
-        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), pm(r.test_error, r.test_error_low,
-                     r.test_error_high, suffix="%"), pct(r.train_error),
-                     pm(r.gap_error, r.gap_error_low, r.gap_error_high, fmt="+.2f"),
+        m = d.metric(r.task)
+        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer),
+                     err_pm(m, r.test_error, r.test_error_low, r.test_error_high), err(m, r.train_error),
+                     err_pm(m, r.gap_error, r.gap_error_low, r.gap_error_high, diff=True),
                      pm(r.gap_loss, r.gap_loss_low, r.gap_loss_high, scale=1, fmt="+.3f"),
                      num(r.weight_norm, ".3g"), pct(r.zero_fraction, 1), f"{r.seeds} of {seeds}", bad])
-    return Table("evaluation", ["task · optimizer", "arm", "test error", "train error", "gap, error pts",
-                                "gap, loss (nats)", "‖w‖₂", "exact zeros", "seeds", "diverged"], rows,
+    ms = d.metrics()
+    return Table("evaluation", ["task · optimizer", "arm", err_head(ms, "test error", "test MSE"),
+                                err_head(ms, "train error", "train MSE"), err_head(ms, "gap, error pts", "gap, MSE"),
+                                err_head(ms, "gap, loss (nats)", "gap, loss (MSE)"), "‖w‖₂", "exact zeros", "seeds",
+                                "diverged"], rows,
                  [2.2, 1.2, 1.8, 1.2, 1.7, 1.8, 0.9, 1.0, 0.9, 1.1],
                  "Evaluation of the chosen configurations: mean ± half-width of the 95% interval over the seeds. "
                  "‖w‖₂ and exact zeros: the norm of the regularized weights at the end of training and the share of "

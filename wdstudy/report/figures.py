@@ -1,8 +1,9 @@
 """The report's figures, drawn with matplotlib and seaborn from the tables of :mod:`.tables`.
 
 Every function takes the :class:`~.tables.ReportData` and returns :class:`Figure` objects (or
-none when there is nothing to draw). Percentages are shown in %, differences in points;
-arms keep one order and one colour everywhere (:mod:`.style`).
+none when there is nothing to draw). Error rates are shown in %, their differences in points;
+a regression task's error is its mean squared error, shown and labelled as MSE (each panel by
+its task); arms keep one order and one colour everywhere (:mod:`.style`).
 """
 
 from __future__ import annotations
@@ -56,12 +57,23 @@ def _cells_of(d: ReportData, task: str, opt: str) -> dict[str, str]:
     return {r.regularizer: r.cell for r in s.itertuples()}
 
 
-def _metric_name(d: ReportData) -> str:
-    return "validation error" if d.is_error else f"validation {d.objective.replace('val_', '')}"
+def _metric_name(d: ReportData, task: str) -> str:
+    return d.objective_name(task)
 
 
-def _scale(d: ReportData) -> float:
-    return 100.0 if d.is_error else 1.0
+def _scale(d: ReportData, task: str) -> float:
+    """Display factor of ``task``'s objective values: 100 for error rates (%), else 1."""
+    return 100.0 if d.rate(task) else 1.0
+
+
+def _unit(d: ReportData, task: str) -> str:
+    return " (%)" if d.rate(task) else ""
+
+
+def _with_note(d: ReportData, caption: str) -> str:
+    """A caption, followed by which tasks' error is an MSE (when the study has any)."""
+    note = d.regression_note()
+    return f"{caption} {note}" if note else caption
 
 
 # -- 1. the answer ---------------------------------------------------------------------------
@@ -74,34 +86,43 @@ def fig_differences(d: ReportData) -> Figure | None:
     if c.empty or c.test_error_diff.isna().all():
         return None
     c = c.reset_index(drop=True)
-    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 0.3 * len(c) + 1.2), sharey=True,
-                             gridspec_kw={"width_ratios": [1, 0.8]})
-    y = np.arange(len(c))[::-1]
-    for ax, col, xlabel in ((axes[0], "test_error", "Δ test error (points)"),
-                            (axes[1], "gap_error", "Δ gap: test − train error (points)")):
-        for yi, r in zip(y, c.itertuples()):
-            solid = r.outcome.endswith("wins")
-            hollow = r.outcome in ("inconclusive", "not tested", "indistinguishable")
-            mean, lo, hi = getattr(r, f"{col}_diff"), getattr(r, f"{col}_low"), getattr(r, f"{col}_high")
-            if not math.isnan(lo):
-                ax.plot([100 * lo, 100 * hi], [yi, yi], color=color(r.arm), lw=2 if solid else 1.2)
-            if not math.isnan(mean):
-                ax.plot([100 * mean], [yi], "o", ms=5.5, color=color(r.arm), mfc="white" if hollow else color(r.arm))
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_xscale("symlog", linthresh=2.0, linscale=1.5)  # ±2 points linear; wide intervals compressed
-        ax.set_xlabel(xlabel)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}" for r in c.itertuples()],
-                       fontsize=7.5)
-    axes[0].set_ylim(-0.7, len(c) - 0.3)
+    # one block of rows per metric: error-rate differences in points and MSE differences never share an axis
+    blocks = [(m, c[[d.metric(t).key == m.key for t in c.task]].reset_index(drop=True)) for m in d.metrics()]
+    blocks = [(m, b) for m, b in blocks if len(b)]
+    fig, grid = plt.subplots(len(blocks), 2, figsize=(WIDTH, 0.3 * len(c) + 1.2 + 0.6 * (len(blocks) - 1)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 0.8],
+                                                         "height_ratios": [len(b) + 1.5 for _, b in blocks]})
+    for axes, (metric, cb) in zip(grid, blocks):
+        sc = metric.scale
+        y = np.arange(len(cb))[::-1]
+        for ax, col, xlabel in ((axes[0], "test_error", metric.diff_axis("test")),
+                                (axes[1], "gap_error", "Δ gap: test − train "
+                                 + ("error (points)" if metric.is_rate else "MSE"))):
+            for yi, r in zip(y, cb.itertuples()):
+                solid = r.outcome.endswith("wins")
+                hollow = r.outcome in ("inconclusive", "not tested", "indistinguishable")
+                mean, lo, hi = getattr(r, f"{col}_diff"), getattr(r, f"{col}_low"), getattr(r, f"{col}_high")
+                if not math.isnan(lo):
+                    ax.plot([sc * lo, sc * hi], [yi, yi], color=color(r.arm), lw=2 if solid else 1.2)
+                if not math.isnan(mean):
+                    ax.plot([sc * mean], [yi], "o", ms=5.5, color=color(r.arm), mfc="white" if hollow else color(r.arm))
+            ax.axvline(0, color="black", lw=0.8)
+            if metric.is_rate:
+                ax.set_xscale("symlog", linthresh=2.0, linscale=1.5)  # ±2 points linear; wide intervals compressed
+            ax.set_xlabel(xlabel)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_ylim(-0.7, len(cb) - 0.3)
+        axes[0].set_yticks(y, [f"{r.task} · {r.optimizer}: {label(r.arm)} − {label(r.reference)}"
+                               for r in cb.itertuples()], fontsize=7.5)
+        axes[1].set_yticks(y, [""] * len(y))
     _fit(fig)
-    return Figure("differences", "answer", "Paired differences between arms", (
+    return Figure("differences", "answer", "Paired differences between arms", _with_note(d, (
         "Mean over the evaluation seeds of (first arm − second arm), in points, with its 95% Student-t interval; "
         "the x axes are linear within ±2 points and logarithmic beyond, so wide intervals do not hide narrow ones; "
         "both arms ran the same seeds. Left: test error (< 0: the first arm is better); right: generalization "
         "gap (< 0: the first arm generalizes with a smaller gap). Filled: the Holm-corrected paired t-test on "
         "test error says one arm wins; hollow: inconclusive (a chosen value at the edge of its range), "
-        "indistinguishable (the race could not separate the arms' candidates) or not tested. The outcome of each row is in the table above."),
+        "indistinguishable (the race could not separate the arms' candidates) or not tested. The outcome of each row is in the table above.")),
         "Forest plot of the paired differences in test error and in generalization gap, with 95% intervals.", fig)
 
 
@@ -118,10 +139,12 @@ def fig_seeds(d: ReportData) -> Figure | None:
     for j, (task, opt) in enumerate(groups):
         g = e[(e.task == task) & (e.optimizer == opt)]
         arms = arms_in(d.summary[(d.summary.task == task) & (d.summary.optimizer == opt)].regularizer)
-        for i, (col, ylabel) in enumerate((("test_error", "test error (%)"),
-                                           ("gap_error", "gap: test − train error (points)"))):
+        m = d.metric(task)
+        for i, (col, ylabel) in enumerate((("test_error", m.axis("test")),
+                                           ("gap_error", "gap: test − train " + ("error (points)" if m.is_rate
+                                                                                 else "MSE")))):
             ax = axes[i][j]
-            wide = g.pivot_table(index="seed", columns="regularizer", values=col).reindex(columns=arms) * 100
+            wide = g.pivot_table(index="seed", columns="regularizer", values=col).reindex(columns=arms) * m.scale
             x = np.arange(len(arms))
             for _, row in wide.iterrows():
                 ax.plot(x, row.to_numpy(float), color="#bbbbbb", lw=0.7, zorder=1)
@@ -136,17 +159,17 @@ def fig_seeds(d: ReportData) -> Figure | None:
             ax.set_xticks(x, [label(a) for a in arms])
             ax.set_xlim(-0.5, len(arms) - 0.3)
             ax.grid(axis="y", alpha=0.3)
-            if j == 0:
+            if j == 0 or m.key != d.metric(groups[0][0]).key:
                 ax.set_ylabel(ylabel)
             if i == 0:
                 ax.set_title(f"{task} · {opt}")
     n = int(d.summary.seeds.max()) if len(d.summary) else 0
     _fit(fig)
-    return Figure("seeds", "gap", "Test error and generalization gap per seed", (
+    return Figure("seeds", "gap", "Test error and generalization gap per seed", _with_note(d, (
         f"Dots: one evaluation run each (the cell's chosen configuration retrained on seed s, n ≤ {n}); grey lines "
         "join the same seed across arms (same initialization and data order), so parallel lines mean a "
         "consistent difference. Black diamond: mean with 95% Student-t interval. Each panel has its own "
-        "scale; gap = test − train error, train error from an eval-mode pass over the training split."),
+        "scale; gap = test − train error, train error from an eval-mode pass over the training split.")),
         "Per-seed test error and generalization gap of every arm, with paired lines per seed.", fig)
 
 
@@ -158,10 +181,10 @@ def fig_slices(d: ReportData) -> Figure | None:
     if d.trials.empty or d.summary.dropna(subset=["lr"]).empty:
         return None
     groups = d.groups()
-    sc = _scale(d)
     fig, axes = plt.subplots(len(groups), 2, figsize=(WIDTH, 2.5 * len(groups) + 0.6), squeeze=False)
     handles = {}
     for i, (task, opt) in enumerate(groups):
+        sc = _scale(d, task)
         cells = _cells_of(d, task, opt)
         lows = []
         for reg in arms_in(cells):
@@ -190,24 +213,25 @@ def fig_slices(d: ReportData) -> Figure | None:
             if lows:
                 lo = min(lows)
                 hi = np.quantile(lows, 0.8) if len(lows) > 3 else max(lows)
-                ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9) - 0.5, hi + 0.3 * (hi - lo + 1e-9) + 0.5)
+                pad = 0.5 if d.rate(task) else 0.02 * max(abs(hi), 1e-9)  # half a point, or 2% of a loss or MSE
+                ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9) - pad, hi + 0.3 * (hi - lo + 1e-9) + pad)
             ax.grid(alpha=0.3)
             ax.set_title(f"{task} · {opt}", fontsize=9)
             if k == 0:
-                ax.set_ylabel(f"{_metric_name(d)}{' (%)' if d.is_error else ''}")
+                ax.set_ylabel(f"{_metric_name(d, task)}{_unit(d, task)}")
             if i == len(groups) - 1:
                 ax.set_xlabel("λ (each arm in its own convention)" if k == 0 else
                               "per-step shrink (η·λ; λ for independent)")
     fig.legend([handles[r] for r in arms_in(handles)], [label(r) for r in arms_in(handles)], loc="upper center",
                ncol=max(1, len(handles)), frameon=False, bbox_to_anchor=(0.5, 1.0))
     _fit(fig, top=0.96)
-    return Figure("slices", "slices", "Validation error against λ and against the per-step shrink", (
+    return Figure("slices", "slices", "Validation error against λ and against the per-step shrink", _with_note(d, (
         f"For each arm, the completed search trials within {NEAR_LR:g} decades of its chosen learning rate "
         "(a slice through the landscape at the best η), joined in order of the x value; ★ the chosen "
         "configuration; dashed: the best validation error of the unregularized arm. Left: λ as each arm "
         "defines it, so the arms sit decades apart. Right: the per-step shrink the arm stands for (η·λ; for "
         "L2 that is the shrink plain SGD applies, which Adam rescales), the axis on which the arms compare. "
-        "The y axis is cut at the worse trials so the good region is resolved."),
+        "The y axis is cut at the worse trials so the good region is resolved.")),
         "Validation error against λ and against the per-step shrink, one line per arm, per task.", fig)
 
 
@@ -218,7 +242,6 @@ def fig_landscapes(d: ReportData) -> Figure | None:
     """One row per task: the search trials over (η, λ), one panel per regularized arm."""
     if d.trials.empty:
         return None
-    sc = _scale(d)
     rows = []
     for task, opt in d.groups():
         cells = {r: c for r, c in _cells_of(d, task, opt).items() if d.cells[c]["weight_decay_range"]}
@@ -235,9 +258,11 @@ def fig_landscapes(d: ReportData) -> Figure | None:
     axes = [row[:-1] for row in grid]
     tops = []
     for i, (task, opt, cells, regs, done, values) in enumerate(rows):
+        sc = _scale(d, task)
         vmin = float(values.min()) * sc
-        vmax = max(float(values.quantile(0.5)) * sc, vmin + (2.0 if d.is_error else 1e-3))
-        tops.append(f"{task} {vmax:.1f}{'%' if d.is_error else ''}")
+        vmax = max(float(values.quantile(0.5)) * sc, vmin + (2.0 if d.rate(task) else 1e-3))
+        tops.append(f"{task} {vmax:.1f}%" if d.rate(task) else
+                    f"{task} {vmax:.3g}{'' if d.metric(task).is_rate else ' MSE'}")
         mappable = None
         for j in range(ncol):
             ax = axes[i][j]
@@ -246,7 +271,7 @@ def fig_landscapes(d: ReportData) -> Figure | None:
                 continue
             reg = regs[j]
             allt = d.trials[d.trials.cell == cells[reg]]
-            mappable = _landscape_panel(ax, d, done[reg], allt, d.cells[cells[reg]], vmin, vmax) or mappable
+            mappable = _landscape_panel(ax, done[reg], allt, d.cells[cells[reg]], vmin, vmax, sc) or mappable
             lo, hi = d.cells[cells[reg]]["weight_decay_range"]
             ax.set_title(f"{task} · {opt} · {label(reg)}", fontsize=8.5)
             if i == len(rows) - 1:
@@ -254,7 +279,8 @@ def fig_landscapes(d: ReportData) -> Figure | None:
             ax.set_ylabel(f"λ ({label(reg)})", fontsize=8)
         if mappable is not None:
             cb = fig.colorbar(mappable, cax=grid[i][-1], extend="max")
-            cb.set_label(f"{'val. error (%)' if d.is_error else _metric_name(d)}", fontsize=8)
+            cb.set_label("val. error (%)" if d.rate(task) else _metric_name(d, task).replace("validation", "val."),
+                         fontsize=8)
         else:
             grid[i][-1].axis("off")
     grid = next(iter(d.cells.values()))["sampler"] == "grid"
@@ -262,21 +288,20 @@ def fig_landscapes(d: ReportData) -> Figure | None:
            "Each dot is one completed search trial, coloured by its validation result; × pruned or diverged; "
            "★ the chosen configuration. No surface is interpolated between the trials.")
     _fit(fig)
-    return Figure("landscapes", "landscapes", "Landscapes over (η, λ)", (
+    return Figure("landscapes", "landscapes", "Landscapes over (η, λ)", _with_note(d, (
         f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
         "worse trials share the darkest colour, so the good region is resolved. Each panel spans its arm's own "
         "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."
         + (" An arm searched over its per-step shrink η·λ (or its timescale) covers the band between the "
            "dashed lines, the λ = shrink/η of the range's two ends." if any(
-               c.get(R.DECAY_AXIS) for c in d.cells.values()) else "")),
+               c.get(R.DECAY_AXIS) for c in d.cells.values()) else ""))),
         "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
 
 
-def _landscape_panel(ax, d: ReportData, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmin: float,
-                     vmax: float):
+def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmin: float, vmax: float,
+                     sc: float):
     import seaborn as sns
 
-    sc = _scale(d)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(*_padded(cell["lr_range"]))
@@ -382,9 +407,9 @@ def fig_best_so_far(d: ReportData) -> Figure | None:
     if d.trials.empty:
         return None
     groups = d.groups()
-    sc = _scale(d)
     fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 2.7), squeeze=False)
     for j, (task, opt) in enumerate(groups):
+        sc = _scale(d, task)
         ax = axes[0][j]
         cells = _cells_of(d, task, opt)
         for reg in arms_in(cells):
@@ -402,14 +427,14 @@ def fig_best_so_far(d: ReportData) -> Figure | None:
         ax.set_xlabel("trial (in search order)")
         ax.set_title(f"{task} · {opt}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        if j == 0:
-            ax.set_ylabel(f"best {_metric_name(d)} so far{' (%)' if d.is_error else ''}")
+        if j == 0 or _metric_name(d, task) != _metric_name(d, groups[0][0]):
+            ax.set_ylabel(f"best {_metric_name(d, task)} so far{_unit(d, task)}")
     axes[0][-1].legend(fontsize=7)
     _fit(fig)
-    return Figure("best_so_far", "search", "Best so far", (
+    return Figure("best_so_far", "search", "Best so far", _with_note(d, (
         "The best validation result after each search trial, in the order the search proposed them (thin grey "
         "lines: generation boundaries). A curve still falling at the last trials says the budget did not suffice "
-        "for that arm; an arm ahead at every budget is ahead regardless of the budget."),
+        "for that arm; an arm ahead at every budget is ahead regardless of the budget.")),
         "Best validation result so far against the number of search trials, one line per arm, per task.", fig)
 
 
@@ -419,10 +444,10 @@ def fig_tuning(d: ReportData) -> Figure | None:
     if d.trials.empty or sampler not in ("random", "grid"):
         return None
     groups = d.groups()
-    sc = _scale(d)
     fig, axes = plt.subplots(1, len(groups), figsize=(WIDTH, 2.7), squeeze=False)
     drawn = False
     for j, (task, opt) in enumerate(groups):
+        sc, rate = _scale(d, task), d.rate(task)
         ax = axes[0][j]
         cells = _cells_of(d, task, opt)
         seen: list[float] = []
@@ -430,7 +455,7 @@ def fig_tuning(d: ReportData) -> Figure | None:
             t = d.trials[(d.trials.cell == cells[reg]) & d.trials.state.isin(["COMPLETE", "PRUNED"])]
             if len(t) < 2:
                 continue
-            worst = 1.0 if d.is_error else float(t.value.max())
+            worst = 1.0 if rate else float(t.value.max())
             values = t.value.where(t.state == "COMPLETE", worst).fillna(worst).astype(float).to_numpy()
             ns = np.arange(1, len(values) + 1)
             curve, lo, hi = tuning_curve(values, ns, low=0.0 if d.is_error else -np.inf, high=worst)
@@ -440,26 +465,26 @@ def fig_tuning(d: ReportData) -> Figure | None:
             drawn = True
         if seen:  # the curves set the scale; a band wider than the panel is cut at its edges
             span = max(seen) - min(seen)
-            pad = 0.5 * span + (1.0 if d.is_error else 0.05 * abs(max(seen)))
+            pad = 0.5 * span + (1.0 if rate else 0.05 * abs(max(seen)))
             ax.set_ylim(min(seen) - pad, max(seen) + pad)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("trials n")
         ax.set_title(f"{task} · {opt}", fontsize=9)
         ax.grid(alpha=0.3)
-        if j == 0:
-            ax.set_ylabel(f"best {_metric_name(d)} of n{' (%)' if d.is_error else ''}")
+        if j == 0 or _metric_name(d, task) != _metric_name(d, groups[0][0]):
+            ax.set_ylabel(f"best {_metric_name(d, task)} of n{_unit(d, task)}")
     if not drawn:
         plt.close(fig)
         return None
     axes[0][-1].legend(fontsize=7)
     _fit(fig)
-    return Figure("tuning", "search", "Tuning curves", (
+    return Figure("tuning", "search", "Tuning curves", _with_note(d, (
         "For each arm, the median best validation result of n trials drawn at random from its search space "
         "(estimated from the search's own trials; diverged trials count as the worst value), with an 80% "
         "exact, distribution-free simultaneous band (opda, ld_equal_tailed; exact for untied values — error "
         "rates on a finite split tie, so read it as approximate; a band wider than the panel is cut). An arm whose band lies below "
         "another's at every n is ahead at every budget; a curve still falling at the right edge says the "
-        "budget did not suffice. Only for random and grid searches: TPE's trials are not independent draws."),
+        "budget did not suffice. Only for random and grid searches: TPE's trials are not independent draws.")),
         "Median best validation result against the number of random trials, with confidence bands, per arm.",
         fig)
 
@@ -479,10 +504,12 @@ def fig_curves(d: ReportData) -> Figure | None:
         g = h[(h.task == task) & (h.optimizer == opt)]
         n = max(n, int(g.groupby(["regularizer", "epoch"]).size().max()))
         row = axes[i]
+        metric = d.metric(task)
         for reg in arms_in(g.regularizer):
             hr = g[g.regularizer == reg]
             c = color(reg)
-            for ax, col, scale, ls in ((row[0], "train_error_running", 100, "--"), (row[0], "val_error", 100, "-"),
+            for ax, col, scale, ls in ((row[0], "train_error_running", metric.scale, "--"),
+                                       (row[0], "val_error", metric.scale, "-"),
                                        (row[1], "train_loss_running", 1, "--"), (row[1], "val_loss", 1, "-"),
                                        (row[2], "weight_norm", 1, "-")):
                 if col not in hr or hr[col].isna().all():
@@ -494,10 +521,10 @@ def fig_curves(d: ReportData) -> Figure | None:
             e = d.evals[(d.evals.cell == hr.cell.iloc[0]) & (d.evals.state == "COMPLETE")]
             if len(e):
                 last = int(hr.epoch.max()) + 1
-                row[0].plot([last], [100 * e.train_error.mean()], "o", mfc="white", color=c, ms=4.5)
-                row[0].plot([last], [100 * e.test_error.mean()], "s", color=c, ms=3.5)
-        row[0].set_ylabel(f"{task}\nerror (%)", fontsize=8)
-        row[1].set_ylabel("cross-entropy (nats)", fontsize=8)
+                row[0].plot([last], [metric.scale * e.train_error.mean()], "o", mfc="white", color=c, ms=4.5)
+                row[0].plot([last], [metric.scale * e.test_error.mean()], "s", color=c, ms=3.5)
+        row[0].set_ylabel(f"{task}\n{metric.axis()}", fontsize=8)
+        row[1].set_ylabel(metric.loss, fontsize=8)
         row[2].set_ylabel("‖w‖₂ (regularized)", fontsize=8)
         for ax in row:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -509,12 +536,12 @@ def fig_curves(d: ReportData) -> Figure | None:
                 ax.set_title(t, fontsize=9)
             row[2].legend(fontsize=7)
     _fit(fig)
-    return Figure("curves", "curves", "Learning curves of the chosen configurations", (
+    return Figure("curves", "curves", "Learning curves of the chosen configurations", _with_note(d, (
         f"Evaluation runs of each cell's chosen configuration: mean over {n} seeds with its 95% Student-t band, "
         "one row per task. Solid: validation split (eval mode); dashed: running average over the epoch's "
         "minibatches in train mode (dropout on, weights moving), which is not the train error of the tables — "
         "that one is the hollow circle at the last epoch (an eval-mode pass over the training split); filled "
-        "square: test error. Right: norm of the regularized weights at the end of each epoch."),
+        "square: test error. Right: norm of the regularized weights at the end of each epoch.")),
         "Training and validation error, loss and weight norm over epochs, one row per task.", fig)
 
 

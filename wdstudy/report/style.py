@@ -74,3 +74,38 @@ def pm(mean, lo, hi, scale: float = 100, fmt: str = ".2f", suffix: str = "") -> 
     if missing(lo):
         return f"{scale * mean:{fmt}}{suffix}"
     return f"{scale * mean:{fmt}} ± {scale * (hi - lo) / 2:{fmt}}{suffix}"
+
+
+# -- a task's error metric: the classification error rate (in %) or a regression's MSE ------------
+
+
+def err(metric, x) -> str:
+    """One value of a task's error: ``12.34%``, or ``0.1234 MSE`` for a regression."""
+    return pct(x) if metric.is_rate else ("—" if missing(x) else f"{x:.4f} MSE")
+
+
+def err_pm(metric, mean, lo, hi, diff: bool = False) -> str:
+    """A task's error (``diff``: a difference or gap of it) as ``mean ± half-width``: in % or points
+    for an error rate, in MSE for a regression."""
+    if metric.is_rate:
+        return pm(mean, lo, hi, fmt="+.2f") if diff else pm(mean, lo, hi, suffix="%")
+    return pm(mean, lo, hi, scale=1, fmt="+.4f" if diff else ".4f", suffix=" MSE")
+
+
+def err_ci(metric, mean, lo, hi) -> str:
+    """A difference of a task's error with its 95% interval: points, or MSE for a regression."""
+    if metric.is_rate:
+        return pts_ci(mean, lo, hi)
+    if missing(mean):
+        return "—"
+    if missing(lo):
+        return f"{mean:+.4f} MSE"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] MSE"
+
+
+def err_head(metrics, rate: str, mse: str) -> str:
+    """A column head over tasks whose error is a rate (``rate``), an MSE (``mse``), or both."""
+    kinds = {m.key for m in metrics}
+    if kinds == {"mse"}:
+        return mse
+    return f"{rate} / {mse}" if "mse" in kinds else rate

@@ -17,6 +17,7 @@ import pandas as pd
 from .. import records as R
 from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..stats import binomial_se, coupling, holm, mean_ci, paired
+from ..tasks.names import Metric, task_metric
 from .style import arm_rank, label, shrink
 
 EDGE = 0.05  # a chosen value within 5% of the log-range of an edge is "at the edge"
@@ -57,7 +58,36 @@ class ReportData:
 
     @property
     def is_error(self) -> bool:
+        """Whether the objective is the error (``val_error``) rather than the loss."""
         return "error" in self.objective
+
+    def metric(self, task: str) -> Metric:
+        """What ``task``'s error columns hold: the error rate, or a regression's MSE."""
+        return task_metric(task)
+
+    def metrics(self) -> list[Metric]:
+        """The metrics of the study's tasks, classification's first."""
+        found = {task_metric(c["task"]["name"]).key: task_metric(c["task"]["name"]) for c in self.cells.values()}
+        return sorted(found.values(), key=lambda m: not m.is_rate)
+
+    def rate(self, task: str) -> bool:
+        """Whether ``task``'s objective values are error rates (shown in %)."""
+        return self.is_error and task_metric(task).is_rate
+
+    def objective_name(self, task: str) -> str:
+        """``validation error``, ``validation MSE`` (a regression: its loss and error are both the MSE)
+        or ``validation loss``."""
+        if not task_metric(task).is_rate:
+            return "validation MSE"
+        return "validation error" if self.is_error else f"validation {self.objective.replace('val_', '')}"
+
+    def regression_note(self) -> str:
+        """A sentence naming the study's regression tasks, whose error is the MSE ('' without any)."""
+        tasks = sorted({c["task"]["name"] for c in self.cells.values() if not task_metric(c["task"]["name"]).is_rate})
+        if not tasks:
+            return ""
+        return (f"For {', '.join(tasks)} (regression) the error is the mean squared error (MSE): validation and "
+                "test error, gap and differences are in MSE, not in % or points.")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -167,6 +197,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
         wd = None if best is None or wd_range is None else best.weight_decay
         rows.append({
             "cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"], "regularizer": reg,
+            "metric": task_metric(cell["task"]["name"]).key,
             "best_val": None if best is None else best.value,
             "lr": None if best is None else best.lr,
             "weight_decay": wd,
@@ -181,7 +212,8 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "seeds": ci["test_error"].n,
             "diverged_seeds": int((e_all.state == "PRUNED").sum()) if len(e_all) else 0,
             "val_size": val_size,
-            "val_se": binomial_se(None if best is None else best.value, val_size) if d.is_error else math.nan,
+            "val_se": binomial_se(None if best is None else best.value, val_size) if d.rate(cell["task"]["name"])
+            else math.nan,
             "top5_spread": float(comp.nsmallest(5, "value").value.std(ddof=1)) if len(comp) >= 2 else math.nan,
             **{k: v for c, m in ci.items() for k, v in ((c, m.mean), (f"{c}_low", m.low), (f"{c}_high", m.high))},
         })
@@ -293,7 +325,8 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
             noise = (2 * math.sqrt(ra.val_se ** 2 + rb.val_se ** 2)
                      if not (math.isnan(ra.val_se) or math.isnan(rb.val_se)) else math.nan)
             rows.append({
-                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "n_pairs": te.n,
+                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "metric": task_metric(task).key,
+                "n_pairs": te.n,
                 "test_error_diff": te.mean_diff, "test_error_low": te.low, "test_error_high": te.high,
                 "test_error_t": te.t, "test_error_p": te.p_t, "p_wilcoxon": te.p_wilcoxon,
                 "p_signflip": te.p_signflip, "effect_dz": te.effect_dz, "mde": te.mde,
@@ -323,7 +356,8 @@ def _selection_overlap(d: ReportData, ra, rb) -> dict:
     if a is None or b is None:
         return {"selection": "", "selection_note": ""}
     overlap = max(a[0], b[0]) <= min(a[1], b[1])
-    fmt = lambda x: f"{100 * x[0]:.2f}–{100 * x[1]:.2f}%" if d.is_error else f"{x[0]:.4g}–{x[1]:.4g}"  # noqa: E731
+    fmt = (lambda x: f"{100 * x[0]:.2f}–{100 * x[1]:.2f}%") if d.rate(ra.task) else (  # noqa: E731
+        lambda x: f"{x[0]:.4g}–{x[1]:.4g}{'' if task_metric(ra.task).is_rate else ' MSE'}")
     note = (f"survivors of the race: {label(ra.regularizer)} {int(ra.survivors)} of {int(ra.race_candidates)} "
             f"({fmt(a)}), {label(rb.regularizer)} {int(rb.survivors)} of {int(rb.race_candidates)} ({fmt(b)})")
     return {"selection": "overlap" if overlap else "separate", "selection_note": note}
@@ -361,7 +395,9 @@ def judge(r) -> tuple[str, str]:
         outcome = f"{a if r.test_error_diff < 0 else b} wins"
     else:
         outcome = "no significant difference"
-        caveats.append(f"these {r.n_pairs} seeds detect about {100 * r.mde:.2f} pts")
+        m = task_metric(r.task)
+        caveats.append(f"these {r.n_pairs} seeds detect about "
+                       + (f"{100 * r.mde:.2f} pts" if m.is_rate else f"{r.mde:.4f} MSE"))
     if outcome != "indistinguishable" and getattr(r, "selection", "") == "overlap":
         caveats.append(f"the race could not separate the arms' candidates ({r.selection_note}): another "
                        "survivor might give another answer")
@@ -370,9 +406,14 @@ def judge(r) -> tuple[str, str]:
 
 def _sentence(r, outcome: str, caveats: str) -> str:
     """The verdict as one sentence, numbers included (comparison.csv, the launch printout)."""
-    diff = (f"{label(r.arm)} − {label(r.reference)} = {100 * r.test_error_diff:+.2f} pts test error "
-            f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}), Holm p = {r.p_holm:.2g}"
-            if r.n_pairs >= 2 else "")
+    m = task_metric(r.task)
+    if m.is_rate:
+        diff = (f"{label(r.arm)} − {label(r.reference)} = {100 * r.test_error_diff:+.2f} pts test error "
+                f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}), Holm p = {r.p_holm:.2g}")
+    else:
+        diff = (f"{label(r.arm)} − {label(r.reference)} = {r.test_error_diff:+.4f} test MSE "
+                f"(95% CI {r.test_error_low:+.4f} to {r.test_error_high:+.4f}), Holm p = {r.p_holm:.2g}")
+    diff = diff if r.n_pairs >= 2 else ""
     return outcome + "".join(f": {x}" if i == 0 else f"; {x}" for i, x in enumerate(y for y in (diff, caveats) if y))
 
 

@@ -1,8 +1,11 @@
 """Tasks: a named dataset + backbone with its sizes and training budget.
 
 A task is named ``MODEL-DATASET`` (``mlp-mnist1d``, ``cnn-mnist1d``, ``gru-mnist1d``,
-``lstm-mnist1d``, ``cnn-cifar10``, ``mlp-fashionmnist``, ...) and configured by a
-:class:`TaskConfig`, plain data that a study spec can override field by field. A task
+``lstm-mnist1d``, ``logreg-mnist1d``, ``cnn-cifar10``, ``mlp-fashionmnist``, ...,
+``linreg-curve1d``) and configured by a :class:`TaskConfig`, plain data that a study spec can
+override field by field. Classifiers pair with the classification datasets and the linear
+regression ``linreg`` with the regression dataset ``curve1d`` (:mod:`.names`); other pairs are
+refused by name. A task
 with a ``factory`` (``mypkg.tasks:build``) is your own model and data instead: see
 :mod:`wdstudy.tasks.user`.
 """
@@ -14,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES
+from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES, Metric, fits, misfit, task_metric
 
 #: Loaded on first use, so that specs and reports can use TaskConfig without importing torch.
 _LAZY = {"ShuffledBatches": "data", "Split": "data", "TaskData": "data", "load_data": "data", "build_model": "models"}
@@ -27,7 +30,8 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-TASKS: tuple[str, ...] = tuple(f"{m}-{d}" for m in MODELS for d in DATASETS)
+#: Every built-in task: the model-dataset pairs that fit (classifiers on class labels, linreg on curve1d).
+TASKS: tuple[str, ...] = tuple(f"{m}-{d}" for m in MODELS for d in DATASETS if fits(m, d))
 
 #: Lightning precisions a task may train with. Full precision is the default: mixed precision
 #: changes the numbers a study compares, so it must be asked for.
@@ -41,10 +45,17 @@ _SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "gru": {"width": 64, "layers": 1},
     "lstm": {"width": 64, "layers": 1},
     "logreg": {},  # multinomial logistic regression: one linear layer, nothing to size
+    "linreg": {},  # linear regression on fixed features: one linear layer, nothing to size
 }
 _SIZE_FIELDS = {"mlp": ("width", "layers", "dropout"), "cnn": ("width", "layers", "kernel_size", "batch_norm", "dropout")}
 _SIZE_FIELDS["gru"] = _SIZE_FIELDS["lstm"] = ("width", "layers", "dropout", "chunk")
-_SIZE_FIELDS["logreg"] = ()
+_SIZE_FIELDS["logreg"] = _SIZE_FIELDS["linreg"] = ()
+
+#: Defaults that differ by dataset, used where the task (or the spec's task_defaults) leaves the
+#: field out. curve1d is 100 points: half of them validate, and a wiggly fit takes many small steps.
+_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "curve1d": {"epochs": 80, "batch_size": 10, "val_fraction": 0.5},
+}
 
 #: The fields a factory task shares with built-in tasks: how the study trains it. Every other
 #: key of a factory task is an option, passed to the factory as a keyword argument.
@@ -86,6 +97,15 @@ class TaskConfig(BaseModel):
     precision: str = Field("32", description="Lightning precision: 32, bf16-mixed or 16-mixed")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     accumulate_grad_batches: int = Field(1, ge=1, description="factory LightningModules: batches per optimizer step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        """Fill the fields a dataset sets its own defaults for, where they were left out."""
+        if not isinstance(data, dict) or data.get("factory") is not None or not isinstance(data.get("name"), str):
+            return data
+        own = _DATASET_DEFAULTS.get(data["name"].partition("-")[2], {})
+        return {**own, **data} if own else data
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +166,9 @@ class TaskConfig(BaseModel):
             if not _USER_NAME.match(v):
                 raise ValueError("use letters, digits, '-', '_' and '.' (the name is part of the cell's study name)")
             return v
+        model, _, dataset = v.partition("-")
+        if v not in TASKS and model in MODELS and dataset in DATASETS:
+            raise ValueError(misfit(model, dataset))
         if v not in TASKS:
             raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}, "
                              "or give a factory for your own (factory: mypkg.tasks:build)")
@@ -163,6 +186,11 @@ class TaskConfig(BaseModel):
     @property
     def dataset(self) -> str:
         return self.name.split("-", 1)[1]
+
+    @property
+    def metric(self) -> Metric:
+        """What this task's ``*_error`` metrics hold: the error rate, or the MSE of a regression."""
+        return task_metric(self.name)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -210,6 +238,8 @@ __all__ = [
     "PRECISIONS",
     "TASKS",
     "TRAINING_FIELDS",
+    "Metric",
+    "task_metric",
     "ShuffledBatches",
     "Split",
     "TaskConfig",

@@ -7,6 +7,10 @@ not the model, would dominate the run time.
 
 * ``mnist1d``: generated locally by the ``mnist1d`` package with its default
   arguments (4000 train / 1000 test sequences of length 40, 10 classes). No network.
+* ``curve1d``: a regression data set generated here from a fixed seed: noisy samples
+  ``y = sin(2πx) + x/2 + ε`` (ε ~ N(0, 0.3²)) at x uniform in [0, 1], each x expanded into
+  :data:`~.names.CURVE1D_FEATURES` fixed Gaussian RBF features (:func:`curve1d_features`).
+  100 points to split into train and validation, 1000 test points. No network.
 * ``mnist``, ``fashionmnist``, ``cifar10``: read through torchvision from
   ``data_dir`` in the datasets' own on-disk formats (``download=True`` fetches them
   with torchvision's checksummed downloader).
@@ -29,12 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import bad_value
 
-from .names import DATASETS, INPUT_SHAPES, NUM_CLASSES
+from .names import CURVE1D_FEATURES, DATASETS, INPUT_SHAPES, NUM_CLASSES
 
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs and integer labels of one split."""
+    """Inputs and targets of one split: integer class labels, or real numbers for a regression."""
 
     x: Tensor
     y: Tensor
@@ -77,6 +81,45 @@ def _mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     f = lambda a: torch.from_numpy(a).float()  # noqa: E731
     g = lambda a: torch.from_numpy(a).long()  # noqa: E731
     return f(d["x"]), g(d["y"]), f(d["x_test"]), g(d["y_test"])
+
+
+# -- curve1d: a smooth curve, noisy samples, a fixed rich feature expansion ----------------------
+
+CURVE1D_SEED = 0  #: the seed the curve1d data set is drawn from (like MNIST-1D's, fixed)
+CURVE1D_NOISE = 0.3  #: standard deviation of the Gaussian noise on the targets
+CURVE1D_POINTS = 100  #: points to split into train and validation (half each by default)
+CURVE1D_TEST = 1000
+CURVE1D_WIDTH = 1.0 / (CURVE1D_FEATURES - 1)  #: RBF width: the spacing of the centres
+
+
+def curve1d_truth(x: Tensor) -> Tensor:
+    """The smooth curve the samples are drawn around: ``sin(2πx) + x/2``."""
+    return torch.sin(2 * math.pi * x) + 0.5 * x
+
+
+def curve1d_features(x: Tensor) -> Tensor:
+    """The fixed feature expansion of points ``x`` (shape ``(N,)``) into ``(N, CURVE1D_FEATURES)``:
+    Gaussian bumps ``exp(-(x - c)² / 2w²)`` centred on an even grid ``c`` over [0, 1], ``w`` the grid
+    spacing. Rich enough to follow the noise when weakly regularized; not learned."""
+    centres = torch.linspace(0.0, 1.0, CURVE1D_FEATURES, dtype=x.dtype)
+    return torch.exp(-0.5 * ((x.unsqueeze(-1) - centres) / CURVE1D_WIDTH) ** 2)
+
+
+@functools.lru_cache(maxsize=4)
+def curve1d_points(seed: int = CURVE1D_SEED) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x, y, x_test, y_test)``: the raw points (before the feature expansion), drawn from
+    ``seed`` alone. ``x``, ``y`` are the :data:`CURVE1D_POINTS` to split into train and
+    validation; the test points are drawn after them, the same way."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        x = torch.rand(n, generator=g, dtype=torch.float64)
+        y = curve1d_truth(x) + CURVE1D_NOISE * torch.randn(n, generator=g, dtype=torch.float64)
+        return x.float(), y.float()
+
+    x, y = draw(CURVE1D_POINTS)
+    xt, yt = draw(CURVE1D_TEST)
+    return x, y, xt, yt
 
 
 def _torchvision(name: str, data_dir: str | None, download: bool, train: bool) -> tuple[Tensor, Tensor]:
@@ -159,8 +202,12 @@ def load_data(
     """
     if dataset not in DATASETS:
         raise bad_value("dataset", dataset, f"unknown; choose one of {', '.join(DATASETS)}")
-    if dataset == "mnist1d":
-        x_all, y_all, x_test, y_test = _mnist1d()
+    if dataset in ("mnist1d", "curve1d"):
+        if dataset == "mnist1d":
+            x_all, y_all, x_test, y_test = _mnist1d()
+        else:
+            x_raw, y_all, xt_raw, y_test = curve1d_points()
+            x_all, x_test = curve1d_features(x_raw), curve1d_features(xt_raw)
         if not with_test:
             x_test = y_test = None
         train_idx, val_idx = _split(len(y_all), val_fraction, split_seed, max_train)
@@ -252,6 +299,9 @@ class SeededShuffle(torch.utils.data.Sampler):
 
 __all__ = [
     "batches",
+    "curve1d_features",
+    "curve1d_points",
+    "curve1d_truth",
     "DATASETS",
     "INPUT_SHAPES",
     "NUM_CLASSES",

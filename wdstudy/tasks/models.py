@@ -1,7 +1,8 @@
-"""Backbones: MLP, CNN (1-D for sequences, 2-D for images), RNN (GRU, LSTM) and logistic regression.
+"""Backbones: MLP, CNN (1-D for sequences, 2-D for images), RNN (GRU, LSTM), logistic regression
+and linear regression.
 
-Each takes the shape of one input example and returns class logits. Sizes are
-plain integers so that a study spec can override them.
+Each takes the shape of one input example and returns class logits (linear regression: one
+real number per example). Sizes are plain integers so that a study spec can override them.
 """
 
 from __future__ import annotations
@@ -114,8 +115,29 @@ class RNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class LinearRegression(nn.Module):
+    """``w·x + b``: one ``nn.Linear(features, 1)`` on fixed features, one number per example.
+
+    The weights ``w`` are what the regularizers act on; the bias ``b`` is not regularized,
+    unless ``decay_all`` (as for every bias: :func:`wdstudy.regularizers.split_parameters`).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        super().__init__()
+        n_in = 1
+        for d in input_shape:
+            n_in *= d
+        self.linear = nn.Linear(n_in, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1)).squeeze(-1)
+
+
 def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, **sizes) -> nn.Module:
-    """Build backbone ``model`` ('mlp', 'cnn', 'gru', 'lstm', 'logreg') with the given sizes."""
+    """Build backbone ``model`` ('mlp', 'cnn', 'gru', 'lstm', 'logreg', 'linreg') with the given sizes
+    (``num_classes`` is ignored by ``linreg``, which predicts one number)."""
+    if model == "linreg":
+        return LinearRegression(input_shape)
     if model == "logreg":  # multinomial logistic regression: flatten, one linear layer, softmax in the loss
         return MLP(input_shape, num_classes, layers=0)
     if model == "mlp":
