@@ -103,3 +103,29 @@ def test_the_fitted_curves_follow_the_noise_at_small_lambda():
         assert tv[weak] > 1.5 * tv[strong]
         g = sw[sw.arm == arm].set_index("lam")
         assert g.train_error[weak] < g.train_error[strong] and g.gap_error[weak] > g.gap_error[strong]
+
+
+def test_the_sweeps_give_the_same_numbers_in_two_processes_as_in_one():
+    """The λ sweeps' runs are independent: shared by two spawned processes (one torch thread each)
+    they give exactly the numbers and fitted curves one process with one thread gives."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from wdstudy.claims import CURVE_TASK, QUICK, _sweeps
+
+    tiny = dataclasses.replace(QUICK, epochs=1, seeds=[0, 1], max_train=200, lams={"l2": [1e-3], "decoupled": [0.1]},
+                               runs={CURVE_TASK: {"lr": 0.1, "epochs": 3, "lams": {"l2": [1e-3], "decoupled": [0.1]}}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, c1 = _sweeps(dataclasses.replace(tiny, processes=1), tiny.task().load_data(with_test=True))
+    finally:
+        torch.set_num_threads(threads)
+    two, c2 = _sweeps(dataclasses.replace(tiny, processes=2), None)
+    assert len(one) == 8 and set(one.task) == {"mlp-mnist1d", CURVE_TASK}
+    pd.testing.assert_frame_equal(one, two)
+    assert c1["fits"].keys() == c2["fits"].keys() and len(c1["fits"]) == 4
+    for k in c1["fits"]:
+        np.testing.assert_array_equal(c1["fits"][k], c2["fits"][k])

@@ -302,6 +302,39 @@ def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_
     assert_exact(journal(tmp_path), "tiny", budget=4, seeds=2, cells=2)
 
 
+def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp_path, monkeypatch):
+    """SIGTERM arriving while a worker reserves (signals held) stops it once the reservation is
+    stored; the trial it reserved must not stay RUNNING: it is failed and re-queued."""
+    from wdstudy.signals import STOP, WorkerStopped
+
+    spec, url = _setup(tmp_path, regularizers=["l2"], search={"trials": 2, "weight_decay": {"low": 1e-5, "high": 1e-2}})
+    worker = Worker(spec, url, poll=0.1, log=lambda m: None)
+    reserve = worker.cells.reserve
+
+    def reserve_then_signal():
+        out = reserve()
+        STOP.handler(signal.SIGTERM, None)  # as a SIGTERM inside the held block: remembered, raised at its end
+        return out
+
+    monkeypatch.setattr(worker.cells, "reserve", reserve_then_signal)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(WorkerStopped):
+            worker.run()
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        STOP.pending = None
+    df = trials_frame(open_storage(url), "tiny").sort_values("trial")
+    assert not (df.state == "RUNNING").any()
+    failed = df[df.state == "FAIL"]
+    assert len(failed) == 1 and "stopped by signal" in failed.reason.iloc[0]
+    assert failed.fail_kind.iloc[0] == R.LOST
+    study = optuna.load_study(study_name=spec.cells()[0].name, storage=open_storage(url))
+    queued = [t.system_attrs.get("fixed_params") for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert {"lr": failed.lr.iloc[0], "weight_decay": failed.weight_decay.iloc[0]} in queued  # its retry
+
+
 def _state(pid: int) -> str:
     try:
         return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else "alive"

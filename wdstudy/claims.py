@@ -54,6 +54,8 @@ class Setup:
     #: per task of the sweeps, what differs from the MLP's runs: ``lr`` (Adam; default 1e-3),
     #: ``epochs`` (default: :attr:`epochs`; ``None``: the task's own default) and ``lams``
     runs: dict[str, dict] = field(default_factory=dict)
+    #: processes the λ sweeps run in (one torch thread each); 1: in this process
+    processes: int = 2
 
     def task(self, name: str = "mlp-mnist1d"):
         from .tasks import TaskConfig
@@ -84,7 +86,8 @@ FULL = Setup(epochs=30, seeds=[0, 1, 2], width=128, max_train=None,
 QUICK = Setup(epochs=2, seeds=[0, 1], width=32, max_train=600, gap_tasks=("mlp-mnist1d", CURVE_TASK), lams={
     "l2": [1e-4, 1e-2], "decoupled": [1e-2, 1.0], "independent": [1e-5, 1e-3], "l1": [1e-5, 1e-3],
     "l1-decoupled": [1e-2, 1.0]},
-    runs={CURVE_TASK: {"lr": 0.1, "epochs": 20, "lams": {"l2": [1e-5, 1e-1], "decoupled": [1e-3, 3.0]}}})
+    runs={CURVE_TASK: {"lr": 0.1, "epochs": 20, "lams": {"l2": [1e-5, 1e-1], "decoupled": [1e-3, 3.0]}}},
+    processes=1)  # a few seconds of runs: starting two processes would cost more
 
 
 # -- instruments ------------------------------------------------------------------------------
@@ -255,38 +258,73 @@ def _sweeps(setup: Setup, data):
     """Adam runs over each arm's λ values (shared by several claims): every arm on the MLP with one
     seed; L2 and decoupled on every gap task with every seed, each task at its own learning rate.
 
+    The runs are independent: two processes of one torch thread each share them (small models
+    train faster so than one process with two threads), unless the setup asks for one process.
     Returns the runs' numbers (one row per run) and, for the regression task, its fitted curves on
     a grid over [0, 1]: ``{(arm, λ, seed): values}``.
     """
     import pandas as pd
     import torch
 
-    from .tasks.data import curve1d_features, curve1d_points, curve1d_truth, split_indices
+    from .tasks.data import curve1d_points, curve1d_truth, split_indices
 
-    *_, Curve = _callbacks()
     grid = torch.linspace(0.0, 1.0, GRID)
-    rows, curves = [], {}
     task = setup.task(CURVE_TASK)
     x, y, _, _ = curve1d_points()
     train = split_indices(len(y), task.val_fraction, task.split_seed)[0][: task.max_train]  # load_data's train split
-    for task in setup.gap_tasks:
-        own = data if task.endswith("-mnist1d") else setup.task(task).load_data(with_test=True)
-        for reg, lams in setup.task_lams(task).items():
-            several = reg in ("l2", "decoupled")
-            if task != "mlp-mnist1d" and not several:
-                continue
-            for lam in lams:
-                for seed in setup.seeds if several else setup.seeds[:1]:
-                    curve = [Curve(curve1d_features(grid))] if task == CURVE_TASK else []
-                    r, _ = _run(setup, "adam", reg, setup.lr(task), lam, seed=seed, test=True, data=own,
-                                task_name=task, extra=curve)
-                    rows.append({"task": task, "arm": reg, "lam": lam, "seed": seed, **{k: r.metrics[k] for k in (
-                        "weight_norm", "gap_error", "test_error", "train_error", "zero_fraction")}})
-                    if curve:
-                        curves[(reg, lam, seed)] = curve[0].values
+    jobs = [(task, reg, lam, seed)
+            for task in setup.gap_tasks
+            for reg, lams in setup.task_lams(task).items() if task == "mlp-mnist1d" or reg in ("l2", "decoupled")
+            for lam in lams
+            for seed in (setup.seeds if reg in ("l2", "decoupled") else setup.seeds[:1])]
+    if setup.processes > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(setup.processes, mp_context=mp.get_context("spawn"),
+                                 initializer=_sweep_init, initargs=(setup,)) as pool:
+            done = list(pool.map(_sweep_run, jobs))
+    else:
+        _SWEEP.update(setup=setup, data={"mlp-mnist1d": data})
+        done = [_sweep_run(job) for job in jobs]
+    rows = [row for row, _ in done]
+    curves = {(r["arm"], r["lam"], r["seed"]): values for r, values in done if values is not None}
     return pd.DataFrame(rows), {"grid": grid.numpy().astype(float), "truth": curve1d_truth(grid).numpy().astype(float),
                                 "x": x[train].numpy().astype(float), "y": y[train].numpy().astype(float),
                                 "fits": curves}
+
+
+_SWEEP: dict = {}  # per process: the setup and the data of the sweeps' runs
+
+
+def _sweep_init(setup: Setup) -> None:
+    import torch
+
+    from .train import quiet_lightning
+
+    torch.set_num_threads(1)
+    quiet_lightning()
+    _SWEEP.update(setup=setup, data={})
+
+
+def _sweep_run(job) -> tuple[dict, object]:
+    """One run of the λ sweeps: its row of numbers and, for the regression, its fitted curve."""
+    import torch
+
+    from .tasks.data import curve1d_features
+
+    task, reg, lam, seed = job
+    setup, data = _SWEEP["setup"], _SWEEP["data"]
+    key = "mlp-mnist1d" if task.endswith("-mnist1d") else task  # one MNIST-1D split for every classifier
+    if key not in data:
+        data[key] = setup.task(key).load_data(with_test=True)
+    *_, Curve = _callbacks()
+    curve = [Curve(curve1d_features(torch.linspace(0.0, 1.0, GRID)))] if task == CURVE_TASK else []
+    r, _ = _run(setup, "adam", reg, setup.lr(task), lam, seed=seed, test=True, data=data[key], task_name=task,
+                extra=curve)
+    row = {"task": task, "arm": reg, "lam": lam, "seed": seed, **{k: r.metrics[k] for k in (
+        "weight_norm", "gap_error", "test_error", "train_error", "zero_fraction")}}
+    return row, (curve[0].values if curve else None)
 
 
 #: how the claims' text names a task of the sweeps

@@ -59,8 +59,15 @@ class Worker:
         """Work until done (or ``max_units`` units); returns the number of units run."""
         ran = 0
         while max_units is None or ran < max_units:
-            with STOP.held(), self.lock:
-                unit, finished = self.cells.reserve()
+            unit = None
+            try:
+                with STOP.held(), self.lock:
+                    unit, finished = self.cells.reserve()
+            except WorkerStopped as exc:  # stopped while reserving: the unit it got is failed and re-queued
+                if unit is not None:
+                    with self.lock:  # no second signal can interrupt this: the first one ignored the rest
+                        self.cells.fail(unit.study, unit.trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
+                raise
             if unit is None:
                 if finished:
                     return ran
