@@ -462,6 +462,9 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
 def _import_report() -> None:
     import pyarrow.parquet  # noqa: F401  (the export's Parquet files)
     import wdstudy.report  # noqa: F401  (matplotlib, seaborn, scipy: seconds, paid while workers train)
+    from .report.figures import warm_up
+
+    warm_up()  # and matplotlib's first drawing
 
 
 def summary_text(storage, study: str) -> str:

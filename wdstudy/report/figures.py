@@ -614,6 +614,30 @@ def _render(d: ReportData, index: int) -> Rendered | None:
     return Rendered(f.key, f.section, f.title, f.caption, f.alt, png.getvalue(), pdf.getvalue())
 
 
+def warm_up() -> None:
+    """Draw and save one throwaway figure (log axes, a colour bar, the report's fonts and glyphs) as
+    PNG and PDF, so matplotlib's first-use costs (font cache, text layout, the PDF backend) are paid
+    now and inherited by the processes :func:`render_all` forks; ``launch`` calls it while the
+    workers train."""
+    import io
+
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    points = ax.scatter([1e-3, 1e-2, 1e-1], [1e-6, 1e-4, 1e-2], c=[1, 2, 3], cmap=sns.color_palette(CMAP, as_cmap=True))
+    ax.plot([1e-3, 1e-1], [1e-6, 1e-2], "o-", label="L2 ★")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("learning rate η")
+    ax.set_ylabel("λ · η·λ (%) − ±")
+    ax.set_title("warm-up")
+    ax.legend()
+    fig.colorbar(points, ax=ax)
+    for fmt in ("png", "pdf"):
+        fig.savefig(io.BytesIO(), format=fmt, dpi=PNG_DPI if fmt == "png" else 200)
+    plt.close(fig)
+
+
 #: drawing cost, heaviest first: the two processes start on the long ones
 COST = ("fig_tuning", "fig_landscapes", "fig_curves", "fig_slices", "fig_coupling", "fig_seeds", "fig_best_so_far",
         "fig_differences")
