@@ -89,8 +89,8 @@ def main() -> None:
         rows.append((name, p, o, o / p, TARGETS[name]))
 
     print(f"{args.epochs} epochs, batch {task.batch_size}, {args.threads} thread(s), median of {args.repeats}")
-    print(f"| task | plain PyTorch (s) | wdstudy (s) | ratio | target |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| task | plain PyTorch (s) | wdstudy (s) | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
     for name, p, o, r, target in rows:
         flag = "" if r <= target else " (over)"
         print(f"| {name} | {p:.2f} | {o:.2f} | {r:.2f}×{flag} | ≤ {target}× |")

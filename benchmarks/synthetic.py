@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import optuna
-from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from wdstudy import records as R

@@ -335,6 +335,26 @@ def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp
     assert {"lr": failed.lr.iloc[0], "weight_decay": failed.weight_decay.iloc[0]} in queued  # its retry
 
 
+def test_the_pool_returns_only_after_its_warm_up_thread_has_finished(tmp_path):
+    """The report forks its drawing processes right after the pool: a warm-up thread still running
+    then (holding an import or font-cache lock) would leave a forked child waiting forever."""
+    from wdstudy.launch import plan_slots, run_pool
+
+    spec_path = write_spec(tmp_path, regularizers=["l2"], search={"trials": 1, "weight_decay": {"low": 1e-5, "high": 1e-2}},
+                           evaluation={"seeds": 1})
+    spec = load_spec(spec_path)
+    url = str((tmp_path / "out" / "optuna.journal").resolve())
+    ensure_studies(spec, open_storage(url))
+    done = []
+
+    def slow_warm():  # still running when the last unit is recorded
+        time.sleep(8)
+        done.append(time.monotonic())
+
+    assert run_pool(str(spec_path), spec, url, plan_slots("cpu", 1, 1), quiet=True, warm=slow_warm)
+    assert done and done[0] <= time.monotonic()
+
+
 def _state(pid: int) -> str:
     try:
         return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else "alive"

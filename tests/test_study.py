@@ -13,7 +13,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 import pytest

@@ -265,6 +265,7 @@ def run_pool(
     remaining0 = _remaining_units(first)
     last_print = 0.0
     interrupted = complete = False
+    warming: threading.Thread | None = None
     live = None
     if tty:  # a live table on a terminal; one plain line per change in a log
         from rich.live import Live
@@ -307,7 +308,8 @@ def run_pool(
                 if not s.finished and s.proc is None and time.monotonic() >= s.restart_at:
                     _start(s, spec_path, url, log_dir)
             if warm is not None and any(s.units() for s in pool):
-                threading.Thread(target=warm, name="warm", daemon=True).start()
+                warming = threading.Thread(target=warm, name="warm", daemon=True)
+                warming.start()
                 warm = None
             df = progress_frame(storage, spec.name)
             # every unit recorded: go on while the workers exit by themselves (a second, with torch)
@@ -339,6 +341,10 @@ def run_pool(
     signal.signal(signal.SIGINT, previous_int)
     if interrupted:
         raise KeyboardInterrupt
+    if warming is not None:
+        # the report forks its drawing processes: no thread may hold a lock (an import's, a font
+        # cache's) at that moment, or a child inherits it locked and waits forever
+        warming.join()
     df = progress_frame(storage, spec.name)
     return _remaining_units(df) == 0
 

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from .config import validate
 from .errors import WdstudyError, bad_value, check_number
 from .regularizers import make_regularizer
-from .spec import OPTIMIZERS, SCHEDULES, OptimizerConfig
-from .tasks import PRECISIONS, ShuffledBatches, Split, TaskConfig, TaskData
+from .spec import SCHEDULES, OptimizerConfig
+from .tasks import PRECISIONS, ShuffledBatches, TaskConfig, TaskData
 from .tasks.data import batches
 from .tasks.user import build_user_task, check_user_task, optimizer_problem
 

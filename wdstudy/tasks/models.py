@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .names import MODELS
-
 
 class MLP(nn.Module):
     """Flatten, then ``layers`` x (Linear, ReLU, Dropout), then a linear classifier."""
