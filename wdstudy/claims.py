@@ -19,7 +19,6 @@ The verdict of each row is recomputed from the row's own numbers by :func:`verdi
 from __future__ import annotations
 
 import functools
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -580,7 +579,7 @@ def _figure(claims: list[Claim]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report.figures import PNG_DPI, WIDTH, Rendered
+    from .report.figures import WIDTH, Rendered, figure_bytes
     from .report.style import color, label
     from .tasks.names import task_metric
 
@@ -624,10 +623,7 @@ def _figure(claims: list[Claim]):
     for a in axes.flat:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    png, pdf = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=PNG_DPI)
-    fig.savefig(pdf, format="pdf")
-    plt.close(fig)
+    png, pdf = figure_bytes(fig, pdf_dpi="figure")
     return Rendered("claims", "figures", "Measurements behind the claims", (
         "Top left: norm of the regularized weights of the MLP at the end against λ, per arm (Adam). Top right: "
         "generalization gap (test − train error) against λ for the classifiers on MNIST-1D — MLP, CNN and "
@@ -636,7 +632,7 @@ def _figure(claims: list[Claim]):
         "right: per weight, the relative shrink per step its regularizer applies under Adam against √v̂: L2's "
         "falls as 1/√v̂, decoupled decay's is the same for every weight."),
         "Four panels: weight norm, gap, exact zeros against λ, and per-weight shrink against √v under Adam.",
-        png.getvalue(), pdf.getvalue())
+        png, pdf)
 
 
 def _has_curves(claims: list[Claim]) -> bool:
@@ -652,7 +648,7 @@ def _curves_figure(claims: list[Claim]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report.figures import PNG_DPI, WIDTH, Rendered
+    from .report.figures import WIDTH, Rendered, figure_bytes
     from .report.style import color, label
 
     gap = next(c for c in claims if c.key == "gap_vs_lambda")
@@ -690,10 +686,7 @@ def _curves_figure(claims: list[Claim]):
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    png, pdf = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=PNG_DPI)
-    fig.savefig(pdf, format="pdf")
-    plt.close(fig)
+    png, pdf = figure_bytes(fig, pdf_dpi="figure")
     return Rendered("curves", "figures", "A linear regression with a rich feature expansion, weakly and strongly "
                     "regularized", (
         f"linreg-curve1d: 40 fixed Gaussian RBF features of x, one linear layer, mean squared error, Adam "
@@ -704,4 +697,4 @@ def _curves_figure(claims: list[Claim]):
         "Right: the generalization gap in MSE (test − train) against λ, each arm in its own convention, mean with "
         "95% interval over seeds."),
         "Fitted curves of a linear regression on RBF features for a small and a large λ per arm over the "
-        "training points, and the gap in MSE against λ.", png.getvalue(), pdf.getvalue())
+        "training points, and the gap in MSE against λ.", png, pdf)

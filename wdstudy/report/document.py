@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .figures import Rendered
 from .style import arm_rank, arms_in, err, err_ci, err_head, err_pm, label, missing, num, pct, pm
 from ..analysis import compute_hours
-from .tables import ReportData, _range_text
+from .tables import ReportData, range_text
 from .. import records as R
 
 #: (id, title) of every section, in order; each appears even when it has nothing to show yet
@@ -150,7 +150,7 @@ def design_lines(d: ReportData) -> list[str]:
     per_reg = {label(c["regularizer"]): c["budget"] for c in cells}
     budgets = (str(c0["budget"]) if len(set(per_reg.values())) == 1
                else ", ".join(f"{b} ({r})" for r, b in per_reg.items()))
-    ranges = "; ".join(f"{label(c['regularizer'])} {_range_text(*R.searched_decay(c))}"
+    ranges = "; ".join(f"{label(c['regularizer'])} {range_text(*R.searched_decay(c))}"
                        for c in sorted({c["regularizer"]: c for c in cells}.values(),
                                        key=lambda c: regs.index(c["regularizer"])) if c["weight_decay_range"])
     hours = compute_hours(d.trials, d.evals)

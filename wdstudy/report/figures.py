@@ -601,17 +601,23 @@ class Rendered:
     pdf: bytes
 
 
-def _render(d: ReportData, index: int) -> Rendered | None:
+def figure_bytes(fig, pdf_dpi: float | str = 200) -> tuple[bytes, bytes]:
+    """``fig`` saved as PNG (at :data:`PNG_DPI`) and as vector PDF (rasterized parts, if any, at
+    ``pdf_dpi``), then closed: what the HTML and the PDF of a report each embed."""
     import io
 
+    png, pdf = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=PNG_DPI)
+    fig.savefig(pdf, format="pdf", dpi=pdf_dpi)
+    plt.close(fig)
+    return png.getvalue(), pdf.getvalue()
+
+
+def _render(d: ReportData, index: int) -> Rendered | None:
     f = FIGURES[index](d)
     if f is None:
         return None
-    png, pdf = io.BytesIO(), io.BytesIO()
-    f.fig.savefig(png, format="png", dpi=PNG_DPI)
-    f.fig.savefig(pdf, format="pdf", dpi=200)  # vectors; rasterized parts (if any) at 200 dpi
-    plt.close(f.fig)
-    return Rendered(f.key, f.section, f.title, f.caption, f.alt, png.getvalue(), pdf.getvalue())
+    return Rendered(f.key, f.section, f.title, f.caption, f.alt, *figure_bytes(f.fig))
 
 
 def warm_up() -> None:
@@ -619,8 +625,6 @@ def warm_up() -> None:
     PNG and PDF, so matplotlib's first-use costs (font cache, text layout, the PDF backend) are paid
     now and inherited by the processes :func:`render_all` forks; ``launch`` calls it while the
     workers train."""
-    import io
-
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(3, 2))
@@ -633,9 +637,7 @@ def warm_up() -> None:
     ax.set_title("warm-up")
     ax.legend()
     fig.colorbar(points, ax=ax)
-    for fmt in ("png", "pdf"):
-        fig.savefig(io.BytesIO(), format=fmt, dpi=PNG_DPI if fmt == "png" else 200)
-    plt.close(fig)
+    figure_bytes(fig)
 
 
 #: drawing cost, heaviest first: the two processes start on the long ones

@@ -203,7 +203,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "weight_decay": wd,
             "shrink": math.nan if wd is None else shrink(reg, best.lr, wd),
             "lr_range": f"{lr_lo:.3g}–{lr_hi:.3g}",
-            "weight_decay_range": "—" if searched is None else _range_text(*searched),
+            "weight_decay_range": "—" if searched is None else range_text(*searched),
             "decay_axis": "" if searched is None else searched[0],
             "lr_edge": "" if best is None else edge(best.lr, lr_lo, lr_hi),
             "weight_decay_edge": "" if wd is None else edge(R.axis_value(searched[0], best.lr, wd), *searched[1]),
@@ -288,7 +288,7 @@ def seed_problems(d: ReportData, cell: str) -> str:
 AXIS_SYMBOL = {"lambda": "λ", "shrink": "η·λ", "timescale": "1/(η·λ)"}
 
 
-def _range_text(axis: str, rng: list[float]) -> str:
+def range_text(axis: str, rng: list[float]) -> str:
     """A searched strength range as the report shows it: ``1e-08–0.1`` for λ, else with its axis named."""
     text = f"{rng[0]:.3g}–{rng[1]:.3g}"
     return text if axis == "lambda" else f"{AXIS_SYMBOL[axis]} {text}"
