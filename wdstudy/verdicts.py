@@ -98,3 +98,29 @@ def settled(verdicts: Sequence[Verdict]) -> bool:
         if not (need > v.n_max):
             return False
     return True
+
+
+def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
+    """``{cell_name: (its runs, evaluation seeds opened)}`` for every evaluated cell of ``study``."""
+    summaries = {s.study_name: s for s in storage.get_all_studies()}
+    out = {}
+    for name, s in summaries.items():
+        ev = summaries.get(f"{name}/eval")
+        if not name.startswith(f"{study}/") or R.CELL not in s.user_attrs or ev is None:
+            continue
+        cell = s.user_attrs[R.CELL]
+        race = summaries.get(f"{name}/race")
+        race_trials = storage.get_all_trials(race._study_id, deepcopy=False) if race is not None else None
+        runs = arm_runs((cell.get("selection") or {}).get("seeds", []), race_trials, ev.user_attrs,
+                        storage.get_all_trials(ev._study_id, deepcopy=False))
+        if runs is not None:
+            out[name] = (runs, int(ev.user_attrs.get(R.SEEDS_OPEN, len(cell["eval_seeds"]))))
+    return out
+
+
+def decision_settings(storage, study: str) -> dict:
+    """The decision settings stored with the study's cells (defaults for a storage that predates them)."""
+    for s in storage.get_all_studies():
+        if s.study_name.startswith(f"{study}/") and R.DECISION in s.user_attrs:
+            return s.user_attrs[R.DECISION]
+    return dict(DEFAULT_DECISION)
