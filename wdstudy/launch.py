@@ -238,7 +238,10 @@ def run_pool(
     imports of what it does at the end.
     """
     log_dir = spec.output_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WdstudyError(f"output={str(spec.output_dir())!r}: cannot create {log_dir} ({exc.strerror or exc})") from None
     pool = [Slot(i, env) for i, env in enumerate(slots)]
     for s in pool:
         _start(s, spec_path, url, log_dir)
@@ -405,11 +408,16 @@ def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -
 def checked_spec(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
     """The spec (its factory tasks checked) and its storage URL; nothing is opened or written."""
     spec = load_spec(spec_path)
+    url = resolve_url(spec, storage)
+    if check_factories:  # launch, or a pool of workers: the data, output and storage before any work
+        from .preflight import check_launch
+
+        check_launch(spec, url, str(spec_path))
     if check_factories and any(t.factory is not None for t in spec.tasks):
         from .tasks.user import check_factories as check
 
         check(spec, str(spec_path))
-    return spec, resolve_url(spec, storage)
+    return spec, url
 
 
 def create_cells(spec: StudySpec, url: str, spec_path: str) -> None:
