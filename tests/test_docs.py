@@ -1,0 +1,106 @@
+"""The README stays one page whose every command is run by CI, and the documentation site builds
+with every spec field and every subcommand in its reference."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+CI = (ROOT / ".ci" / "run").read_text()
+sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+import reference  # noqa: E402  (the site's hook: docs/hooks/reference.py)
+
+
+def readme_commands() -> list[str]:
+    """Every command the README shows: its indented code lines and fenced shell blocks, comments aside."""
+    out, fence = [], None
+    for line in README.splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+            continue
+        if fence in ("bash", "sh", "shell", "console") or (fence is None and line.startswith("    ")):
+            cmd = line.strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(cmd)
+    return out
+
+
+def test_the_readme_is_one_page():
+    assert len(README.splitlines()) <= 80
+
+
+def test_the_strangers_path_is_on_the_first_screen():
+    """Install, first run, main job and tests, in that order, within the first 60 lines."""
+    first = "\n".join(README.splitlines()[:60])
+    steps = ["pip install -e '.[dev]'", "python -m wdstudy launch examples/my_study.yaml",
+             "python -m wdstudy launch studies/quickstart.yaml", "python -m pytest -q"]
+    positions = [first.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), positions
+
+
+def test_every_readme_command_is_run_by_ci():
+    commands = readme_commands()
+    assert len(commands) >= 5, commands
+    ci_lines = {line.strip() for line in CI.splitlines()}
+    for cmd in commands:
+        # the docs build writes to a scratch site folder in CI; everything else is typed as shown
+        assert cmd in ci_lines or (cmd.startswith("mkdocs build --strict") and any(
+            line.startswith(cmd) for line in ci_lines)), f"README command not run by .ci/run: {cmd}"
+
+
+def test_every_readme_link_exists():
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README):
+        if "://" not in target:
+            assert (ROOT / target).exists(), target
+
+
+def test_every_spec_field_is_described_and_every_description_names_a_field():
+    rows = reference.field_rows()
+    assert [path for _, path, _, _, meaning in rows if not meaning] == []
+    paths = {path for _, path, _, _, _ in rows}
+    extra = set(yaml.safe_load(reference.DESCRIPTIONS.read_text())) - paths
+    assert extra == set(), extra
+    # the walk covers the models the spec is made of: every nested model's fields are there
+    for expected in ("search.weight_decay.axis", "tasks[].precision", "selection.top_k", "optimizers[].momentum"):
+        assert expected in paths
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def test_the_site_builds_strict_with_the_generated_reference(site):
+    spec_page = (site / "reference" / "spec" / "index.html").read_text()
+    for _, path, _, _, _ in reference.field_rows():
+        assert f"<code>{path}</code>" in spec_page, path
+    cli_page = (site / "reference" / "cli" / "index.html").read_text()
+    from wdstudy.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in sub.choices:
+        assert f"wdstudy {name}" in cli_page
+    assert "--version" in cli_page
+    # the committed report's figures are served beside the pages that show them
+    assert (site / "assets" / "quickstart" / "differences.png").is_file()
+    tutorial = (site / "tutorials" / "first-study" / "index.html").read_text()
+    assert "../../assets/quickstart/differences.png" in tutorial
+
+
+def test_every_docs_page_is_in_the_navigation(site):
+    for page in (ROOT / "docs").rglob("*.md"):
+        rel = page.relative_to(ROOT / "docs").with_suffix("")
+        built = site / ("index.html" if rel.name == "index" and rel.parent == Path(".") else rel / "index.html")
+        assert built.is_file(), rel
+    assert not (site / "hooks").exists()
