@@ -104,3 +104,17 @@ def test_every_docs_page_is_in_the_navigation(site):
         built = site / ("index.html" if rel.name == "index" and rel.parent == Path(".") else rel / "index.html")
         assert built.is_file(), rel
     assert not (site / "hooks").exists()
+
+
+def test_the_printed_train_output_is_what_train_prints():
+    """docs/how-to/one-run.md shows a command and its output: run it, and compare line by line with
+    the numbers masked (they differ between CPUs; the format, labels and units must not)."""
+    page = (ROOT / "docs" / "how-to" / "one-run.md").read_text()
+    command = next(line.strip() for line in page.splitlines() if line.startswith("    python -m wdstudy train"))
+    shown = page.split("```\n", 2)[1].split("```")[0].strip().splitlines()
+    argv = command.split()[3:]  # after "python -m wdstudy"
+    r = subprocess.run([sys.executable, "-m", "wdstudy", *argv], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    mask = lambda s: re.sub(r"\d+(\.\d+)?", "N", s.rstrip())  # noqa: E731
+    assert [mask(x) for x in r.stdout.strip().splitlines()] == [mask(x) for x in shown]

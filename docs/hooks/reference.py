@@ -80,7 +80,8 @@ def spec_tables() -> str:
         if part != title:
             title = part
             out += ["", f"### {part}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        out.append(f"| `{path}` | {kind} | `{default}` | {meaning} |")
+        shown = default if default == "required" or default.startswith("(") else f"`{default}`"
+        out.append(f"| `{path}` | {kind} | {shown} | {meaning} |")
     return "\n".join(out) + "\n"
 
 
