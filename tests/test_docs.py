@@ -92,6 +92,10 @@ def test_the_site_builds_strict_with_the_generated_reference(site):
     for name in sub.choices:
         assert f"wdstudy {name}" in cli_page
     assert "--version" in cli_page
+    api_page = (site / "reference" / "api" / "index.html").read_text()
+    for _, names in reference.API:
+        for name in names:
+            assert f"<code>{name}</code>" in api_page, name
     # the committed report's figures are served beside the pages that show them
     assert (site / "assets" / "quickstart" / "differences.png").is_file()
     tutorial = (site / "tutorials" / "first-study" / "index.html").read_text()

@@ -5,6 +5,7 @@
   default and meaning. A field's meaning is its ``Field(description=...)`` in the code, else its
   line in ``docs/reference/spec-fields.yaml``; a field with neither fails the build (and a test).
 * ``reference/cli.md``: the marker ``<!-- cli -->`` becomes every subcommand's ``--help``, from argparse.
+* ``reference/api.md``: the marker ``<!-- api -->`` becomes the Python API's signatures and docstrings.
 * The navigation: Tutorials, How-to guides, Explanation, Reference, each folder's pages in
   alphabetical order, so a new page in a folder is in the site without editing ``mkdocs.yml``.
 * The committed reports' figures and documents are served under ``assets/`` (they live in
@@ -96,6 +97,44 @@ def cli_reference() -> str:
     return "\n".join(out) + "\n"
 
 
+#: The Python API a user calls, documented from its docstrings (module, names).
+API = [
+    ("wdstudy.results", ["load_results", "Results"]),
+    ("wdstudy.spec", ["load_spec", "StudySpec"]),
+    ("wdstudy.tasks.user", ["UserTask"]),
+    ("wdstudy.regularizers", ["NoRegularization", "L2Regularization", "DecoupledWeightDecay", "IndependentWeightDecay",
+                              "L1Regularization", "DecoupledL1", "split_parameters", "make_regularizer"]),
+    ("wdstudy.train", ["train_run", "cosine_factor"]),
+    ("wdstudy.analysis", ["compute_hours"]),
+]
+
+
+def api_reference() -> str:
+    import importlib
+    import inspect
+
+    out = []
+    for module_name, names in API:
+        module = importlib.import_module(module_name)
+        out += ["", f"## `{module_name}`", ""]
+        doc = inspect.getdoc(module)
+        if doc:
+            out += [doc.split("\n\n")[0], ""]
+        for name in names:
+            obj = getattr(module, name)
+            try:
+                signature = str(inspect.signature(obj))
+            except (TypeError, ValueError):
+                signature = "(...)"
+            kind = "class" if inspect.isclass(obj) else "def"
+            out += [f"### `{name}`", "", "```python", f"{kind} {name}{signature}", "```", ""]
+            doc = inspect.getdoc(obj)
+            if doc is None:
+                raise ValueError(f"{module_name}.{name} has no docstring")
+            out += ["```text", doc, "```", ""]
+    return "\n".join(out) + "\n"
+
+
 def on_config(config, **kwargs):
     docs = Path(config["docs_dir"])
     nav = [{"Home": "index.md"}]
@@ -119,6 +158,8 @@ def on_files(files, config, **kwargs):
 def on_page_markdown(markdown, page, config, files, **kwargs):
     if "<!-- spec-fields -->" in markdown:
         markdown = markdown.replace("<!-- spec-fields -->", spec_tables())
+    if "<!-- api -->" in markdown:
+        markdown = markdown.replace("<!-- api -->", api_reference())
     if "<!-- cli -->" in markdown:
         markdown = markdown.replace("<!-- cli -->", cli_reference())
     return markdown
