@@ -18,16 +18,17 @@ sys.path.insert(0, str(ROOT / "docs" / "hooks"))
 import reference  # noqa: E402  (the site's hook: docs/hooks/reference.py)
 
 
-def readme_commands() -> list[str]:
-    """Every command the README shows: its indented code lines and fenced shell blocks, comments aside."""
+def readme_commands(text: str = README) -> list[str]:
+    """Every command a page shows: its indented code lines and fenced shell blocks, comments and
+    printed errors aside."""
     out, fence = [], None
-    for line in README.splitlines():
+    for line in text.splitlines():
         if line.startswith("```"):
             fence = None if fence is not None else line[3:].strip()
             continue
         if fence in ("bash", "sh", "shell", "console") or (fence is None and line.startswith("    ")):
             cmd = line.strip()
-            if cmd and not cmd.startswith("#"):
+            if cmd and not cmd.startswith(("#", "wdstudy: error:")):
                 out.append(cmd)
     return out
 
@@ -53,6 +54,14 @@ def test_every_readme_command_is_run_by_ci():
         # the docs build writes to a scratch site folder in CI; everything else is typed as shown
         assert cmd in ci_lines or (cmd.startswith("mkdocs build --strict") and any(
             line.startswith(cmd) for line in ci_lines)), f"README command not run by .ci/run: {cmd}"
+
+
+def test_the_tutorials_commands_are_run_by_ci_as_it_says():
+    page = (ROOT / "docs" / "tutorials" / "first-study.md").read_text()
+    assert "Every command here is one that CI runs" in page
+    ci_lines = {line.strip() for line in CI.splitlines()}
+    commands = readme_commands(page)
+    assert len(commands) >= 4 and [c for c in commands if c not in ci_lines] == []
 
 
 def test_every_readme_link_exists():
