@@ -131,3 +131,18 @@ def test_the_printed_train_output_is_what_train_prints():
     assert r.returncode == 0, r.stderr
     mask = lambda s: re.sub(r"\d+(\.\d+)?", "N", s.rstrip())  # noqa: E731
     assert [mask(x) for x in r.stdout.strip().splitlines()] == [mask(x) for x in shown]
+
+
+def test_the_tutorials_error_line_is_what_launch_prints(tmp_path, monkeypatch, capsys):
+    from wdstudy.cli import main
+
+    page = (ROOT / "docs" / "tutorials" / "first-study.md").read_text()
+    shown = next(line.strip() for line in page.splitlines() if line.strip().startswith("wdstudy: error:"))
+    spec = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
+    spec["tasks"] = [{"name": "mlp-mnist", "epochs": 1}]
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "mine.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "studies/mine.yaml", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["studies"]  # nothing written
