@@ -202,6 +202,7 @@ def test_every_spec_command_refuses_bad_specs_in_one_line(tmp_path, capsys, comm
     ["launch", "{spec}", "--storage", "mysql://x@y/z"],
     ["worker", "{spec}", "--workers", "0"],
     ["report", "{spec}"],  # never launched: no storage
+    ["report", "{tmp}/under-plain.yaml", "--storage", "{tmp}/empty.journal"],
     ["report", "{spec}", "--storage", "{tmp}/folder"],
     ["dashboard", "{spec}"],
     ["dashboard", "{spec}", "--port", "70000"],
@@ -217,6 +218,8 @@ def test_bad_arguments_never_end_in_a_traceback(tmp_path, capsys, argv):
     spec = write_spec(tmp_path)
     (tmp_path / "folder").mkdir()
     (tmp_path / "plain").write_text("x")
+    (tmp_path / "empty.journal").write_text("")
+    (tmp_path / "under-plain.yaml").write_text(spec.read_text().replace(str(tmp_path / "out"), str(tmp_path / "plain" / "o")))
     argv = [a.format(spec=spec, tmp=tmp_path) for a in argv]
     code, err = run_main(argv, capsys)
     assert code == 2, (argv, err)

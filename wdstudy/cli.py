@@ -167,7 +167,10 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .launch import write_report
+    from .preflight import check_output
+    from .spec import load_spec
 
+    check_output(load_spec(args.spec))  # the report's folder can be written, before the work of drawing it
     return write_report(args.spec, args.storage)
 
 
