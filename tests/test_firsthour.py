@@ -351,3 +351,15 @@ def test_train_without_a_regularizer_names_what_ran(capsys):
     assert first.startswith("mlp-mnist1d · adam · none (λ=0,"), first
     assert main(["train", "--task", "mlp-mnist1d", "--epochs", "1", "--set", "width=8", "--weight-decay", "0.1"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("mlp-mnist1d · adam · decoupled (λ=0.1,")
+
+
+def test_status_names_a_database_without_its_password(tmp_path, capsys):
+    """The test server trusts local connections, so a URL with a password opens it: the password must not show."""
+    from tests.test_study import PG_URL
+
+    user, rest = PG_URL.split("://", 1)[1].split("@", 1)
+    with_password = f"postgresql://{user.split(':')[0]}:n0t-shown@{rest}"
+    spec = write_spec(tmp_path, name="password-free-status")
+    assert main(["status", str(spec), "--storage", with_password]) == 0
+    out = capsys.readouterr().out
+    assert "n0t-shown" not in out and f"postgresql://{user.split(':')[0]}:***@{rest}" in out, out

@@ -177,6 +177,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
     from .launch import format_progress, resolve_url
+    from .preflight import redact
     from .spec import load_spec
     from .storage import is_rdb, open_storage
 
@@ -186,7 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"study {spec.name}: not started (no storage at {url})")
         return 0
     df = progress_frame(open_storage(url), spec.name)
-    print(f"study {spec.name} · storage {url}")
+    print(f"study {spec.name} · storage {redact(url)}")
     print(format_progress(df) if not df.empty else "no cells yet")
     return 0
 

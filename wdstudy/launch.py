@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import WdstudyError
+from .preflight import redact
 from .spec import StudySpec, load_spec
 from .storage import StudyLock, default_url, is_rdb
 from .tasks.names import task_metric
@@ -447,7 +448,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(format_plan(slots))
         return 0
     spec, url = checked_spec(spec_path, storage)
-    where = url if is_rdb(url) else shown(url)
+    where = redact(url) if is_rdb(url) else shown(url)  # never a password on the terminal
     if not quiet:
         packed = f" ({per_device} per GPU)" if per_device else ""
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
@@ -526,7 +527,7 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     url = resolve_url(spec, storage)
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
-    label = url if is_rdb(url) else shown(url)
+    label = redact(url) if is_rdb(url) else shown(url)  # the report names its storage, never a password
     start = time.monotonic()
     paths = build_report(open_storage(url), spec.name, spec.output_dir(), label)
     print(f"report: {shown(paths.html)} and {shown(paths.pdf)} "
