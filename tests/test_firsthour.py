@@ -255,6 +255,8 @@ def _leaf_paths(model: type[BaseModel], prefix: tuple = ()) -> list[tuple]:
         if typing.get_origin(ann) is list and inner:
             out += _leaf_paths(inner[0], (*prefix, name, 0))
         elif inner and name != "weight_decay":
+            if any(a is not type(None) and a not in inner for a in args):  # a number, or a mapping of its own
+                out.append((*prefix, name))
             out += _leaf_paths(inner[0], (*prefix, name))
         elif name == "weight_decay" and prefix == ("search",):
             out += _leaf_paths(inner[0], (*prefix, name))  # one range for all
@@ -271,6 +273,8 @@ def _spec_with(path: tuple, value) -> dict:
     if path[:3] == ("search", "weight_decay", "l2"):
         rng = {"low": 1e-6, "high": 1e-1}
         data["search"]["weight_decay"] = {"l2": dict(rng), "decoupled": dict(rng)}
+    if path[:2] == ("evaluation", "seeds") and len(path) > 2:  # the rounds' shape of evaluation.seeds
+        data["evaluation"]["seeds"] = {"min": 2, "max": 4, "step": 1}
     node = data
     for key in path[:-1]:
         node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
@@ -285,7 +289,7 @@ def test_the_field_walk_reaches_every_nested_model():
     names = {".".join(map(str, p)) for p in PATHS}
     for expected in ("name", "tasks.0.epochs", "tasks.0.precision", "optimizers.0.momentum", "search.lr.low",
                      "search.weight_decay.axis", "search.weight_decay.l2.high", "search.trials",
-                     "evaluation.seeds", "selection.top_k", "storage"):
+                     "evaluation.seeds", "evaluation.seeds.max", "decision.margin", "selection.top_k", "storage"):
         assert expected in names
     assert len(names) > 50
 
@@ -308,12 +312,14 @@ def test_a_bad_value_in_any_field_is_one_line_naming_that_field(path):
     (("search", "lr", "high"), 1e-5, "search.lr: low (0.001) must be below high (1e-05)"),
     (("search", "trails"), 4, "search.trails=4: unknown key; did you mean trials?"),
     (("search", "weight_decay", "l2", "hihg"), 1.0, "search.weight_decay.l2.hihg=1.0: unknown key; did you mean high?"),
+    (("search", "lr"), {"low": 1e-3, "hihg": 1.0}, "search.lr.hihg=1.0: unknown key; did you mean high?"),
     (("tasks", 0, "epoch"), 3, "tasks.0.epoch=3: unknown key; did you mean epochs?"),
     (("selction",), {"top_k": 2}, "selction: unknown key; did you mean selection?"),
     (("tasks", 0, "name"), "mlp-mnistld", "tasks.0.name='mlp-mnistld': unknown task 'mlp-mnistld'; did you mean mlp-mnist1d?"),
     (("regularizers",), ["none", "decouple"], "unknown regularizer 'decouple'; did you mean decoupled?"),
     (("search", "sampler"), "rnadom", "search.sampler='rnadom': choose one of 'tpe', 'random', 'grid'; did you mean random?"),
-    (("evaluation", "seeds"), 0, "evaluation.seeds=0: must be >= 1"),
+    (("evaluation", "seeds"), 0, "evaluation.seeds=0: must be at least 1"),
+    (("evaluation", "seeds"), {"min": 2, "max": 4, "stpe": 1}, "evaluation.seeds.stpe=1: unknown key; did you mean step?"),
 ])
 def test_messages_speak_the_specs_terms(path, value, expected):
     with pytest.raises(WdstudyError) as info:

@@ -35,6 +35,21 @@ def _is_branch(part: object) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool", "list", "dict"))
 
 
+def _merge_typos(errors: list[dict]) -> list[dict]:
+    """A misspelt key is one problem, not two: drop "X: required key missing" where the same mapping
+    has an unknown key close to X (which says "did you mean X?")."""
+    missing = {(e["loc"][:-1], e["loc"][-1]): e for e in errors
+               if e["type"] == "missing" and e["loc"] and isinstance(e["loc"][-1], str)}
+    drop = set()
+    for e in errors:
+        if e["type"] == "extra_forbidden" and e["loc"] and isinstance(e["loc"][-1], str):
+            names = [k for parent, k in missing if parent == e["loc"][:-1]]
+            close = difflib.get_close_matches(e["loc"][-1], names, n=1, cutoff=0.6)
+            if close:
+                drop.add(id(missing[(e["loc"][:-1], close[0])]))
+    return [e for e in errors if id(e) not in drop]
+
+
 def _pick_branches(errors: list[dict]) -> list[dict]:
     """Where an input failed every member of a union, keep the member with the fewest errors (the
     shape the input was closest to) and drop the member tags from every location."""
@@ -46,7 +61,9 @@ def _pick_branches(errors: list[dict]) -> list[dict]:
             groups.setdefault(tuple(loc[:i]), {}).setdefault(loc[i], []).append(err)
     drop = set()
     for branches in groups.values():
-        best = min(branches.values(), key=len)  # ties: the first member, as written in the model
+        # fewest errors; among those, the member the input got furthest into (a mapping given to
+        # `int | SeedRounds` is meant as the rounds); then the first member, as written in the model
+        best = min(branches.values(), key=lambda b: (len(b), -max(len(e["loc"]) for e in b)))
         drop |= {id(e) for b in branches.values() if b is not best for e in b}
     return [{**e, "loc": tuple(p for p in e["loc"] if not _is_branch(p))} for e in errors if id(e) not in drop]
 
@@ -111,7 +128,7 @@ def _message(err: dict, model: type[BaseModel] | None) -> str:
 def format_validation_error(exc: ValidationError, where: str | None = None,
                             model: type[BaseModel] | None = None) -> str:
     lines = []
-    errors = _pick_branches(exc.errors())
+    errors = _pick_branches(_merge_typos(exc.errors()))
     # a fixed-length pair given a wrong value: its first position says it; "position 1 missing" is noise
     told = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int) and e["type"] != "missing"}
     errors = [e for e in errors if not (e["type"] == "missing" and e["loc"] and isinstance(e["loc"][-1], int)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 
@@ -32,16 +33,34 @@ ASSETS += [("reports/quickstart/report.html", "assets/quickstart/report.html"),
            ("reports/claims/report.pdf", "assets/claims/report.pdf")]
 
 
-def spec_parts():
-    """``(title, path prefix, model)`` for every part of a spec, top to bottom."""
-    from wdstudy.spec import DecayRange, EvaluationSpec, LogRange, OptimizerConfig, SearchSpec, SelectionSpec, StudySpec
-    from wdstudy.tasks import TaskConfig
+def _models_in(annotation) -> list:
+    """The pydantic models an annotation can hold, and whether through a list (through Optional,
+    unions and dict values)."""
+    from pydantic import BaseModel
 
-    return [("The study", "", StudySpec), ("A task (`tasks:` entries, `task_defaults`)", "tasks[]", TaskConfig),
-            ("A base optimizer (`optimizers:` entries)", "optimizers[]", OptimizerConfig),
-            ("The search (`search:`)", "search", SearchSpec), ("The learning-rate range (`search.lr`)", "search.lr", LogRange),
-            ("A λ range (`search.weight_decay`, or `search.weight_decay.REGULARIZER`)", "search.weight_decay", DecayRange),
-            ("The race (`selection:`)", "selection", SelectionSpec), ("The evaluation (`evaluation:`)", "evaluation", EvaluationSpec)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [(annotation, False)]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += [(m, in_list or typing.get_origin(annotation) is list) for m, in_list in _models_in(arg)]
+    return out
+
+
+def spec_parts():
+    """``(title, path prefix, model)`` for every part of a spec, top to bottom: the models reached
+    from :class:`~wdstudy.spec.StudySpec` through its fields (a list's entries as ``key[]``)."""
+    from wdstudy.spec import StudySpec
+
+    parts, queue = [], [("", StudySpec)]
+    while queue:
+        prefix, model = queue.pop(0)
+        if any(p == prefix and m is model for _, p, m in parts):
+            continue
+        parts.append(("The study" if not prefix else f"`{prefix}`", prefix, model))
+        for name, field in model.model_fields.items():
+            for sub, in_list in _models_in(field.annotation):
+                queue.append((f"{prefix}.{name}".lstrip(".") + ("[]" if in_list else ""), sub))
+    return parts
 
 
 def field_rows() -> list[tuple[str, str, str, str, str]]:
@@ -76,14 +95,26 @@ def spec_tables() -> str:
     missing = [path for _, path, _, _, meaning in rows if not meaning]
     if missing:
         raise ValueError(f"spec fields without a description (add one to {DESCRIPTIONS.name}): {', '.join(missing)}")
+    docs = {title: _first_paragraph(model) for title, _, model in spec_parts()}
     out, title = [], None
     for part, path, kind, default, meaning in rows:
         if part != title:
             title = part
-            out += ["", f"### {part}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+            out += ["", f"### {part}", ""] + ([docs[part], ""] if docs[part] else [])
+            out += ["| key | type | default | meaning |", "|---|---|---|---|"]
         shown = default if default == "required" or default.startswith("(") else f"`{default}`"
         out.append(f"| `{path}` | {kind} | {shown} | {meaning} |")
     return "\n".join(out) + "\n"
+
+
+def _first_paragraph(model) -> str:
+    """A model's docstring's first paragraph, its reST markup made Markdown."""
+    doc = (model.__doc__ or "").strip()
+    if not doc or doc.startswith("Usage docs"):
+        return ""
+    text = " ".join(doc.split("\n\n")[0].split())
+    text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`")
 
 
 def cli_reference() -> str:
