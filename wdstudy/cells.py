@@ -563,6 +563,8 @@ class Cells:
             trials = ev.get_trials(deepcopy=False)
             if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
                 return "wait"
+            if self._advance_eval(ev, trials):  # its open rounds are not all queued yet (or a run failed)
+                return "wait"
             opened = ev.user_attrs.get(R.SEEDS_OPEN, looks[0])
             if n_open is not None and opened != n_open:
                 return "wait"  # the group is being moved to the next round (repaired on the next call)
@@ -581,8 +583,10 @@ class Cells:
         if settled(verdicts):
             return "done"
         nxt = next(n for n in looks if n > n_open)
-        for c in group:
-            self.study(c.eval_name).set_user_attr(R.SEEDS_OPEN, nxt)
+        for c in group:  # every cell of the group moves on at once, its runs queued in this locked block
+            ev = self.study(c.eval_name)
+            ev.set_user_attr(R.SEEDS_OPEN, nxt)
+            self._advance_eval(ev, ev.get_trials(deepcopy=False))
         return "opened"
 
     def _arm_runs(self, race: optuna.Study | None, ev: optuna.Study, trials: list[FrozenTrial]):

@@ -165,6 +165,13 @@ def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import main
+
+    return main(args.spec, args.effect, args.studies, workers=args.workers, landscape=args.landscape,
+                source=args.source, study=args.study, save=args.save_landscape, first=args.first)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .launch import write_report
     from .preflight import check_output
@@ -313,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     pool_options(p)
     p.add_argument("--single", action="store_true", help="run one worker in this process")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("simulate", help="size a study: its whole procedure on a synthetic landscape, "
+                                        "how often each decision comes out")
+    p.add_argument("spec", help="the study spec (its search, race, rounds and decision settings)")
+    p.add_argument("--effect", type=float, nargs="+", default=[0.0, 1.0, 2.0],
+                   help="true differences (first primary arm − second) in points (MSE for a regression)")
+    p.add_argument("--studies", type=int, default=200, help="simulated studies per effect")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--landscape", help="a YAML file of landscape numbers per task")
+    p.add_argument("--from", dest="source", metavar="STORAGE", help="fit the landscape from a finished study")
+    p.add_argument("--study", help="the study's name in --from's storage (default: the spec's)")
+    p.add_argument("--save-landscape", metavar="FILE", help="write the landscape used to FILE")
+    p.add_argument("--first", type=int, default=0, help="first simulated study number (another sample)")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)

@@ -76,14 +76,11 @@ class Evidence:
     var_selection: float
     var_test: float
     seeds: tuple[int, ...] = ()
+    df: float = math.nan  # Satterthwaite's, for the seed and selection parts together
 
     @property
     def se(self) -> float:
         return math.sqrt(self.var_seeds + self.var_selection + self.var_test)
-
-    @property
-    def df(self) -> int:
-        return self.n - 1
 
     def interval(self, level: float) -> tuple[float, float]:
         """Two-sided ``level`` interval for the difference (NaN with fewer than 2 seeds)."""
@@ -110,7 +107,7 @@ class Evidence:
                 NONINF_A: p_a, NONINF_B: p_b}
 
 
-def evidence(a: ArmRuns, b: ArmRuns, *, boot: int = 1000, seed: int = 0) -> Evidence:
+def evidence(a: ArmRuns, b: ArmRuns) -> Evidence:
     """A − B on the evaluation seeds both picks completed (see the module docstring)."""
     ea, eb = a.evals.get(a.pick, {}), b.evals.get(b.pick, {})
     seeds = tuple(sorted(s for s in ea if s in eb and _finite(ea[s]) and _finite(eb[s])))
@@ -120,44 +117,46 @@ def evidence(a: ArmRuns, b: ArmRuns, *, boot: int = 1000, seed: int = 0) -> Evid
     d = np.array([ea[s] - eb[s] for s in seeds])
     diff = float(d.mean())
     var_seeds = float(d.var(ddof=1)) / n if n >= 2 else math.nan
-    var_sel = selection_variance(a, b, seeds, boot=boot, seed=seed)
-    return Evidence(n, diff, var_seeds, var_sel, test_variance(a, b, seeds), seeds)
+    var_sel, df_sel = selection_variance(a, b, seeds)
+    var_test = test_variance(a, b, seeds)
+    parts = [(var_seeds, n - 1), (var_sel, df_sel)]
+    total = var_seeds + var_sel
+    denom = sum(v**2 / d for v, d in parts if v > 0 and d > 0 and math.isfinite(d))
+    df = min(total**2 / denom, 1e6) if denom > 0 else n - 1  # Satterthwaite; the test part has N − 1 ≫ df
+    return Evidence(n, diff, var_seeds, var_sel, var_test, seeds, max(df, 1.0) if n >= 2 else math.nan)
 
 
 def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def repick(race: Mapping[int, Sequence[float]], candidates: Sequence[int], idx: np.ndarray) -> np.ndarray:
-    """For each bootstrap row of race-seed positions ``idx`` (boot × r), the candidate with the lowest
-    resampled race mean among ``candidates`` (ties: the first listed)."""
-    values = np.array([np.asarray(race[c], dtype=float) for c in candidates])  # (k, r)
-    means = np.nanmean(values[:, idx], axis=2)  # (k, boot)
-    means = np.where(np.isnan(means), np.inf, means)
-    return np.asarray(candidates)[np.argmin(means, axis=0)]
+def survivor_spread(arm: ArmRuns, seeds: Sequence[int]) -> tuple[float, int]:
+    """(variance, degrees of freedom) of the true error among an arm's race survivors.
 
-
-def selection_variance(a: ArmRuns, b: ArmRuns, seeds: Sequence[int], *, boot: int = 1000, seed: int = 0) -> float:
-    """Variance of A − B over re-picks of each arm's race (0 where an arm had no choice).
-
-    Only survivors that completed every evaluation seed in ``seeds`` can be re-picked; each arm's
-    race seeds are resampled independently (their runs are).
+    The race could not tell its survivors apart, so which of them became the pick is luck: the
+    pick's true error is treated as one draw among theirs. Every survivor ran the same evaluation
+    seeds, so the spread of their means, less what the seeds' own noise contributes (the
+    candidate × seed residual / n), estimates the spread of their true errors. (0, 0) with one
+    survivor.
     """
-    rng = np.random.default_rng(seed)
-    means = []
-    for arm in (a, b):
-        cands = [c for c in sorted(arm.evals) if c in arm.race and all(_finite(arm.evals[c].get(s)) for s in seeds)]
-        if arm.pick not in cands:
-            cands = [arm.pick]
-        if len(cands) < 2:
-            picks = np.full(boot, arm.pick)
-        else:
-            r = len(arm.race[arm.pick])
-            picks = repick(arm.race, cands, rng.integers(0, r, size=(boot, r)))
-        table = {c: float(np.mean([arm.evals[c][s] for s in seeds])) for c in cands}
-        means.append(np.array([table[c] for c in picks]))
-    diffs = means[0] - means[1]
-    return float(diffs.var(ddof=1)) if boot > 1 else 0.0
+    cands = [c for c in sorted(arm.evals) if all(_finite(arm.evals[c].get(s)) for s in seeds)]
+    if arm.pick not in cands or len(cands) < 2 or len(seeds) < 2:
+        return 0.0, 0
+    table = np.array([[arm.evals[c][s] for s in seeds] for c in cands])  # (k, n)
+    k, n = table.shape
+    means = table.mean(axis=1)
+    resid = table - means[:, None] - table.mean(axis=0)[None, :] + table.mean()
+    noise = float((resid**2).sum()) / ((k - 1) * (n - 1)) / n
+    return max(float(means.var(ddof=1)) - noise, 0.0), k - 1
+
+
+def selection_variance(a: ArmRuns, b: ArmRuns, seeds: Sequence[int]) -> tuple[float, float]:
+    """The pick's luck in A − B: the two arms' survivor spreads added (independent races), with
+    their Satterthwaite degrees of freedom."""
+    (va, da), (vb, db) = survivor_spread(a, seeds), survivor_spread(b, seeds)
+    v = va + vb
+    denom = (va**2 / da if da else 0.0) + (vb**2 / db if db else 0.0)
+    return v, (v**2 / denom if denom > 0 else math.inf)
 
 
 def test_variance(a: ArmRuns, b: ArmRuns, seeds: Sequence[int]) -> float:
@@ -217,27 +216,36 @@ class Decision:
     seeds_needed: float  # total seeds that would decide at ±margin (NaN once decided)
 
 
-def seeds_needed(ev: Evidence, margin: float, alpha: float, *, power: float = 0.8, confidence: float = 0.8) -> float:
-    """Seeds (in total) at which the two one-sided tests would show equivalence within ±margin with
-    probability ``power`` if the true difference were the observed one, from an upper ``confidence``
-    bound on the per-seed spread (the spread of 5 seeds is itself uncertain). The selection and
-    test parts are taken to shrink like the seed part. Infinite if |diff| ≥ margin."""
+def seeds_needed(ev: Evidence, margin: float, alpha: float, *, power: float = 0.8, confidence: float = 0.8,
+                 stronger_than: str | None = None) -> float:
+    """Seeds (in total) at which a decision would come out with probability ``power`` if the true
+    difference were the observed one: the fewest over "better" (two-sided), "equivalent" (two
+    one-sided tests) and "no worse" (one-sided). The per-seed spread (seed and test parts) is
+    taken at an upper ``confidence`` bound (a spread from 5 seeds is itself uncertain; 0.5 gives
+    the point estimate) and shrinks as 1/n; the pick's luck (the selection part) does not, so a
+    distance it alone covers is never reached (infinite). Normal quantiles; ``stronger_than``
+    (a non-inferiority code) leaves the non-inferiority decisions out."""
     if ev.n < 2 or not margin > 0:
         return math.nan
-    sd = math.sqrt(ev.n) * ev.se
-    sd_upper = sd * math.sqrt(ev.df / st.chi2.ppf(1 - confidence, ev.df)) if sd > 0 else 0.0
-    room = margin - abs(ev.diff)
-    if room <= 0:
-        return math.inf
-    if sd_upper == 0:
-        return float(ev.n)
-    z = st.norm.ppf(1 - alpha) + st.norm.ppf(power if abs(ev.diff) > 0 else 0.5 + power / 2)
-    n = (z * sd_upper / room) ** 2
-    for _ in range(20):  # t quantiles instead of normal ones, by fixed point
-        df = max(n - 1, 1)
-        z = st.t.ppf(1 - alpha, df) + st.t.ppf(power if abs(ev.diff) > 0 else 0.5 + power / 2, df)
-        n = (z * sd_upper / room) ** 2
-    return float(max(math.ceil(n), ev.n))
+    df = ev.n - 1
+    sd2 = ev.n * (ev.var_seeds + ev.var_test)
+    sd2 = sd2 * df / st.chi2.ppf(1 - confidence, df)
+    z = st.norm.ppf
+
+    def n_for(distance: float, side_alpha: float, pw: float) -> float:
+        if distance <= 0:
+            return math.inf
+        room = (distance / (z(1 - side_alpha) + z(pw))) ** 2 - ev.var_selection
+        if room <= 0:
+            return math.inf
+        return max(sd2 / room, 2.0)
+
+    d = abs(ev.diff)
+    options = [n_for(d, alpha / 2, power), n_for(margin - d, alpha, 0.5 + power / 2)]
+    if stronger_than is None:
+        options += [n_for(margin - ev.diff, alpha, power), n_for(margin + ev.diff, alpha, power)]
+    best = min(options)
+    return float(max(math.ceil(best), ev.n)) if best < math.inf else math.inf
 
 
 def decide(evidences: Sequence[Evidence], margin: float, level: float, *, alpha: float | None = None

@@ -86,13 +86,15 @@ def group_verdicts(arms: Mapping[str, D.ArmRuns], pairs: Sequence[tuple[str, str
 
 
 def settled(verdicts: Sequence[Verdict]) -> bool:
-    """Whether evaluation can stop: every primary comparison decided, or one that is not would need
-    more seeds than ``max`` even at its spread's point estimate (futility: stopping early never
-    makes a wrong 'better' more likely)."""
+    """Whether evaluation can stop: every primary comparison ends in "better" or "equivalent", or a
+    stronger decision than it has ("undecided", or only "no worse") would need more seeds than
+    ``max`` even at its spread's point estimate. Stopping early never makes a wrong decision more
+    likely; the α-spending makes going on safe."""
     for v in verdicts:
-        if v.family != "primary" or v.decision.code != D.UNDECIDED:
+        if v.family != "primary" or v.decision.code in D.SETTLED:
             continue
-        need = D.seeds_needed(v.evidence, v.margin, v.decision.level, confidence=0.5)
+        weak = v.decision.code if v.decision.code != D.UNDECIDED else None
+        need = D.seeds_needed(v.evidence, v.margin, v.decision.level, confidence=0.5, stronger_than=weak)
         if not (need > v.n_max):
             return False
     return True
