@@ -183,7 +183,7 @@ def _bad_inputs(tmp_path: Path) -> list[list[str]]:
             [str(tmp_path / "list.yaml")], [str(typo)]]
 
 
-SPEC_COMMANDS = ["launch", "worker", "report", "status", "dashboard"]
+SPEC_COMMANDS = ["launch", "worker", "simulate", "report", "status", "dashboard"]
 
 
 @pytest.mark.parametrize("command", SPEC_COMMANDS)
