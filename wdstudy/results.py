@@ -101,9 +101,10 @@ def load_results(spec_or_storage: str | Path, study: str | None = None) -> Resul
     if study is None:
         study = _only_study(storage, target)
 
+    from .preflight import redact
     from .report.tables import compute_tables, load_report_data
 
-    label = url if is_rdb(url) else shown(url)
+    label = redact(url) if is_rdb(url) else shown(url)
     d = load_report_data(storage, study, label)
     compute_tables(d, importance=False)
     return Results(study, label, trials_frame(storage, study), evaluations_frame(storage, study),

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .config import validate
+from .config import did_you_mean, validate
 from .errors import WdstudyError
 from .tasks import TRAINING_FIELDS, TaskConfig
 
@@ -265,7 +265,8 @@ class StudySpec(BaseModel):
     def _known_regularizers(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in REGULARIZER_NAMES:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZER_NAMES)}")
+                raise ValueError(f"unknown regularizer {name!r}{did_you_mean(name, REGULARIZER_NAMES)} "
+                                 f"(choose from {', '.join(REGULARIZER_NAMES)})")
         if len(set(v)) != len(v):
             raise ValueError("a regularizer is listed twice")
         return v
