@@ -121,8 +121,9 @@ def simulated_spec(spec, study: int):
     return type(spec).model_validate(data)
 
 
-def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int) -> list[dict]:
-    """Run one simulated study through the engine; one row per task × optimizer primary comparison."""
+def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int, storage=None) -> list[dict]:
+    """Run one simulated study (named ``sim{study}``) through the engine, in ``storage`` (a new
+    in-memory one by default); one row per task × optimizer primary comparison."""
     import optuna
 
     from .cells import ensure_studies
@@ -131,7 +132,7 @@ def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int)
 
     s = simulated_spec(spec, study)
     pairs = s.primary_pairs()
-    storage = optuna.storages.InMemoryStorage()
+    storage = storage if storage is not None else optuna.storages.InMemoryStorage()
     ensure_studies(s, storage)
     fake = SyntheticRuns(s, landscapes, effect, study, pairs[0][0])
     worker = Worker(s, "memory", storage=storage, lock=contextlib.nullcontext(), lease=_lease, train=fake,
