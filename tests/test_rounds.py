@@ -14,7 +14,6 @@ import time
 from collections import Counter
 
 import optuna
-import pytest
 
 from wdstudy import records as R
 from wdstudy.cells import ensure_studies

@@ -315,8 +315,8 @@ def main(spec_path: str, effects: list[float], studies: int, *, workers: int = 1
     rows = run(spec, landscapes_from(data), [e * scale for e in effects], studies, workers=workers, first=first)
     took = time.perf_counter() - start
     pair = spec.primary_pairs()[0]
-    print(f"{studies} simulated studies per effect of {spec.name} ({pair[0]} − {pair[1]}, margin ±{spec.decision.margin:g} "
-          f"pts, α = {alpha:g}, seeds {spec.evaluation.looks()}), {took:.0f} s")
+    print(f"{studies} simulated studies per effect of {spec.name} ({pair[0]} − {pair[1]}, "
+          f"margin ±{spec.decision.margin:g} pts, α = {alpha:g}, seeds {spec.evaluation.looks()}), {took:.0f} s")
     head = (f"{'task':<13}{'effect':>7} {pair[0][:6] + ' better':>14}{pair[1][:6] + ' better':>12}{'equiv.':>8}"
             f"{'no worse':>10}{'undecided':>10}{'wrong':>8}{'old wrong':>10}{'seeds':>7}{'runs':>6}")
     print(head)
