@@ -273,7 +273,6 @@ class Regressor(Classifier):
     metric = "mse"
 
 
-@torch.inference_mode()
 def per_example_error(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
     """Each example's error: 1 if misclassified (else 0), or its squared error summed over outputs."""
     if metric == "mse":
@@ -281,6 +280,7 @@ def per_example_error(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
     return (out.argmax(1) != y).to(torch.float64)
 
 
+@torch.inference_mode()
 def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int = 0,
              metric: str = "error", keep: list | None = None) -> tuple[float, float]:
     """Mean loss and error of ``model`` on ``split``: one pass, eval mode, summed in float64.
