@@ -144,6 +144,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import slurm
+
+    if args.finish:
+        return slurm.finish(args.spec, args.storage)
+    if not args.slurm:
+        raise WdstudyError("submit: name the scheduler (--slurm); other schedulers run `wdstudy worker` per node")
+    opts = slurm.SlurmOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        per_device=args.per_device, partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+        array_parallelism=args.array_parallelism, extra=slurm.parse_slurm_args(args.slurm_arg))
+    return slurm.submit(args.spec, args.storage, opts, dry_run=args.dry_run)
+
+
 def cmd_claims(args: argparse.Namespace) -> int:
     from .claims import run_claims
     from .train import quiet_lightning
@@ -272,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     pool_options(p)
     p.add_argument("--single", action="store_true", help="run one worker in this process")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="run a study as a Slurm job array of workers plus a report job")
+    spec_and_storage(p)
+    p.add_argument("--slurm", action="store_true", help="submit to Slurm (sbatch)")
+    p.add_argument("--nodes", type=int, default=1, help="array tasks, one node each (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per task: one worker per GPU (--per-device K packs K)")
+    p.add_argument("--per-device", type=int, metavar="K", help="K workers per GPU")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per task: one CPU worker each without GPUs (default 1)")
+    for opt in ("partition", "time", "account", "qos"):
+        p.add_argument(f"--{opt}", help=f"sbatch --{opt}")
+    p.add_argument("--array-parallelism", type=int, metavar="N", help="at most N array tasks at once")
+    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. mem=16G or constraint=a100 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
+    p.add_argument("--finish", action="store_true", help=argparse.SUPPRESS)  # what the report job runs
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)

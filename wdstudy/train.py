@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -429,11 +430,16 @@ def make_trainer(
     """A Trainer with everything a study run does not need turned off, on exactly one device."""
     quiet_lightning()
     check_accelerator(accelerator)
+    precision_kw = precision_settings(precision, accelerator)
+    # one process on one device, also inside a Slurm job: no SLURM detection (which reads the job's
+    # ranks and world size, warns about srun, and requeues the job on SIGUSR1), as on a laptop
+    plugins = [LightningEnvironment(), *precision_kw.pop("plugins", []), *overrides.pop("plugins", [])]
     settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
-        **precision_settings(precision, accelerator),
+        plugins=plugins,
+        **precision_kw,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
