@@ -120,7 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # one worker, in this process (what launch starts per device)
     from . import signals
     from .launch import DEVICE_UNUSABLE
-    from .train import DeviceUnavailable
+    from .train import DeviceFault, DeviceUnavailable
     from .worker import Worker
 
     signals.install()
@@ -136,6 +136,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except DeviceUnavailable as exc:  # its trial is failed with this reason and re-queued
         print(f"wdstudy: worker {os.getpid()}: {exc}", file=sys.stderr)
         return DEVICE_UNUSABLE
+    except DeviceFault as exc:  # its trial is failed as lost and re-queued; launch starts a fresh process
+        print(f"wdstudy: worker {os.getpid()}: device error, exiting so a fresh process takes over: {exc}",
+              file=sys.stderr)
+        return 4
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     # Everything is stored (each record is written before the storage call returns) and the log
     # is flushed: skip the interpreter's teardown of torch and Lightning, seconds of CPU that would

@@ -95,7 +95,16 @@ class Worker:
                 self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed: {one_line(exc)}")
                 with STOP.held(), self.lock:
                     self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
-                raise  # a bug in a model, CUDA out of memory, ...: fail this trial, go on
+                raise
+            if _device_fault(exc):  # the CUDA context is poisoned: fail as lost, a fresh process goes on
+                self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} lost to a device "
+                         f"error: {one_line(exc)}")
+                with STOP.held(), self.lock:
+                    self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.LOST)
+                from .train import DeviceFault
+
+                raise DeviceFault(one_line(exc)) from exc
+            # a bug in a model, CUDA out of memory, ...: fail this trial, go on
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed:\n{traceback.format_exc()}")
             with STOP.held(), self.lock:
                 self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
@@ -126,10 +135,18 @@ class Worker:
         gen = trial.user_attrs.get(R.GENERATION)
         self.log(f"[{owner_tag()}] {cell.name} trial {trial.number} (generation {gen}, slot "
                  f"{trial.user_attrs.get(R.SLOT)}): lr={lr:.3g} λ={wd:.3g}")
-        pruning = PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective)
+        key = self.spec.search.objective
+        # per-epoch values go to the storage live only when a pruner reads them (each report takes a
+        # storage round trip and a replay); otherwise the curve is stored once the run ends
+        live = self.spec.search.pruner != "none"
+        pruning = [PyTorchLightningPruningCallback(trial, monitor=key)] if live else []
         try:
-            return self._measure(trial, cell, lr, wd, self.spec.search.seed, [pruning], with_test=False,
-                                 key=self.spec.search.objective)
+            value = self._measure(trial, cell, lr, wd, self.spec.search.seed, pruning, with_test=False, key=key)
+            if not live:
+                for row in trial.user_attrs.get(R.HISTORY) or []:
+                    if row.get(key) is not None and math.isfinite(row[key]):
+                        trial.report(row[key], row["epoch"])  # the dashboard's intermediate values
+            return value
         except optuna.TrialPruned:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
@@ -206,6 +223,12 @@ class Worker:
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
             on_device=None if trial is None else (lambda label: trial.set_user_attr(R.DEVICE, label)),
         )
+
+
+def _device_fault(exc: BaseException) -> bool:
+    from .train import is_device_fault
+
+    return is_device_fault(exc)
 
 
 def _device_unavailable(exc: BaseException) -> bool:
