@@ -484,6 +484,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # a run is one process on one device, also where srun exists (a Slurm login or compute node)
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def precision_settings(precision: str, accelerator: str) -> dict[str, Any]:
@@ -567,17 +569,21 @@ def gpu_numerics(task: TaskConfig, accelerator: str) -> dict[str, Any]:
 
 
 def train_run(*args: Any, **kwargs: Any) -> RunResult:
-    """Train ``task`` once and measure it (:func:`_train_run` has the arguments); whatever the
-    run held is released when it returns or raises (:func:`release_memory`)."""
-    try:
-        return _train_run(*args, **kwargs)
-    except BaseException as exc:
-        import traceback
+    """Train ``task`` once and measure it (:func:`_train_run` has the arguments); what a run held
+    is released when it returns (:func:`release_memory`), and, for a run that raised (pruned,
+    diverged: its exception keeps it alive while it is handled), before the next run starts."""
+    import traceback
 
+    release_memory()
+    try:
+        result, error = _train_run(*args, **kwargs), None
+    except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames' locals hold the Trainer and the module
-        raise
-    finally:
-        release_memory()
+        result, error = None, exc
+    release_memory()  # outside the except block: while an exception is being handled, it holds them too
+    if error is not None:
+        raise error
+    return result
 
 
 def _train_run(
