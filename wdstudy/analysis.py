@@ -58,8 +58,13 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
         }
         for k in R.METRIC_KEYS:
             row[k] = t.user_attrs.get(k)
-        if kind == "eval" and row["seed"] is None:
-            row["seed"] = t.user_attrs.get(R.SEED)
+        if kind == "eval":
+            if row["seed"] is None:
+                row["seed"] = t.user_attrs.get(R.SEED)
+            pick = summary.user_attrs.get(R.PICK)
+            row["candidate"] = t.user_attrs.get(R.CANDIDATE, pick)
+            row["pick"] = t.user_attrs.get(R.CANDIDATE, pick) == pick
+            row["test_outcomes"] = t.user_attrs.get(R.TEST_OUTCOMES)
         rows.append(row)
     return rows
 
@@ -109,13 +114,19 @@ def compute_hours(*frames: pd.DataFrame) -> dict[str, float]:
     return hours
 
 
-def evaluations_frame(storage, study: str) -> pd.DataFrame:
-    """One row per evaluation run (best configuration x seed) of every cell."""
+def evaluations_frame(storage, study: str, survivors: bool = False) -> pd.DataFrame:
+    """One row per evaluation run of every cell: its chosen configuration × seed, and with
+    ``survivors`` the other race survivors' runs too (column ``pick`` tells them apart;
+    ``candidate`` is the index among the race's candidates; ``test_outcomes`` the encoded
+    per-example test errors, :func:`wdstudy.records.decode_outcomes`)."""
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
             rows += _rows(storage, ev, s.user_attrs[R.CELL], "eval")
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if not survivors and len(out):
+        out = out[out["pick"]].reset_index(drop=True)
+    return out
 
 
 def race_studies(storage, study: str) -> dict[str, object]:
@@ -157,10 +168,14 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
             if t.state == TrialState.COMPLETE and t.value is not None:
                 best = min(best, t.value)
         ev_done = 0
-        ev_total = len(cell["eval_seeds"])
+        looks = cell.get("eval_rounds") or [len(cell["eval_seeds"])]
+        ev_total = looks[0]  # runs of the first round; survivors and later rounds add to it once known
         if ev is not None:
             ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
+            if R.BEST_PARAMS in ev.user_attrs:
+                ev_total = (len(ev.user_attrs.get(R.SURVIVORS) or [0])
+                            * ev.user_attrs.get(R.SEEDS_OPEN, len(cell["eval_seeds"])))
         searched = counts["COMPLETE"] + counts["PRUNED"] >= cell["budget"] and not counts["RUNNING"]
         selection = cell.get("selection")
         # the race runs the search's best top_k completed trials: as many as there are, once it is searched
@@ -190,7 +205,8 @@ def export(storage, study: str, out_dir: Path) -> list[Path]:
     """Write trials and evaluations as CSV and Parquet into ``out_dir``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, df in (("trials", trials_frame(storage, study)), ("evaluations", evaluations_frame(storage, study))):
+    for stem, df in (("trials", trials_frame(storage, study)),
+                     ("evaluations", evaluations_frame(storage, study, survivors=True))):
         for col in ("start", "end"):
             if col in df:
                 df[col] = pd.to_datetime(df[col])
