@@ -306,6 +306,22 @@ def test_the_gpu_switches_are_spec_fields_that_leave_older_cell_records_unchange
     assert r.returncode == 2 and "tf32" in r.stderr and "Traceback" not in r.stderr
 
 
+# -- 8. host syncs of 16-mixed: only the decays read what the scaler found --------------------------------
+
+
+@pytest.mark.parametrize("name, reads", [("l2", False), ("l1", False), ("decoupled", True), ("l1-decoupled", True)])
+def test_under_16_mixed_only_the_weight_decays_read_found_inf(monkeypatch, name, reads):
+    """Reading the scaler's found_inf synchronizes with the device. L2 and L1 change gradients,
+    which a skipped step discards anyway, so they never read it; the decays read it each step.
+    (16-mixed on the CPU: fp16 autocast with a CPU GradScaler, the same code path as CUDA's.)"""
+    calls = []
+    real = torch.amp.GradScaler._found_inf_per_device
+    monkeypatch.setattr(torch.amp.GradScaler, "_found_inf_per_device",
+                        lambda self, opt: calls.append(1) or real(self, opt))
+    m = train_run(tiny(precision="16-mixed"), "adam", name, 1e-3, 1e-3, accelerator="cpu").metrics
+    assert len(calls) == (m["steps"] if reads else 0)
+
+
 # -- 8. regression targets are not cast to half precision ------------------------------------------------
 
 

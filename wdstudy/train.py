@@ -695,8 +695,9 @@ def _train_run(
     if with_test:
         m["gap_loss"] = m["test_loss"] - m["train_loss"]
         m["gap_error"] = m["test_error"] - m["train_error"]
-    m["weight_norm"] = reg.weight_norm()
-    m["l2_penalty"] = reg.penalty()
+    squared = reg.squared_norm()
+    m["weight_norm"] = math.sqrt(squared)
+    m["l2_penalty"] = reg.penalty(squared)
     m["zero_fraction"] = reg.zero_fraction()
     m["val_size"] = len(data.val)
     m["epochs"] = trainer.current_epoch
