@@ -79,7 +79,7 @@ AccountingStorageType=accounting_storage/none
 ReturnToService=2
 SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=300
-KillWait=10
+KillWait=30
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
