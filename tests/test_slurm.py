@@ -116,6 +116,23 @@ def test_refusals_are_one_line(tmp_path, args, needle):
     assert (needle or "--slurm") in r.stderr
 
 
+def test_a_stop_signal_whose_exception_was_swallowed_still_stops_the_worker(monkeypatch):
+    """Seen under Slurm: scancel's SIGTERM landed while the garbage collector ran a weakref callback,
+    where Python prints and drops the handler's exception; the worker then trained on, with SIGTERM
+    ignored. The signal is remembered, and the next held block (recording, reserving) raises it."""
+    from wdstudy.signals import StopSignal, WorkerStopped
+
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # leave this process's handlers alone
+    stop = StopSignal()
+    try:
+        stop.handler(15, None)  # as in a weakref callback: raised, then dropped
+    except WorkerStopped:
+        pass
+    with pytest.raises(WorkerStopped, match="signal 15"):
+        with stop.held():
+            pass
+
+
 # -- on the real cluster ----------------------------------------------------------------------------
 
 
