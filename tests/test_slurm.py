@@ -133,6 +133,21 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_stops_the_worker(monk
             pass
 
 
+
+def test_a_run_stops_after_the_batch_in_which_a_dropped_stop_signal_arrived(monkeypatch):
+    from wdstudy.signals import STOP, WorkerStopped
+    from wdstudy.tasks import task_config
+    from wdstudy.train import train_run
+    from wdstudy.worker import _stop_check
+
+    monkeypatch.setattr(STOP, "pending", 15)  # what the handler left behind
+    seen = []
+    with pytest.raises(WorkerStopped, match="signal 15"):
+        train_run(task_config("mlp-mnist1d", width=8, max_train=400, epochs=3), "adam", "l2", 1e-3, 1e-4,
+                  accelerator="cpu", callbacks=[_stop_check()], on_device=seen.append)
+    assert seen  # it had started training
+
+
 # -- on the real cluster ----------------------------------------------------------------------------
 
 
