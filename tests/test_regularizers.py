@@ -14,6 +14,7 @@ chosen steps.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -41,6 +42,9 @@ LAM = 0.05
 LR = 3e-3
 EPOCHS = 3
 TOL = 1e-6
+#: Where these comparisons train: the CPU, or CUDA when the GPU acceptance run sets WDSTUDY_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("WDSTUDY_TEST_DEVICE", "cpu")
+ACCELERATOR = "gpu" if DEVICE == "cuda" else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,7 @@ def fit(task, data, opt_factory, callbacks=(), schedule="cosine", clip=None, acc
     module.penalty_in_loss = penalty_in_loss
     module.l1_in_loss = l1_in_loss
     extra = {"accumulate_grad_batches": accumulate} if accumulate > 1 else {}
-    trainer = make_trainer(EPOCHS, list(callbacks), accelerator="cpu", **extra)
+    trainer = make_trainer(EPOCHS, list(callbacks), accelerator=ACCELERATOR, **extra)
     trainer.fit(module)
     assert trainer.global_step >= 50 // accumulate
     return module.model
@@ -563,8 +567,8 @@ class StepRecorder(Callback):
 def amp_fit(opt_factory, callbacks=(), manual=True, l1_in_loss=0.0):
     module = AmpNet(opt_factory, manual, l1_in_loss)
     recorder = StepRecorder()
-    trainer = make_trainer(3, [*callbacks, recorder], accelerator="cpu",
-                           plugins=[MixedPrecision("16-mixed", "cpu")], limit_val_batches=0)
+    trainer = make_trainer(3, [*callbacks, recorder], accelerator=ACCELERATOR,
+                           plugins=[MixedPrecision("16-mixed", DEVICE)], limit_val_batches=0)
     assert trainer.precision_plugin.scaler is not None
     trainer.fit(module)
     skipped = AmpNet.inf_loss | AmpNet.inf_bias

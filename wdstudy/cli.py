@@ -123,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # one worker, in this process (what launch starts per device)
     from . import signals
     from .launch import DEVICE_UNUSABLE
-    from .train import DeviceUnavailable
+    from .train import DeviceFault, DeviceUnavailable
     from .worker import Worker
 
     signals.install()
@@ -139,12 +139,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except DeviceUnavailable as exc:  # its trial is failed with this reason and re-queued
         print(f"wdstudy: worker {os.getpid()}: {exc}", file=sys.stderr)
         return DEVICE_UNUSABLE
+    except DeviceFault as exc:  # its trial is failed as lost and re-queued; launch starts a fresh process
+        print(f"wdstudy: worker {os.getpid()}: device error, exiting so a fresh process takes over: {exc}",
+              file=sys.stderr)
+        return 4
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     # Everything is stored (each record is written before the storage call returns) and the log
     # is flushed: skip the interpreter's teardown of torch and Lightning, seconds of CPU that would
     # compete with the launcher's report on a small machine.
     sys.stderr.flush()
     os._exit(0)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import slurm
+
+    if args.finish:
+        return slurm.finish(args.spec, args.storage)
+    if not args.slurm:
+        raise WdstudyError("submit: name the scheduler (--slurm); other schedulers run `wdstudy worker` per node")
+    opts = slurm.SlurmOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        per_device=args.per_device, partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+        array_parallelism=args.array_parallelism, extra=slurm.parse_slurm_args(args.slurm_arg))
+    return slurm.submit(args.spec, args.storage, opts, dry_run=args.dry_run)
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
@@ -334,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-landscape", metavar="FILE", help="write the landscape used to FILE")
     p.add_argument("--first", type=int, default=0, help="first simulated study number (another sample)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("submit", help="run a study as a Slurm job array of workers plus a report job")
+    spec_and_storage(p)
+    p.add_argument("--slurm", action="store_true", help="submit to Slurm (sbatch)")
+    p.add_argument("--nodes", type=int, default=1, help="array tasks, one node each (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per task: one worker per GPU (--per-device K packs K)")
+    p.add_argument("--per-device", type=int, metavar="K", help="K workers per GPU")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per task: one CPU worker each without GPUs (default 1)")
+    for opt in ("partition", "time", "account", "qos"):
+        p.add_argument(f"--{opt}", help=f"sbatch --{opt}")
+    p.add_argument("--array-parallelism", type=int, metavar="N", help="at most N array tasks at once")
+    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. mem=16G or constraint=a100 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
+    p.add_argument("--finish", action="store_true", help=argparse.SUPPRESS)  # what the report job runs
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)

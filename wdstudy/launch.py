@@ -74,7 +74,28 @@ def visible_gpus() -> list[str]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(listing: str) -> list[str]:
+    """Devices of ``nvidia-smi -L``: each GPU's index, except that a GPU split into MIG
+    instances gives its instances' UUIDs instead (CUDA sees the instances, not the GPU)."""
+    import re
+
+    devices: list[str] = []
+    gpu: str | None = None
+    migs: list[str] = []
+    for line in listing.splitlines() + ["GPU end"]:
+        head = re.match(r"\s*GPU (\S+?):?\s", line + " ")
+        if head:
+            if gpu is not None:
+                devices += migs or [gpu]
+            gpu, migs = head.group(1), []
+            continue
+        mig = re.search(r"\bMIG\b.*\(UUID:\s*(MIG-[^)\s]+)\)", line)
+        if mig and gpu is not None:
+            migs.append(mig.group(1))
+    return devices
 
 
 def plan_slots(devices: str, workers: int | None, threads: int | None = None,
@@ -113,8 +134,9 @@ def plan_slots(devices: str, workers: int | None, threads: int | None = None,
     if ids is not None:
         k = per_device or 1
         n_threads = threads or max(1, cores // (len(ids) * k))
-        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(n_threads), "WDSTUDY_ACCELERATOR": "gpu"}
-                for d in ids for _ in range(k)]
+        # nvidia-smi numbers GPUs in PCI order; CUDA's default is fastest first: pin in nvidia-smi's order
+        return [{"CUDA_VISIBLE_DEVICES": d, "WDSTUDY_THREADS": str(n_threads), "WDSTUDY_ACCELERATOR": "gpu",
+                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID"} for d in ids for _ in range(k)]
     if per_device is not None:
         why = "--workers asks for CPU workers" if workers is not None and devices == "auto" else \
             "no GPU is visible" if devices == "auto" else "--devices=cpu plans CPU workers"
@@ -452,7 +474,8 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
     if not quiet:
         packed = f" ({per_device} per GPU)" if per_device else ""
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
-              f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}", flush=True)
+              f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}{_why_cpu(devices, workers, slots)}",
+              flush=True)
     try:
         complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report,
                             setup=lambda: create_cells(spec, url, spec_path))
@@ -472,6 +495,19 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
     return 0
+
+
+def _why_cpu(devices: str, workers: int | None, slots: list[dict[str, str]]) -> str:
+    """Why ``--devices auto`` planned CPU workers, when it did without being told to."""
+    import shutil
+
+    if devices != "auto" or workers is not None or slots[0].get("WDSTUDY_ACCELERATOR") != "cpu":
+        return ""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return " (CPU workers: CUDA_VISIBLE_DEVICES names no GPU)"
+    if shutil.which("nvidia-smi") is None:
+        return " (CPU workers: no nvidia-smi on the PATH, so no GPU was looked for)"
+    return " (CPU workers: nvidia-smi lists no GPU)"
 
 
 def _import_report() -> None:

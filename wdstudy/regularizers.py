@@ -158,9 +158,9 @@ class _Regularizer(Callback):
         self.apply(optimizer, scaler=getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.history.append(
-            {"epoch": trainer.current_epoch, "weight_norm": self.weight_norm(), "l2_penalty": self.penalty()}
-        )
+        squared = self.squared_norm()  # once per epoch: the norm and the L2 penalty both come from it
+        self.history.append({"epoch": trainer.current_epoch, "weight_norm": math.sqrt(squared),
+                             "l2_penalty": self.penalty(squared)})
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -202,6 +202,10 @@ class _Regularizer(Callback):
                 f"those of {type(optimizer).__name__} (optimizers that unscale inside their own step, "
                 "such as fused ones, cannot be used with mixed precision here)"
             )
+        if not self.changes_weights:
+            # a gradient term on a step the scaler skips changes nothing (the step is skipped and the
+            # gradients are cleared): no need to read found_inf, which synchronizes with the device
+            return False
         return any(bool(found) for found in scaler._found_inf_per_device(optimizer).values())
 
     def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
@@ -242,8 +246,12 @@ class _Regularizer(Callback):
         zeros = sum(int((p.detach() == 0).sum()) for p in self._params)
         return zeros / total
 
-    def penalty(self) -> float | None:
-        """The term this method adds to the objective, at the current weights.
+    #: Whether the method changes the weights itself (the decays) rather than the gradients (L2, L1).
+    changes_weights = True
+
+    def penalty(self, squared_norm: float | None = None) -> float | None:
+        """The term this method adds to the objective, at the current weights (``squared_norm``:
+        ``sum(w**2)`` if already computed).
 
         ``weight_decay / 2 * ||w||_2^2`` for L2 regularization,
         ``weight_decay * ||w||_1`` for L1 regularization, and ``None`` for methods
@@ -265,8 +273,10 @@ class L2Regularization(_Regularizer):
         grads = [p.grad for p in params]
         torch._foreach_add_(grads, params, alpha=self.weight_decay)
 
-    def penalty(self) -> float | None:
-        return 0.5 * self.weight_decay * self.squared_norm()
+    changes_weights = False
+
+    def penalty(self, squared_norm: float | None = None) -> float | None:
+        return 0.5 * self.weight_decay * (self.squared_norm() if squared_norm is None else squared_norm)
 
 
 class L1Regularization(_Regularizer):
@@ -284,7 +294,9 @@ class L1Regularization(_Regularizer):
         grads = [p.grad for p in params]
         torch._foreach_add_(grads, torch._foreach_sign(params), alpha=self.weight_decay)
 
-    def penalty(self) -> float | None:
+    changes_weights = False
+
+    def penalty(self, squared_norm: float | None = None) -> float | None:
         return self.weight_decay * self.l1_norm()
 
 

@@ -34,8 +34,10 @@ class StopSignal:
     def handler(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # once: the worker is on its way out
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # remembered even when raised: a signal that lands in a garbage collector's weakref callback
+        # raises there, and Python only prints and drops that exception; the next held block re-raises
+        self.pending = signum
         if self.depth:
-            self.pending = signum
             return
         raise WorkerStopped(f"stopped by signal {signum}")
 

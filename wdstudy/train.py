@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -83,15 +84,93 @@ class DeviceUnavailable(WdstudyError):
     """
 
 
+class DeviceFault(RuntimeError):
+    """A device-side error (``torch.AcceleratorError``: an illegal address, a device-side assert)
+    left this process's CUDA context unusable: the worker fails its trial as lost and exits, so a
+    fresh process takes over, rather than failing every later trial within a second."""
+
+
+#: Oldest NVIDIA driver each CUDA major version of a torch build needs (NVIDIA's compatibility table).
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it, or None without one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def driver_problem() -> str | None:
+    """Why this torch build cannot use this machine's driver, with what to install; None if it can
+    (or nothing tells). torch 2.14's default wheel is built for CUDA 13 and needs driver >= 580."""
+    built = torch.version.cuda
+    driver = driver_version()
+    if not built or not driver:
+        return None
+    major = int(built.split(".")[0])
+    need = MIN_DRIVER.get(major)
+    try:
+        have = int(driver.split(".")[0])
+    except ValueError:
+        return None
+    if need is None or have >= need:
+        return None
+    older = max((m for m, d in MIN_DRIVER.items() if d <= have), default=None)
+    alternative = f" or a torch build for CUDA {older} (pip install torch --index-url " \
+                  f"https://download.pytorch.org/whl/cu{older}x, with x the minor version offered)" if older else ""
+    return (f"torch {torch.__version__} is built for CUDA {built}, which needs NVIDIA driver >= {need}, and this "
+            f"machine's driver is {driver}: install driver >= {need}{alternative}")
+
+
 def check_accelerator(accelerator: str) -> None:
-    """Refuse a GPU accelerator when CUDA is not usable here, with the reason in one line."""
-    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        pinned = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    """Refuse a GPU accelerator when CUDA is not usable here, with the reason in one line.
+
+    "Usable" means a kernel runs: an allocation on the device and a synchronization. That catches
+    what ``torch.cuda.is_available()`` does not: an exclusive-process GPU another process holds, a
+    device left faulted. A driver too old for this torch build is named with what to install.
+    """
+    if accelerator not in GPU_ACCELERATORS:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pinned = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    if not torch.cuda.is_available():
+        why = driver_problem()
         raise DeviceUnavailable(
-            f"accelerator={accelerator!r}: no usable CUDA device in this process{pinned}; "
-            "refusing to train on the CPU instead"
+            f"accelerator={accelerator!r}: no usable CUDA device in this process{pinned}"
+            + (f": {why}" if why else "") + "; refusing to train on the CPU instead"
         )
+    try:
+        probe = torch.ones(1, device="cuda")
+        probe.add_(1)
+        torch.cuda.synchronize()
+        del probe
+    except Exception as exc:  # busy (exclusive process), faulted, driver problem
+        text = str(exc).strip().splitlines()
+        raise DeviceUnavailable(
+            f"accelerator={accelerator!r}: the CUDA device of this process{pinned} cannot run a kernel "
+            f"({text[0] if text else type(exc).__name__}); refusing to train on the CPU instead"
+        ) from None
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A device-side error that poisons the process's CUDA context (not an out-of-memory, which
+    is per trial): ``torch.AcceleratorError`` or a ``CUDA error`` other than out of memory."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "CUDA error" in text and "out of memory" not in text
 
 
 def device_label(device: torch.device) -> str:
@@ -108,15 +187,16 @@ def device_label(device: torch.device) -> str:
 
 def data_loss(out: Tensor, y: Tensor, metric: str = "error", reduction: str = "mean") -> Tensor:
     """The task's loss: cross-entropy of class logits, or the squared error of a regression (``mse``)."""
-    if metric == "mse":
-        return F.mse_loss(out, y.to(out.dtype), reduction=reduction)
+    if metric == "mse":  # in float32 at least: never the targets cast to half precision
+        return F.mse_loss(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y.to(
+            torch.promote_types(out.dtype, torch.float32)), reduction=reduction)
     return F.cross_entropy(out, y, reduction=reduction)
 
 
 def error_sum(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
     """The task's error summed over a batch: misclassified examples, or squared errors (``mse``)."""
     if metric == "mse":
-        return F.mse_loss(out, y.to(out.dtype), reduction="sum")
+        return data_loss(out, y, metric, reduction="sum")
     return (out.argmax(1) != y).sum()
 
 
@@ -419,6 +499,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # a run is one process on one device, also where srun exists (a Slurm login or compute node)
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def precision_settings(precision: str, accelerator: str) -> dict[str, Any]:
@@ -444,11 +526,16 @@ def make_trainer(
     """A Trainer with everything a study run does not need turned off, on exactly one device."""
     quiet_lightning()
     check_accelerator(accelerator)
+    precision_kw = precision_settings(precision, accelerator)
+    # one process on one device, also inside a Slurm job: no SLURM detection (which reads the job's
+    # ranks and world size, warns about srun, and requeues the job on SIGUSR1), as on a laptop
+    plugins = [LightningEnvironment(), *precision_kw.pop("plugins", []), *overrides.pop("plugins", [])]
     settings = dict(
         max_epochs=max_epochs,
         accelerator=accelerator,
         devices=1,
-        **precision_settings(precision, accelerator),
+        plugins=plugins,
+        **precision_kw,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -460,7 +547,61 @@ def make_trainer(
     return Trainer(**{**settings, **overrides})
 
 
-def train_run(
+def release_memory() -> None:
+    """Free what a finished run held: a full collection first (the Trainer, the module and the
+    device copies of the splits live in reference cycles), then CUDA's cached blocks, so K workers
+    sharing a GPU (``--per-device K``) do not run out of memory run after run."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def on_gpu(accelerator: str) -> bool:
+    return accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def gpu_numerics(task: TaskConfig, accelerator: str) -> dict[str, Any]:
+    """Numerics of a GPU run, set before it trains; the Trainer arguments that go with them.
+
+    ``precision: 32`` means full fp32: TF32 matrix products and convolutions (cuDNN's default)
+    stay off unless the task sets ``tf32: true``. ``deterministic`` (default true) makes cuDNN
+    and cuBLAS use deterministic algorithms, so a study re-run on the same GPU model gives the
+    same runs; ``deterministic: false`` trades that for speed. On the CPU nothing changes.
+    """
+    if not on_gpu(accelerator):
+        return {}
+    tf32 = bool(task.tf32)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return {"deterministic": bool(task.deterministic)}
+
+
+def train_run(*args: Any, **kwargs: Any) -> RunResult:
+    """Train ``task`` once and measure it (:func:`_train_run` has the arguments); what a run held
+    is released when it returns (:func:`release_memory`), and, for a run that raised (pruned,
+    diverged: its exception keeps it alive while it is handled), before the next run starts."""
+    import traceback
+
+    release_memory()
+    try:
+        result, error = _train_run(*args, **kwargs), None
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames' locals hold the Trainer and the module
+        result, error = None, exc
+    release_memory()  # outside the except block: while an exception is being handled, it holds them too
+    if error is not None:
+        raise error
+    return result
+
+
+def _train_run(
     task: TaskConfig,
     optimizer: OptimizerConfig | str,
     regularizer: str,
@@ -529,6 +670,7 @@ def train_run(
         watch, extra = None, {}
     final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device, task.metric.key)
     own = [reg, *(callbacks or []), final] + ([watch] if watch is not None else [])
+    extra.update(gpu_numerics(task, accelerator))
     try:
         trainer = make_trainer(task.epochs, own, accelerator=accelerator, precision=task.precision, **extra)
     except MisconfigurationException as exc:
@@ -553,8 +695,9 @@ def train_run(
     if with_test:
         m["gap_loss"] = m["test_loss"] - m["train_loss"]
         m["gap_error"] = m["test_error"] - m["train_error"]
-    m["weight_norm"] = reg.weight_norm()
-    m["l2_penalty"] = reg.penalty()
+    squared = reg.squared_norm()
+    m["weight_norm"] = math.sqrt(squared)
+    m["l2_penalty"] = reg.penalty(squared)
     m["zero_fraction"] = reg.zero_fraction()
     m["val_size"] = len(data.val)
     m["epochs"] = trainer.current_epoch

@@ -110,7 +110,16 @@ class Worker:
                 self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed: {one_line(exc)}")
                 with STOP.held(), self.lock:
                     self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
-                raise  # a bug in a model, CUDA out of memory, ...: fail this trial, go on
+                raise
+            if _device_fault(exc):  # the CUDA context is poisoned: fail as lost, a fresh process goes on
+                self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} lost to a device "
+                         f"error: {one_line(exc)}")
+                with STOP.held(), self.lock:
+                    self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.LOST)
+                from .train import DeviceFault
+
+                raise DeviceFault(one_line(exc)) from exc
+            # a bug in a model, CUDA out of memory, ...: fail this trial, go on
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed:\n{traceback.format_exc()}")
             with STOP.held(), self.lock:
                 self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
@@ -230,10 +239,29 @@ class Worker:
         return train_run(
             cell.task, cell.optimizer, cell.regularizer, lr, wd,
             seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
-            with_test=with_test, callbacks=callbacks, data=self.data(cell, with_test),
+            with_test=with_test, callbacks=[*callbacks, _stop_check()], data=self.data(cell, with_test),
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
             on_device=None if trial is None else (lambda label: trial.set_user_attr(R.DEVICE, label)),
         )
+
+
+def _stop_check():
+    """A callback that stops the run after a batch once a stop signal is pending, should its
+    exception have been dropped where it was raised (a garbage collector's weakref callback)."""
+    from lightning.pytorch import Callback
+
+    class StopCheck(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            if STOP.pending is not None and not STOP.depth:
+                raise WorkerStopped(f"stopped by signal {STOP.pending}")
+
+    return StopCheck()
+
+
+def _device_fault(exc: BaseException) -> bool:
+    from .train import is_device_fault
+
+    return is_device_fault(exc)
 
 
 def _device_unavailable(exc: BaseException) -> bool:

@@ -59,11 +59,12 @@ _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: The fields a factory task shares with built-in tasks: how the study trains it. Every other
 #: key of a factory task is an option, passed to the factory as a keyword argument.
-TRAINING_FIELDS = ("epochs", "batch_size", "eval_batch_size", "grad_clip", "precision", "accumulate_grad_batches")
+TRAINING_FIELDS = ("epochs", "batch_size", "eval_batch_size", "grad_clip", "precision", "accumulate_grad_batches",
+                   "deterministic", "tf32")
 #: Fields that exist only for factory tasks; left out of a built-in cell's record while unset.
 FACTORY_ONLY = {"factory": None, "options": {}, "accumulate_grad_batches": 1}
 #: Fields added after studies were stored: left out of a cell's record while unset, so those studies resume.
-LATER_FIELDS = {"chunk": None}
+LATER_FIELDS = {"chunk": None, "deterministic": True, "tf32": False}
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -95,6 +96,8 @@ class TaskConfig(BaseModel):
     data_dir: str | None = None
     download: bool = False
     precision: str = Field("32", description="Lightning precision: 32, bf16-mixed or 16-mixed")
+    deterministic: bool = Field(True, description="on a GPU: deterministic cuDNN/cuBLAS algorithms (false: faster)")
+    tf32: bool = Field(False, description="on a GPU: let precision 32 use TF32 matrix products and convolutions")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     accumulate_grad_batches: int = Field(1, ge=1, description="factory LightningModules: batches per optimizer step")
 
