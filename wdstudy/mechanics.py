@@ -40,14 +40,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from .records import MECHANICS_KEYS
 from .regularizers import NORM_LAYERS, split_parameters
 
 #: arms whose shrink is a multiple of the weights, outside the optimizer (decoupled decay)
 DECOUPLED = ("decoupled", "independent")
 #: the scalars a run stores (trial user attributes: the dashboard, ``load_results``, the exports)
-SCALARS = ("tau_iter", "tau_epoch", "steps_per_epoch", "run_epochs", "integrated_shrink",
-           "equilibrium_ratio", "equilibrium_ratio_min", "equilibrium_ratio_max", "angular_imbalance",
-           "mechanics_overhead")
+SCALARS = MECHANICS_KEYS
 
 
 # -- closed forms ---------------------------------------------------------------------------------

@@ -183,6 +183,8 @@ class Worker:
                 trial.set_user_attr(k, result.metrics[k])
         if history:
             trial.set_user_attr(R.HISTORY, result.history)
+        if getattr(result, "mechanics", None):
+            trial.set_user_attr(R.MECHANICS, result.mechanics)
 
     def data(self, cell: Cell, with_test: bool):
         """The cell's splits, loaded once per worker and kept in memory (a factory task's come
