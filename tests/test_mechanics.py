@@ -214,7 +214,7 @@ def test_callback_agrees_with_saved_weights_and_reaches_equilibrium():
         w = module.net[0].weight
         w.mul_(equilibrium_norm(lr, wd, w.numel()) / w.norm())
     names = ["net.0.weight", "net.2.weight"]
-    mech = Mechanics("decoupled", wd, checkpoints=5, samples=10_000)  # every step sampled
+    mech = Mechanics("decoupled", wd, checkpoints=5, every=1)  # every step sampled
     saver = SaveWeights(names)
     trainer = make_trainer(epochs, [make_regularizer("decoupled", wd), mech, saver], accelerator="cpu")
     trainer.fit(module, train_dataloaders=_loader(6000))

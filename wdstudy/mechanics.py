@@ -25,8 +25,9 @@ quantities and where they come from (``docs/explanation/mechanics.md`` explains 
   an ``nn.Sequential``), plus any whose module or parameter carries ``scale_invariant = True``.
 
 Cost: the callback keeps one copy of the regularized tensors (the weights after the previous
-sampled step). It measures the per-step angle on ``samples`` evenly spaced steps (200 by default,
-every step in short runs) and the norms at ``checkpoints`` (10) evenly spaced steps; it times
+sampled step). It measures the per-step angle on about ``samples`` evenly spaced steps (200 by
+default; at most one step in :data:`MIN_EVERY`) and the norms at ``checkpoints`` (10) evenly spaced
+steps; it times
 itself, and ``overhead`` is its own time over the rest of the run's, measured in the same run.
 """
 
@@ -45,6 +46,9 @@ from .regularizers import NORM_LAYERS, split_parameters
 
 #: arms whose shrink is a multiple of the weights, outside the optimizer (decoupled decay)
 DECOUPLED = ("decoupled", "independent")
+#: the angle is measured on at most one step in this many (the cost of a measurement is a few
+#: optimizer steps' worth of small operations on the regularized tensors)
+MIN_EVERY = 8
 #: the scalars a run stores (trial user attributes: the dashboard, ``load_results``, the exports)
 SCALARS = MECHANICS_KEYS
 
@@ -125,6 +129,14 @@ def timescale(regularizer: str, lr: float, weight_decay: float, steps_per_epoch:
     return {"tau_iter": tau, "tau_epoch": tau / steps_per_epoch}
 
 
+def _angle_from_norms(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The angle between vectors of norms ``a`` and ``b`` whose difference has norm ``d``: from
+    ``d² = (a−b)² + 4ab·sin²(θ/2)``, exact, and stable for tiny angles: ``d`` is the norm of the
+    difference itself, not a difference of nearly equal numbers."""
+    s = ((d * d - (a - b) ** 2).clamp_min(0) / (4 * a * b)).sqrt()
+    return 2 * torch.asin(s.clamp_max(1.0))
+
+
 def angle(a: torch.Tensor, b: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """The angle (radians) between ``a`` and ``b`` — flattened, or row by row along ``dim`` — computed
     as ``2·atan2(‖â − b̂‖, ‖â + b̂‖)``, accurate for the tiny angles of one step (``arccos`` of the
@@ -180,11 +192,14 @@ class Mechanics(Callback):
         regularizer: the arm's name (``decoupled``, ``l2``, ...); weight_decay: its λ.
         decay_all: as for the regularizer: the same tensors are followed.
         checkpoints: how many evenly spaced checkpoints record norms and angular updates.
-        samples: on how many evenly spaced steps the per-step angle is measured.
+        samples: on about how many evenly spaced steps the per-step angle is measured; at most one
+            step in :data:`MIN_EVERY` is, unless ``every`` is given.
+        every: measure the angle on one step in ``every`` (1: every step) instead.
     """
 
     def __init__(self, regularizer: str, weight_decay: float, decay_all: bool = False, *,
-                 checkpoints: int = 10, samples: int = 200) -> None:
+                 checkpoints: int = 10, samples: int = 200, every: int | None = None) -> None:
+        self.every = every
         self.regularizer = regularizer
         self.weight_decay = float(weight_decay)
         self.decay_all = decay_all
@@ -225,11 +240,15 @@ class Mechanics(Callback):
         accumulate = max(1, trainer.accumulate_grad_batches)
         self.steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / accumulate)) \
             if math.isfinite(trainer.num_training_batches) else self.total / max(1, trainer.max_epochs or 1)
-        self.stride = max(1, self.total // self.samples)
+        self._rows = [p.shape[0] if p.ndim >= 2 else 1 for p in self._params]
+        self._segments = torch.repeat_interleave(torch.arange(len(self._params)), torch.tensor(self._rows, dtype=torch.long)
+                                                 ).to(self._params[0].device) if self._params else None
+        self.stride = self.every or max(MIN_EVERY, self.total // self.samples)
         marks = {round(k * self.total / self.checkpoints) for k in range(1, self.checkpoints + 1)}
         self._marks = sorted(m for m in marks if m > 0)
         self._lr_sum, self._steps, self._prev = 0.0, 0, None
-        self._last_step = trainer.global_step
+        self._last_step = self._start_step = trainer.global_step
+        self._opt_steps = 0
         self.table = {k: [] for k in ("step", "epoch", "layer", "numel", "scale_invariant", "weight_norm",
                                       "angular_update", "predicted_angular_update", "angular_samples",
                                       "neuron_spread", "effective_lr", "predicted_norm", "lr",
@@ -239,29 +258,30 @@ class Mechanics(Callback):
                                                           momentum=self._momentum, nesterov=self._nesterov)[1]
         self._reset_interval()
         self._checkpoint(trainer.global_step)
+        self._buffer = [p.detach().clone() for p in self._params]  # the one copy this callback keeps
         if self._params and (trainer.global_step + 1) % self.stride == 0:  # the first step may be sampled too
-            self._prev, self._prev_step = [p.detach().clone() for p in self._params], trainer.global_step
+            self._prev, self._prev_step = self._buffer, trainer.global_step
         self.own_time += time.perf_counter() - t0
 
     def _reset_interval(self) -> None:
         device = self._params[0].device if self._params else torch.device("cpu")
         n = len(self._params)
         self._angle_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        self._row_sums = [torch.zeros(p.shape[0] if p.ndim >= 2 else 1, dtype=torch.float64, device=device)
-                          for p in self._params]
+        self._row_sum_all = torch.zeros(sum(self._rows), dtype=torch.float64, device=device)
         self._predicted_sum = 0.0
         self._count = 0
 
     # -- per step ------------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        self._opt_steps += 1  # counted here: reading trainer.global_step every batch costs more
         lr = self._group["lr"]
         self._lr = float(lr) if isinstance(lr, torch.Tensor) else lr
         self._lr_sum += self._lr
         self._peak = max(self._peak, self._lr)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        n = trainer.global_step
+        n = self._start_step + self._opt_steps
         if n == self._last_step or not self._params:  # no optimizer step on this batch (accumulation)
             return
         t0 = time.perf_counter()
@@ -272,8 +292,8 @@ class Mechanics(Callback):
                 self._measure_angles()
             self._prev = None
             if (n + 1) % self.stride == 0:
-                self._prev = [p.detach().clone() for p in self._params]
-                self._prev_step = n
+                torch._foreach_copy_(self._buffer, [p.detach() for p in self._params])
+                self._prev, self._prev_step = self._buffer, n
             if self._marks and n >= self._marks[0]:
                 while self._marks and n >= self._marks[0]:
                     self._marks.pop(0)
@@ -281,13 +301,22 @@ class Mechanics(Callback):
         self.own_time += time.perf_counter() - t0
 
     def _measure_angles(self) -> None:
-        sums = []
-        for i, (p, q) in enumerate(zip(self._params, self._prev)):
-            w, v = p.detach(), q
-            sums.append(angle(v, w).double())
-            if w.ndim >= 2:
-                self._row_sums[i] += angle(v.reshape(v.shape[0], -1), w.reshape(w.shape[0], -1), dim=1).double()
-        self._angle_sum += torch.stack(sums)
+        """Add the angle of this step's change to the interval's sums: per tensor and per row."""
+        cur = [p.detach() for p in self._params]
+        diffs = torch._foreach_sub(cur, self._prev)
+        a, b, d = [], [], []
+        for w, v, dw in zip(cur, self._prev, diffs):
+            rows = w.shape[0] if w.ndim >= 2 else 1
+            for out, x in ((a, v), (b, w), (d, dw)):
+                out.append(torch.linalg.vector_norm(x.reshape(rows, -1), dim=1))
+        # float32 norms suffice: the rounding of a − b is far below 4ab·sin²(θ/2) at any step's θ
+        a, b, d = torch.cat(a).double(), torch.cat(b).double(), torch.cat(d).double()
+        self._row_sum_all += _angle_from_norms(a, b, d)
+        # the tensors' norms from their rows' (‖x‖² = Σ_rows ‖x_r‖²)
+        seg = self._segments
+        sums = [torch.zeros(len(self._params), dtype=torch.float64, device=a.device).index_add_(0, seg, x * x)
+                for x in (a, b, d)]
+        self._angle_sum += _angle_from_norms(*(x.sqrt() for x in sums))
         pred = self._predicted(self._lr)
         self._predicted_sum += pred if pred is not None else math.nan
         self._count += 1
@@ -299,15 +328,17 @@ class Mechanics(Callback):
     @torch.no_grad()
     def _checkpoint(self, step: int) -> None:
         lr = getattr(self, "_lr", self._lr0)
-        norms = [float(p.detach().double().norm()) for p in self._params]
+        norms = torch.stack(torch._foreach_norm([p.detach() for p in self._params], 2, dtype=torch.float64)
+                            ).tolist() if self._params else []
         angles = (self._angle_sum / self._count).tolist() if self._count else [None] * len(self._params)
-        spread = []
-        for i, p in enumerate(self._params):
-            if self._count and p.ndim >= 2 and p.shape[0] > 1:
-                rows = self._row_sums[i] / self._count
-                spread.append(float(rows.std() / rows.mean()) if float(rows.mean()) > 0 else None)
-            else:
-                spread.append(None)
+        spread: list[float | None] = [None] * len(self._params)
+        if self._count:
+            many = [i for i, p in enumerate(self._params) if p.ndim >= 2 and p.shape[0] > 1]
+            if many:  # per-neuron spread: coefficient of variation of the rows' mean angular updates
+                rows = self._row_sum_all.split(self._rows)
+                cv = torch.stack([rows[i].std() / rows[i].mean() for i in many]).tolist()
+                for i, v in zip(many, cv):
+                    spread[i] = v if math.isfinite(v) else None
         predicted = (self._predicted_sum / self._count) if self._count else None
         if predicted is not None and math.isnan(predicted):
             predicted = None
@@ -359,9 +390,10 @@ class Mechanics(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         t0 = time.perf_counter()
-        if self._params and (not self.table["step"] or self.table["step"][-1] != trainer.global_step):
-            self._checkpoint(trainer.global_step)  # a run that stopped early still ends on a checkpoint
-        self._prev = None  # the copy is freed with the run
+        n = self._start_step + self._opt_steps
+        if self._params and (not self.table["step"] or self.table["step"][-1] != n):
+            self._checkpoint(n)  # a run that stopped early still ends on a checkpoint
+        self._prev = self._buffer = None  # the copy is freed with the run
         self.own_time += time.perf_counter() - t0
         self.run_time = time.perf_counter() - self._run_start
 
