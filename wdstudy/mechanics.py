@@ -193,7 +193,8 @@ class Mechanics(Callback):
         decay_all: as for the regularizer: the same tensors are followed.
         checkpoints: how many evenly spaced checkpoints record norms and angular updates.
         samples: on about how many evenly spaced steps the per-step angle is measured; at most one
-            step in :data:`MIN_EVERY` is, unless ``every`` is given.
+            step in :data:`MIN_EVERY` is (unless ``every`` is given), yet at least two per checkpoint
+            interval where the run is short enough to need more.
         every: measure the angle on one step in ``every`` (1: every step) instead.
     """
 
@@ -243,7 +244,9 @@ class Mechanics(Callback):
         self._rows = [p.shape[0] if p.ndim >= 2 else 1 for p in self._params]
         self._segments = torch.repeat_interleave(torch.arange(len(self._params)), torch.tensor(self._rows, dtype=torch.long)
                                                  ).to(self._params[0].device) if self._params else None
-        self.stride = self.every or max(MIN_EVERY, self.total // self.samples)
+        # about `samples` steps, at most one in MIN_EVERY — but at least two per checkpoint interval in short runs
+        self.stride = self.every or max(1, min(max(MIN_EVERY, self.total // self.samples),
+                                               self.total // (2 * self.checkpoints)))
         marks = {round(k * self.total / self.checkpoints) for k in range(1, self.checkpoints + 1)}
         self._marks = sorted(m for m in marks if m > 0)
         self._lr_sum, self._steps, self._prev = 0.0, 0, None

@@ -47,6 +47,8 @@ class ReportData:
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)
     counts: pd.DataFrame = field(default_factory=pd.DataFrame)
     status_lines: list[str] = field(default_factory=list)
+    diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the runs' mechanics (analysis.diagnostics_frame)
+    meaning: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell's pick: report.meaning.meaning_table
 
     def groups(self) -> list[tuple[str, str]]:
         """The (task, optimizer) pairs of the study, in table order."""
@@ -102,9 +104,15 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     cells = {name: s.user_attrs[R.CELL] for name, (s, _) in studies.items()}
     first = next(iter(studies.values()))[0].user_attrs
     objective = next(iter(cells.values()))["objective"]
-    return ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
-                      progress_frame(storage, study), _histories(storage, studies), survivors(race_frame(storage, study)),
-                      first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
+    d = ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
+                   progress_frame(storage, study), _histories(storage, studies), survivors(race_frame(storage, study)),
+                   first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
+    from ..analysis import diagnostics_frame
+    from .meaning import meaning_table
+
+    d.diagnostics = diagnostics_frame(storage, study)
+    d.meaning = meaning_table(d.diagnostics)
+    return d
 
 
 def survivors(sel: pd.DataFrame) -> pd.DataFrame:
