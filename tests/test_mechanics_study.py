@@ -83,5 +83,5 @@ def test_report_says_what_the_optimum_means(resumed):
     html = paths.html.read_text()
     assert "11. What the optimum means" in html and ("11. What the optimum means" in dict(SECTIONS).values())
     dec = meaning[meaning.regularizer == "decoupled"].iloc[0]
-    assert f"τ = {dec.tau_epoch:.2g} epochs" in html  # the sentence is computed from the numbers
+    assert f"τ = {dec.tau_epoch:.3g} epochs" in html  # the sentence is computed from the numbers
     assert f"λ = {dec.weight_decay / 2:.2g} at 2×" in html and "not a measurement" in html

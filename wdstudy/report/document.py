@@ -101,7 +101,7 @@ def build_document(d: ReportData, figures: list[Rendered]) -> list[Section]:
                               str(r.waiting), f"{r.eval_done} of {r.eval_total}"] for r in d.counts.itertuples()],
                             [4, 1, 1, 1, 1, 1, 1, 1.4],
                             "Search trials by state (pruned includes runs that diverged) and evaluation runs done."))
-    add("meaning", *meaning_blocks(d))
+    sections["meaning"].blocks[:0] = meaning_blocks(d)  # its text and table before its figures
     add("appendix", Para(f"Storage: {d.storage_label}"),
         Table("versions", ["package", "version"], [[k, str(v)] for k, v in d.versions.items()], [2, 3]),
         Listing("Study spec as run", d.spec_yaml or "(not stored)"))

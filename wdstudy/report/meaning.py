@@ -80,7 +80,7 @@ def task_sentences(m: pd.DataFrame) -> list[str]:
         parts = []
         for r in g.itertuples():
             if not missing(r.tau_epoch):
-                parts.append(f"the {label(r.regularizer)} pick averages over τ = {num(r.tau_epoch, '.2g')} epochs "
+                parts.append(f"the {label(r.regularizer)} pick averages over τ = {num(r.tau_epoch, '.3g')} epochs "
                              f"({r.band}; training {num(r.run_epochs, '.3g')} epochs)")
             if not missing(r.equilibrium_ratio):
                 parts.append(f"its layers rotate at {num(r.equilibrium_ratio, '.2f')}× the predicted angular update "
@@ -106,7 +106,7 @@ def transfer_lines(m: pd.DataFrame) -> list[str]:
         if missing(r.tau_epoch) or r.regularizer not in ("decoupled", "independent"):
             continue
         lams = ", ".join(f"λ = {num(r.weight_decay / k, '.2g')} at {k}×" for k in TRANSFER)
-        out.append(f"{r.task} · {r.optimizer} · {label(r.regularizer)}: to keep τ = {num(r.tau_epoch, '.2g')} "
+        out.append(f"{r.task} · {r.optimizer} · {label(r.regularizer)}: to keep τ = {num(r.tau_epoch, '.3g')} "
                    f"epochs with k× the training data and the same epochs and η = {num(r.lr, '.2g')}: {lams} "
                    f"(a rule from the literature, {CITE_TIMESCALE}; not a measurement of this study).")
     return out
@@ -192,7 +192,7 @@ def meaning_blocks(d) -> list:
     if m is None or m.empty:
         return []
     rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), num(r.lr), num(r.weight_decay),
-             "—" if missing(r.tau_epoch) else f"{num(r.tau_epoch, '.2g')} ({num(r.tau_iter, '.3g')} steps)",
+             "—" if missing(r.tau_epoch) else f"{num(r.tau_epoch, '.3g')} ({num(r.tau_iter, '.3g')} steps)",
              f"{num(r.run_epochs, '.3g')}", r.band,
              "—" if missing(r.equilibrium_ratio) else
              f"{num(r.equilibrium_ratio, '.2f')} [{num(r.equilibrium_ratio_min, '.2f')}, "
