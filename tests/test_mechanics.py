@@ -278,3 +278,20 @@ def test_adam_l2_records_its_per_weight_shrink_instead_of_a_prediction():
     summary = mech.summary()
     assert summary["tau_iter"] is None and summary["integrated_shrink"] is None
     assert summary["equilibrium_ratio"] is None
+
+
+def test_gradient_accumulation_counts_optimizer_steps_not_batches():
+    lr, wd = 0.05, 0.2
+    torch.manual_seed(0)
+    module = Normalized(lr)
+    mech = Mechanics("decoupled", wd, checkpoints=3, every=1)
+    saver = SaveWeights(["net.0.weight"])
+    trainer = make_trainer(2, [make_regularizer("decoupled", wd), mech, saver], accelerator="cpu",
+                           accumulate_grad_batches=2)
+    trainer.fit(module, train_dataloaders=_loader(128))  # 8 batches an epoch: 4 optimizer steps
+    assert trainer.global_step == 8 and len(saver.lrs) == 8
+    s = mech.summary()
+    assert s["steps_per_epoch"] == 4 and s["run_epochs"] == pytest.approx(2)
+    assert s["integrated_shrink"] == pytest.approx(wd * sum(saver.lrs))
+    assert sorted(set(mech.table["step"])) == [0, 3, 5, 8]
+    assert sum(n for st, n in zip(mech.table["step"], mech.table["angular_samples"]) if st > 0) == 8 * 2

@@ -213,6 +213,7 @@ class Mechanics(Callback):
         self._params: list[nn.Parameter] = []
         self._lr_sum = 0.0
         self._steps = 0
+        self._group: dict | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Mechanics(Callback):
         t0 = time.perf_counter()
         self._run_start = t0
         self.own_time = 0.0
-        regularized, _ = split_parameters(pl_module, self.decay_all)
+        regularized, _ = split_parameters(pl_module, self.decay_all) if trainer.optimizers else ([], [])
         ids = {id(p) for p in regularized}
         named = [(n, p) for n, p in pl_module.named_parameters() if id(p) in ids]
         # a built-in task's module holds the backbone as ``model``: name layers by the backbone's names
@@ -228,6 +229,10 @@ class Mechanics(Callback):
         self._params = [p for _, p in named]
         invariant = scale_invariant_names(pl_module)
         self._invariant = [n in invariant for n, _ in named]
+        if not trainer.optimizers:  # nothing to follow (the run fails elsewhere with its own message)
+            self.table, self._steps, self._opt_steps, self._start_step = {}, 0, 0, 0
+            self._buffer = self._prev = self._group = None
+            return
         opt = trainer.optimizers[0]
         group = next((g for g in opt.param_groups if any(id(p) in ids for p in g["params"])), opt.param_groups[0])
         self._opt, self._group = opt, group
@@ -277,6 +282,8 @@ class Mechanics(Callback):
     # -- per step ------------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self._group is None:
+            return
         self._opt_steps += 1  # counted here: reading trainer.global_step every batch costs more
         lr = self._group["lr"]
         self._lr = float(lr) if isinstance(lr, torch.Tensor) else lr
@@ -284,8 +291,10 @@ class Mechanics(Callback):
         self._peak = max(self._peak, self._lr)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if not self._params:
+            return
         n = self._start_step + self._opt_steps
-        if n == self._last_step or not self._params:  # no optimizer step on this batch (accumulation)
+        if n == self._last_step:  # no optimizer step on this batch (gradient accumulation)
             return
         t0 = time.perf_counter()
         self._last_step = n
