@@ -186,7 +186,9 @@ def test_summary_numbers_equal_the_storage(real_report):
         tests[cell.regularizer] = [t.user_attrs["test_error"] for t in sorted(runs, key=lambda t: t.user_attrs["seed"])]
     p = st.ttest_rel(tests["decoupled"], tests["l2"]).pvalue  # the arms share their seeds: paired
     row = comparison[(comparison.arm == "decoupled") & (comparison.reference == "l2")].iloc[0]
-    assert row.test_error_p == pytest.approx(p) and row.n_pairs == 3
+    assert row.p_naive == pytest.approx(p) and row.n_pairs == 3  # the one-pick paired t-test, for reference
+    assert row.family == "primary" and row.decision_code in ("A better", "B better", "equivalent", "A no worse",
+                                                             "B no worse", "undecided")
 
 
 def test_figures_and_tables_written(real_report):
@@ -356,8 +358,8 @@ def test_the_report_labels_a_regression_cell_mse(mixed_report):
         assert row[3].endswith(" MSE") == row[0].startswith("linreg-curve1d")
         assert ("%" in row[3]) == row[0].startswith("mlp-mnist1d")
     answer = answer_table(d)
-    assert answer.head[3] == "Δ test error, pts [95% CI] / Δ test MSE [95% CI]"
-    assert all(r[3].endswith(" MSE") == r[0].startswith("linreg") for r in answer.rows)
+    assert answer.head[4] == "Δ test error, pts [95% CI] / Δ test MSE [95% CI]"
+    assert all(r[4].endswith(" MSE") == r[0].startswith("linreg") for r in answer.rows)
 
     import matplotlib.pyplot as plt
 

@@ -71,9 +71,13 @@ def assert_exact(storage, study: str, budget: int, seeds: int, cells: int) -> pd
     for row in prog.itertuples():
         assert row.done == budget, prog
         assert row.running == 0 and row.waiting == 0, prog
-        assert row.eval_done == seeds == row.eval_total, prog
+        assert row.eval_done == row.eval_total, prog  # the pick's seeds, and every race survivor's
     ev = evaluations_frame(storage, study)
     assert (ev[ev.state == "COMPLETE"].groupby("cell").size() == seeds).all()
+    every = evaluations_frame(storage, study, survivors=True)
+    # each evaluated candidate (the pick, and any survivor) ran every seed exactly once
+    assert (every[every.state == "COMPLETE"].groupby(["cell", "candidate"], dropna=False).size() == seeds).all()
+    assert len(every[every["pick"]]) == len(ev)
     return prog
 
 

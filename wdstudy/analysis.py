@@ -58,8 +58,13 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
         }
         for k in R.METRIC_KEYS:
             row[k] = t.user_attrs.get(k)
-        if kind == "eval" and row["seed"] is None:
-            row["seed"] = t.user_attrs.get(R.SEED)
+        if kind == "eval":
+            if row["seed"] is None:
+                row["seed"] = t.user_attrs.get(R.SEED)
+            pick = summary.user_attrs.get(R.PICK)
+            row["candidate"] = t.user_attrs.get(R.CANDIDATE, pick)
+            row["pick"] = t.user_attrs.get(R.CANDIDATE, pick) == pick
+            row["test_outcomes"] = t.user_attrs.get(R.TEST_OUTCOMES)
         rows.append(row)
     return rows
 
@@ -109,13 +114,19 @@ def compute_hours(*frames: pd.DataFrame) -> dict[str, float]:
     return hours
 
 
-def evaluations_frame(storage, study: str) -> pd.DataFrame:
-    """One row per evaluation run (best configuration x seed) of every cell."""
+def evaluations_frame(storage, study: str, survivors: bool = False) -> pd.DataFrame:
+    """One row per evaluation run of every cell: its chosen configuration × seed, and with
+    ``survivors`` the other race survivors' runs too (column ``pick`` tells them apart;
+    ``candidate`` is the index among the race's candidates; ``test_outcomes`` the encoded
+    per-example test errors, :func:`wdstudy.records.decode_outcomes`)."""
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
             rows += _rows(storage, ev, s.user_attrs[R.CELL], "eval")
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if not survivors and len(out):
+        out = out[out["pick"]].reset_index(drop=True)
+    return out
 
 
 def race_studies(storage, study: str) -> dict[str, object]:
@@ -157,10 +168,14 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
             if t.state == TrialState.COMPLETE and t.value is not None:
                 best = min(best, t.value)
         ev_done = 0
-        ev_total = len(cell["eval_seeds"])
+        looks = cell.get("eval_rounds") or [len(cell["eval_seeds"])]
+        ev_total = looks[0]  # runs of the first round; survivors and later rounds add to it once known
         if ev is not None:
             ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
+            if R.BEST_PARAMS in ev.user_attrs:
+                ev_total = (len(ev.user_attrs.get(R.SURVIVORS) or [0])
+                            * ev.user_attrs.get(R.SEEDS_OPEN, len(cell["eval_seeds"])))
         searched = counts["COMPLETE"] + counts["PRUNED"] >= cell["budget"] and not counts["RUNNING"]
         selection = cell.get("selection")
         # the race runs the search's best top_k completed trials: as many as there are, once it is searched
@@ -188,7 +203,8 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
 
 def diagnostics_frame(storage, study: str) -> pd.DataFrame:
     """The runs' mechanics (:mod:`wdstudy.mechanics`), one row per run × regularized tensor × checkpoint:
-    ``cell, task, optimizer, regularizer, phase`` (search, race or eval), ``trial, seed, lr,
+    ``cell, task, optimizer, regularizer, phase`` (search, race or eval), ``trial, pick`` (an evaluation
+    run of the cell's pick), ``seed, lr,
     weight_decay``, the run's scalars (``tau_epoch``, ``run_epochs``, ...), then the checkpoint's
     ``step, epoch, layer, weight_norm, angular_update, predicted_angular_update, neuron_spread,
     effective_lr, ...`` (``tables/diagnostics.csv``; empty for runs made before it was recorded)."""
@@ -203,8 +219,11 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
                 table = t.user_attrs.get(R.MECHANICS)
                 if not table or not t.params:
                     continue
+                pick = summaries[key].user_attrs.get(R.PICK) if phase == "eval" else None
                 head = {"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
                         "regularizer": cell["regularizer"], "phase": phase, "trial": t.number,
+                        # an evaluation run of the race's pick (survivors are evaluated too)
+                        "pick": phase == "eval" and t.user_attrs.get(R.CANDIDATE, pick) == pick,
                         "state": t.state.name, "seed": t.user_attrs.get(R.SEED, t.user_attrs.get("seed")),
                         "lr": t.params.get("lr"), "weight_decay": R.decay_of(t.params),
                         **{k: t.user_attrs.get(k) for k in R.MECHANICS_KEYS}}
@@ -219,7 +238,8 @@ def export(storage, study: str, out_dir: Path) -> list[Path]:
     ``diagnostics.csv`` (:func:`diagnostics_frame`); returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, df in (("trials", trials_frame(storage, study)), ("evaluations", evaluations_frame(storage, study))):
+    for stem, df in (("trials", trials_frame(storage, study)),
+                     ("evaluations", evaluations_frame(storage, study, survivors=True))):
         for col in ("start", "end"):
             if col in df:
                 df[col] = pd.to_datetime(df[col])

@@ -90,14 +90,16 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "seed": spec.search.seed,
         "objective": spec.search.objective,
         "eval_seeds": eval_seeds(spec),
+        # only with rounds, so records of studies with a fixed number of seeds stay as they were
+        **({"eval_rounds": spec.evaluation.looks()} if len(spec.evaluation.looks()) > 1 else {}),
         **({"selection": {"top_k": spec.selection.top_k, "seeds": spec.selection.seed_list()}}
            if spec.selection.races else {}),
     }
 
 
 def eval_seeds(spec: StudySpec) -> list[int]:
-    first = spec.evaluation.first_seed
-    return list(range(first, first + spec.evaluation.seeds))
+    """Every evaluation seed a cell may run (with rounds: up to ``max``)."""
+    return spec.evaluation.seed_list()
 
 
 def distributions(spec: StudySpec, cell: Cell) -> dict[str, FloatDistribution]:
@@ -135,12 +137,22 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> No
             study.set_user_attr(R.VERSIONS, versions)
             if spec_yaml is not None:
                 study.set_user_attr(R.SPEC_YAML, spec_yaml)
+        decision = decision_record(spec)
+        if study.user_attrs.get(R.DECISION) != decision:
+            study.set_user_attr(R.DECISION, decision)
         elif stored != record:
             changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
             raise WdstudyError(
                 f"study {cell.name!r}: the spec changed since this study started "
                 f"({', '.join(changed)} differ); use a new study name or output folder"
             )
+
+
+def decision_record(spec: StudySpec) -> dict[str, Any]:
+    """The decision settings the report applies (stored per cell, so a storage alone suffices)."""
+    d = spec.decision
+    return {"margin": d.margin, "mse_margin": d.mse_margin, "alpha": d.alpha,
+            "primary": [list(p) for p in d.primary], "looks": spec.evaluation.looks()}
 
 
 # -- proposals ----------------------------------------------------------------------------------
@@ -347,7 +359,13 @@ class Cells:
         if ev is None:
             return None, True  # nothing to evaluate: no search trial completed
         unit, idle = self._take_or_advance(cell, ev, "eval")
-        return unit, idle and unit is None
+        if unit is not None or not idle:
+            return unit, False
+        state = self._next_round(cell)
+        if state == "opened":
+            unit, idle = self._take_or_advance(cell, ev, "eval")
+            return unit, False
+        return None, state == "done"
 
     def _take_or_advance(self, cell: Cell, study: optuna.Study, kind: str) -> tuple[Unit | None, bool]:
         """A WAITING trial of ``study`` reserved, or (None, True) when it has nothing left to run."""
@@ -439,13 +457,16 @@ class Cells:
         if ev is not None and R.BEST_PARAMS in ev.user_attrs:
             return ev
         race_mean = None
+        survivors: list[int] = []
         if race is not None:
-            standings = race_standings(race.user_attrs[R.CANDIDATES], race.get_trials(deepcopy=False))
+            race_trials = race.get_trials(deepcopy=False)
+            standings = race_standings(race.user_attrs[R.CANDIDATES], race_trials)
             pick = next((c for c in standings if c["chosen"]), None)
             if pick is None:
                 return None  # every candidate diverged or was given up: nothing to evaluate
             best_number, best_value, best_params = pick["trial"], pick["value"], pick["params"]
             race_mean = pick["race_mean"]
+            survivors = self._survivors(cell, standings, pick["rank"] - 1, race_trials)
         else:
             best = best_trial(search.get_trials(deepcopy=False))
             if best is None:
@@ -458,23 +479,121 @@ class Cells:
         ev.set_user_attr(R.BEST_VALUE, best_value)
         if race_mean is not None:
             ev.set_user_attr(R.RACE_MEAN, race_mean)
+            ev.set_user_attr(R.PICK, survivors[0])
+            ev.set_user_attr(R.SURVIVORS, survivors)
+        ev.set_user_attr(R.SEEDS_OPEN, self.spec.evaluation.looks()[0])
         ev.set_user_attr(R.BEST_PARAMS, best_params)  # last: its presence marks the study as complete
         return ev
 
+    def _survivors(self, cell: Cell, standings: list[dict], pick: int, race_trials: list[FrozenTrial]) -> list[int]:
+        """The pick, then (for an arm of a primary comparison) every candidate the race could not
+        show worse than it by more than half the margin (:func:`wdstudy.decide.race_survivors`):
+        each is evaluated too, so the decision can account for the luck of the pick."""
+        from .decide import race_survivors
+        from .tasks.names import task_metric
+
+        if not any(cell.regularizer in pair for pair in self.spec.primary_pairs()):
+            return [pick]
+        seeds = self.spec.selection.seed_list()
+        race = {i: [math.nan] * len(seeds) for i in range(len(standings))}
+        sizes = []
+        for t in race_trials:
+            c, s = t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED)
+            if t.state == TrialState.COMPLETE and t.value is not None and s in seeds:
+                race[c][seeds.index(s)] = t.value
+                sizes.append(t.user_attrs.get("val_size") or 0)
+        is_rate = task_metric(cell.task.name).is_rate
+        resolution = 1.0 / max(sizes) if is_rate and sizes and max(sizes) > 0 else 0.0
+        diverged = [i for i, c in enumerate(standings) if c["diverged"] or not c["race_n"]]
+        out = race_survivors(race, pick, self.spec.decision.margin_for(is_rate), diverged=diverged,
+                             alpha=self.spec.decision.alpha, resolution=resolution)
+        return [pick] + [c for c in out if c != pick]
+
     def _advance_eval(self, ev: optuna.Study, trials: list[FrozenTrial]) -> bool:
-        """Queue each evaluation seed that has no run yet, or re-queue a failed one."""
-        by_seed: dict[int, list[FrozenTrial]] = defaultdict(list)
+        """Queue each (survivor, seed) of the open rounds that has no run yet, or re-queue a failed one."""
+        runs: dict[tuple, list[FrozenTrial]] = defaultdict(list)
+        attrs = ev.user_attrs
         for t in trials:
-            by_seed[t.user_attrs.get(R.SEED)].append(t)
+            runs[(t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED))].append(t)
+        survivors = attrs.get(R.SURVIVORS)
+        params = {None: attrs[R.BEST_PARAMS]}
+        if survivors:
+            cands = self.study(ev.study_name[: -len("/eval")] + "/race").user_attrs[R.CANDIDATES]
+            params = {c: cands[c]["params"] for c in survivors}
         queued = False
-        for seed in eval_seeds(self.spec):
-            ts = by_seed.get(seed)
-            if not ts:
-                ev.enqueue_trial(ev.user_attrs[R.BEST_PARAMS], user_attrs={R.SEED: seed})
-                queued = True
-            elif all(t.state == TrialState.FAIL for t in ts):
-                queued |= self._requeue(ev, max(ts, key=lambda t: t.number), trials)
+        for seed in self.spec.evaluation.seed_list(attrs.get(R.SEEDS_OPEN, self.spec.evaluation.max_seeds)):
+            for cand, p in params.items():
+                ts = runs.get((cand, seed))
+                if not ts:
+                    ev.enqueue_trial(p, user_attrs={R.SEED: seed, **({} if cand is None else {R.CANDIDATE: cand})})
+                    queued = True
+                elif all(t.state == TrialState.FAIL for t in ts):
+                    queued |= self._requeue(ev, max(ts, key=lambda t: t.number), trials)
         return queued
+
+    # -- evaluation rounds
+    def _group(self, cell: Cell) -> list[Cell]:
+        """The cells whose decisions share rounds with ``cell``: the arms of the primary comparisons
+        of its task × optimizer (empty if ``cell`` is in none)."""
+        arms = {a for pair in self.spec.primary_pairs() for a in pair}
+        if cell.regularizer not in arms:
+            return []
+        return [c for c in self.spec.cells() if c.task.name == cell.task.name
+                and c.optimizer.name == cell.optimizer.name and c.regularizer in arms]
+
+    def _next_round(self, cell: Cell) -> str:
+        """After ``cell``'s open rounds are finished: ``"done"``, ``"wait"`` (another cell of its
+        group is still running this round) or ``"opened"`` (the next round is queued for the group).
+
+        A round opens only when every cell of the group has finished the previous one, and the
+        decision that asks for it is computed from those finished runs alone: with 1 or 8
+        workers, in any order, the same seeds run and the same decisions come out.
+        """
+        looks = self.spec.evaluation.looks()
+        group = self._group(cell)
+        if len(looks) == 1 or not group:
+            return "done"
+        arms, n_open = {}, None
+        for c in group:
+            ev = self.study(c.eval_name)
+            if ev is None or R.BEST_PARAMS not in ev.user_attrs:
+                if c.name in self._done:  # finished with nothing to evaluate (no search trial completed)
+                    continue
+                return "wait"
+            trials = ev.get_trials(deepcopy=False)
+            if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+                return "wait"
+            if self._advance_eval(ev, trials):  # its open rounds are not all queued yet (or a run failed)
+                return "wait"
+            opened = ev.user_attrs.get(R.SEEDS_OPEN, looks[0])
+            if n_open is not None and opened != n_open:
+                return "wait"  # the group is being moved to the next round (repaired on the next call)
+            n_open = opened
+            race = self.study(c.race_name) if self.spec.selection.races else None
+            arms[c.regularizer] = self._arm_runs(race, ev, trials)
+        if n_open is None or len(arms) < 2 or n_open >= looks[-1]:
+            return "done"
+        from .tasks.names import task_metric
+        from .verdicts import group_verdicts, settled
+
+        d = self.spec.decision
+        pairs = self.spec.primary_pairs()
+        verdicts = group_verdicts(arms, pairs, pairs, margin=d.margin_for(task_metric(cell.task.name).is_rate),
+                                  alpha=d.alpha, looks=looks, n_open=n_open)
+        if settled(verdicts):
+            return "done"
+        nxt = next(n for n in looks if n > n_open)
+        for c in group:  # every cell of the group moves on at once, its runs queued in this locked block
+            ev = self.study(c.eval_name)
+            ev.set_user_attr(R.SEEDS_OPEN, nxt)
+            self._advance_eval(ev, ev.get_trials(deepcopy=False))
+        return "opened"
+
+    def _arm_runs(self, race: optuna.Study | None, ev: optuna.Study, trials: list[FrozenTrial]):
+        from .verdicts import arm_runs
+
+        return arm_runs(self.spec.selection.seed_list(), race.get_trials(deepcopy=False) if race else None,
+                        ev.user_attrs, trials)
 
     # -- failures
     def fail(self, study: optuna.Study, trial_id: int, reason: str, kind: str) -> None:

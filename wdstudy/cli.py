@@ -51,6 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["download"] = True
     if args.precision is not None:
         overrides["precision"] = args.precision
+    if args.regularizer is None:  # name the arm that really runs: no λ, no regularization
+        args.regularizer = "decoupled" if args.weight_decay else "none"
     task = task_config(args.task, **overrides)
     optimizer = optimizer_config(args.optimizer, **_parse_set(args.optimizer_set))
     try:
@@ -108,10 +110,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
 
+    # the plan first: a bad option is refused before anything is written
+    slots = None if args.single else plan_slots(args.devices, args.workers, args.threads, args.per_device)
     # creates the cells if this worker is first; a worker started by launch needs no factory check
     spec, url = prepare(args.spec, args.storage, check_factories=not args.single)
     if not args.single:
-        slots = plan_slots(args.devices, args.workers, args.threads, args.per_device)
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
         except KeyboardInterrupt:
@@ -149,7 +152,11 @@ def cmd_claims(args: argparse.Namespace) -> int:
     from .train import quiet_lightning
 
     quiet_lightning()
-    out = Path(args.out)
+    # --quick never overwrites the committed report: its numbers are a smoke test's
+    out = Path(args.out or ("reports/claims-quick" if args.quick else "reports/claims"))
+    from .preflight import writable
+
+    writable(out, f"--out={str(out)!r}")  # before minutes of training, not after
     claims = run_claims(out, quick=args.quick, log=lambda m: print(m, flush=True))
     width = max(len(c.key) for c in claims)
     for c in claims:
@@ -158,15 +165,26 @@ def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import main
+
+    return main(args.spec, args.effect, args.studies, workers=args.workers, landscape=args.landscape,
+                source=args.source, study=args.study, save=args.save_landscape, first=args.first)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .launch import write_report
+    from .preflight import check_output
+    from .spec import load_spec
 
+    check_output(load_spec(args.spec))  # the report's folder can be written, before the work of drawing it
     return write_report(args.spec, args.storage)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
     from .launch import format_progress, resolve_url
+    from .preflight import redact
     from .spec import load_spec
     from .storage import is_rdb, open_storage
 
@@ -176,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"study {spec.name}: not started (no storage at {url})")
         return 0
     df = progress_frame(open_storage(url), spec.name)
-    print(f"study {spec.name} · storage {url}")
+    print(f"study {spec.name} · storage {redact(url)}")
     print(format_progress(df) if not df.empty else "no cells yet")
     return 0
 
@@ -192,10 +210,31 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     url = resolve_url(spec, args.storage)
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
+    _check_port(args.host, args.port)
     storage = open_storage(url)
     print(f"Optuna dashboard for study {spec.name}: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     run_server(storage, host=args.host, port=args.port)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port the dashboard could not listen on, before it says it listens there."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise WdstudyError(f"--port={port}: must be between 1 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise WdstudyError(f"--host={host!r}: unknown host ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the dashboard's server does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise WdstudyError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                               f"choose another port, e.g. --port {port + 1}") from None
 
 
 def _tasks_epilog() -> str:
@@ -217,14 +256,23 @@ def _tasks_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .spec import OPTIMIZERS, REGULARIZER_NAMES, SCHEDULES
 
-    parser = argparse.ArgumentParser(prog="wdstudy", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="wdstudy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("Does decoupled weight decay (AdamW/SGDW) generalize better than L2 regularization on your\n"
+                     "models, and how do λ and the learning rate interact? wdstudy runs a study from one YAML spec\n"
+                     "(search, race, evaluation over seeds) and writes an HTML and a PDF report."),
+        epilog="first run: python -m wdstudy launch examples/my_study.yaml   (about 25 s on 2 cores)")
+    parser.add_argument("--version", action="version", version=f"wdstudy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="one training run of a task, printing its metrics",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_tasks_epilog())
     p.add_argument("--task", required=True, help="a built-in task, MODEL-DATASET (listed below)")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--regularizer", default="decoupled", choices=list(REGULARIZER_NAMES))
+    p.add_argument("--regularizer", choices=list(REGULARIZER_NAMES),
+                   help="default: decoupled with a --weight-decay above 0, else none")
     p.add_argument("--weight-decay", type=float, default=0.0, help="λ (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
@@ -273,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single", action="store_true", help="run one worker in this process")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("simulate", help="size a study: its whole procedure on a synthetic landscape, "
+                                        "how often each decision comes out")
+    p.add_argument("spec", help="the study spec (its search, race, rounds and decision settings)")
+    p.add_argument("--effect", type=float, nargs="+", default=[0.0, 1.0, 2.0],
+                   help="true differences (first primary arm − second) in points (MSE for a regression)")
+    p.add_argument("--studies", type=int, default=200, help="simulated studies per effect")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--landscape", help="a YAML file of landscape numbers per task")
+    p.add_argument("--from", dest="source", metavar="STORAGE", help="fit the landscape from a finished study")
+    p.add_argument("--study", help="the study's name in --from's storage (default: the spec's)")
+    p.add_argument("--save-landscape", metavar="FILE", help="write the landscape used to FILE")
+    p.add_argument("--first", type=int, default=0, help="first simulated study number (another sample)")
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)
     p.set_defaults(func=cmd_report)
@@ -282,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("claims", help="measure what the textbooks claim about weight decay (reports/claims/)")
-    p.add_argument("--out", default="reports/claims", help="output folder (default reports/claims)")
+    p.add_argument("--out", help="output folder (default reports/claims; with --quick reports/claims-quick)")
     p.add_argument("--quick", action="store_true", help="fewer epochs, λ values and seeds (for tests)")
     p.set_defaults(func=cmd_claims)
 
@@ -300,8 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except WdstudyError as exc:
-        for line in str(exc).splitlines():
-            print(f"wdstudy: error: {line}", file=sys.stderr)
+        from .preflight import redact
+
+        for line in str(exc).splitlines():  # a storage URL's password never reaches the terminal
+            print(f"wdstudy: error: {redact(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wdstudy: interrupted", file=sys.stderr)

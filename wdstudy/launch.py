@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import WdstudyError
+from .preflight import redact
 from .spec import StudySpec, load_spec
 from .storage import StudyLock, default_url, is_rdb
 from .tasks.names import task_metric
@@ -238,7 +239,10 @@ def run_pool(
     imports of what it does at the end.
     """
     log_dir = spec.output_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WdstudyError(f"output={str(spec.output_dir())!r}: cannot create {log_dir} ({exc.strerror or exc})") from None
     pool = [Slot(i, env) for i, env in enumerate(slots)]
     for s in pool:
         _start(s, spec_path, url, log_dir)
@@ -405,11 +409,16 @@ def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -
 def checked_spec(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
     """The spec (its factory tasks checked) and its storage URL; nothing is opened or written."""
     spec = load_spec(spec_path)
+    url = resolve_url(spec, storage)
+    if check_factories:  # launch, or a pool of workers: the data, output and storage before any work
+        from .preflight import check_launch
+
+        check_launch(spec, url, str(spec_path))
     if check_factories and any(t.factory is not None for t in spec.tasks):
         from .tasks.user import check_factories as check
 
         check(spec, str(spec_path))
-    return spec, resolve_url(spec, storage)
+    return spec, url
 
 
 def create_cells(spec: StudySpec, url: str, spec_path: str) -> None:
@@ -439,7 +448,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(format_plan(slots))
         return 0
     spec, url = checked_spec(spec_path, storage)
-    where = url if is_rdb(url) else shown(url)
+    where = redact(url) if is_rdb(url) else shown(url)  # never a password on the terminal
     if not quiet:
         packed = f" ({per_device} per GPU)" if per_device else ""
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
@@ -518,7 +527,7 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     url = resolve_url(spec, storage)
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
-    label = url if is_rdb(url) else shown(url)
+    label = redact(url) if is_rdb(url) else shown(url)  # the report names its storage, never a password
     start = time.monotonic()
     paths = build_report(open_storage(url), spec.name, spec.output_dir(), label)
     print(f"report: {shown(paths.html)} and {shown(paths.pdf)} "

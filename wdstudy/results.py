@@ -24,10 +24,13 @@ class Results:
     * ``evaluations``: one row per evaluation run, the chosen configuration of a cell on one
       seed, measured on the test split (``OUTPUT/evaluations.csv``);
     * ``comparison``: one row per comparison of two arms of a task × optimizer, paired over
-      the evaluation seeds both completed (``tables/comparison.csv``: ``outcome``,
-      ``caveats``, ``verdict``, the mean difference with its interval, Holm-corrected p, ...);
-    * ``summary``: one row per cell — its pick, validation noise floor, edges of range and
-      evaluation means (``tables/summary.csv``).
+      the evaluation seeds both completed (``tables/comparison.csv``: ``family``, ``margin``,
+      ``decision``, ``decision_code``, ``seeds_needed``, ``selection_included``, ``caveats``,
+      ``verdict``, the mean difference with its interval, the variance parts, the adjusted p-values);
+    * ``decisions``: the comparisons' decisions alone, primary first (task, optimizer, arm,
+      reference, family, decision, Δ and its interval, margin, seeds);
+    * ``summary``: one row per cell — its pick, edges of range and evaluation means
+      (``tables/summary.csv``).
     """
 
     study: str
@@ -36,6 +39,16 @@ class Results:
     evaluations: pd.DataFrame
     comparison: pd.DataFrame
     summary: pd.DataFrame
+
+    @property
+    def decisions(self) -> pd.DataFrame:
+        cols = ["task", "optimizer", "arm", "reference", "family", "decision", "decision_code", "test_error_diff",
+                "test_error_low", "test_error_high", "margin", "n_pairs", "seeds_max", "seeds_needed",
+                "selection_included"]
+        c = self.comparison
+        if c.empty:
+            return pd.DataFrame(columns=cols)
+        return c[cols].sort_values("family", kind="stable", key=lambda f: f != "primary").reset_index(drop=True)
 
 
 def _is_spec(target: str) -> bool:
@@ -88,9 +101,10 @@ def load_results(spec_or_storage: str | Path, study: str | None = None) -> Resul
     if study is None:
         study = _only_study(storage, target)
 
+    from .preflight import redact
     from .report.tables import compute_tables, load_report_data
 
-    label = url if is_rdb(url) else shown(url)
+    label = redact(url) if is_rdb(url) else shown(url)
     d = load_report_data(storage, study, label)
     compute_tables(d, importance=False)
     return Results(study, label, trials_frame(storage, study), evaluations_frame(storage, study),

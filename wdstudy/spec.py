@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .config import validate
+from .config import did_you_mean, validate
 from .errors import WdstudyError
 from .tasks import TRAINING_FIELDS, TaskConfig
 
@@ -137,10 +137,67 @@ class SearchSpec(BaseModel):
         return self
 
 
+class SeedRounds(BaseModel):
+    """Evaluation in rounds: ``min`` seeds first, then ``step`` more per round while a primary
+    decision of the task is still open, up to ``max`` (see :mod:`wdstudy.decide`)."""
+
+    model_config = _STRICT
+    min: int = Field(ge=2, description="seeds of the first round")
+    max: int = Field(ge=2, le=200, description="seeds at most")
+    step: int = Field(ge=1, description="seeds added per round")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SeedRounds:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
 class EvaluationSpec(BaseModel):
     model_config = _STRICT
-    seeds: int = Field(3, ge=1, description="retrainings of each cell's best configuration")
+    seeds: int | SeedRounds = Field(3, description="retrainings of each cell's chosen configuration: a number, "
+                                                    "or rounds {min, max, step} that stop once decided")
     first_seed: int = Field(1000, ge=0, lt=2**31, description="seeds first_seed, first_seed+1, ... (the search uses search.seed)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    def looks(self) -> list[int]:
+        """The seed counts after which a decision is taken: ``[n]`` for a plain number."""
+        s = self.seeds
+        if isinstance(s, int):
+            return [s]
+        out = list(range(s.min, s.max, s.step))
+        return out + [s.max]
+
+    @property
+    def max_seeds(self) -> int:
+        return self.looks()[-1]
+
+    def seed_list(self, n: int | None = None) -> list[int]:
+        """The first ``n`` evaluation seeds (all ``max`` by default)."""
+        return list(range(self.first_seed, self.first_seed + (self.max_seeds if n is None else n)))
+
+
+class DecisionSpec(BaseModel):
+    """What a comparison must show to end in a decision (see :mod:`wdstudy.decide`)."""
+
+    model_config = _STRICT
+    margin: float = Field(1.0, gt=0, description="the smallest difference that matters, in points of an error "
+                                                 "rate (1.0 = one percentage point)")
+    mse_margin: float = Field(0.01, gt=0, description="the same for a regression task, in its MSE")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="the chance of a wrong 'better' per family, over all rounds")
+    primary: list[tuple[str, str]] = Field(default_factory=lambda: [("decoupled", "l2")],
+                                           description="the comparisons (arm, reference) the study is for; "
+                                                       "Holm-corrected together, per task × optimizer")
+
+    def margin_for(self, is_rate: bool) -> float:
+        """The margin in the metric's own unit (a fraction for an error rate)."""
+        return self.margin / 100 if is_rate else self.mse_margin
 
 
 class SelectionSpec(BaseModel):
@@ -175,6 +232,7 @@ class StudySpec(BaseModel):
     search: SearchSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     selection: SelectionSpec = SelectionSpec()
+    decision: DecisionSpec = DecisionSpec()
     output: str | None = None
     storage: str | None = None
 
@@ -207,7 +265,8 @@ class StudySpec(BaseModel):
     def _known_regularizers(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in REGULARIZER_NAMES:
-                raise ValueError(f"unknown regularizer {name!r}; choose from {', '.join(REGULARIZER_NAMES)}")
+                raise ValueError(f"unknown regularizer {name!r}{did_you_mean(name, REGULARIZER_NAMES)} "
+                                 f"(choose from {', '.join(REGULARIZER_NAMES)})")
         if len(set(v)) != len(v):
             raise ValueError("a regularizer is listed twice")
         return v
@@ -221,11 +280,18 @@ class StudySpec(BaseModel):
         if len(set(opts)) != len(opts):
             raise ValueError(f"an optimizer is listed twice: {opts}")
         race = set(self.selection.seed_list())
-        evals = set(range(self.evaluation.first_seed, self.evaluation.first_seed + self.evaluation.seeds))
+        evals = set(self.evaluation.seed_list())
         if race & (evals | {self.search.seed}):
             clash = sorted(race & (evals | {self.search.seed}))
             raise ValueError(f"selection.first_seed: race seeds {min(race)}–{max(race)} must not repeat the search "
                              f"seed or an evaluation seed (both use {clash[0]})")
+        for pair in self.decision.primary:
+            for arm in pair:
+                if arm not in REGULARIZER_NAMES:
+                    raise ValueError(f"decision.primary: unknown regularizer {arm!r}; choose from "
+                                     f"{', '.join(REGULARIZER_NAMES)}")
+            if pair[0] == pair[1]:
+                raise ValueError(f"decision.primary: {list(pair)} compares an arm with itself")
         wd = self.search.weight_decay
         decayed = [r for r in self.regularizers if r != "none"]
         for r in decayed:
@@ -262,6 +328,10 @@ class StudySpec(BaseModel):
             n = self.search.grid_points
             return n if regularizer == "none" else n * n
         return self.search.trials
+
+    def primary_pairs(self) -> list[tuple[str, str]]:
+        """The spec's primary comparisons whose two arms are both in the study."""
+        return [p for p in self.decision.primary if p[0] in self.regularizers and p[1] in self.regularizers]
 
     def cells(self) -> list[Cell]:
         return [

@@ -275,14 +275,22 @@ class Regressor(Classifier):
 
 
 @torch.inference_mode()
+def per_example_error(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
+    """Each example's error: 1 if misclassified (else 0), or its squared error summed over outputs."""
+    if metric == "mse":
+        return ((out - y.to(out.dtype)) ** 2).reshape(len(out), -1).sum(1)
+    return (out.argmax(1) != y).to(torch.float64)
+
+
 def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int = 0,
-             metric: str = "error") -> tuple[float, float]:
+             metric: str = "error", keep: list | None = None) -> tuple[float, float]:
     """Mean loss and error of ``model`` on ``split``: one pass, eval mode, summed in float64.
 
     Cross-entropy and error rate (``metric="error"``; ``model(x)`` gives logits), or, for a
     regression (``metric="mse"``), the mean squared error twice. ``split`` is a
     :class:`~wdstudy.tasks.data.Split` or a Dataset of ``(x, y)`` examples (read through a
-    ``DataLoader`` with ``num_workers`` workers).
+    ``DataLoader`` with ``num_workers`` workers). With ``keep``, each example's error
+    (:func:`per_example_error`) is appended to it, in the split's order.
     """
     was_training = model.training
     model.eval()
@@ -294,6 +302,8 @@ def evaluate(model: nn.Module, split, batch_size: int = 2000, num_workers: int =
             logits = model(x).double()
             loss_sum += float(data_loss(logits, y, metric, reduction="sum"))
             err_sum += float(error_sum(logits, y, metric))
+            if keep is not None:
+                keep.extend(per_example_error(logits, y, metric).cpu().tolist())
     finally:
         model.train(was_training)
     return loss_sum / len(split), err_sum / len(split)
@@ -317,6 +327,7 @@ class FinalMeasurement(Callback):
         self.on_device = on_device
         self.device: str | None = None
         self.metrics: dict[str, float] = {}
+        self.test_outcomes: list[float] | None = None  # each test example's error (with_test only)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.device = device_label(pl_module.device)
@@ -328,8 +339,11 @@ class FinalMeasurement(Callback):
         model, m, workers = pl_module, self.metrics, self.data.num_workers
         self.device = device_label(next(model.parameters()).device)
         for split in ("train", "val", "test") if self.with_test else ("train", "val"):
+            keep: list[float] | None = [] if split == "test" else None
             m[f"{split}_loss"], m[f"{split}_error"] = evaluate(model, getattr(self.data, split), self.batch_size,
-                                                                workers, self.metric)
+                                                                workers, self.metric, keep=keep)
+            if keep is not None:
+                self.test_outcomes = keep
 
 
 class BroughtModule(Callback):
@@ -397,6 +411,7 @@ class RunResult:
 
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    test_outcomes: list[float] | None = None  # each test example's error, in the split's order
     mechanics: dict[str, list] | None = None
 
 
@@ -560,4 +575,5 @@ def train_run(
     by_epoch = {row["epoch"]: dict(row) for row in (watch.history if brought else module.history)}
     for row in reg.history:
         by_epoch.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
-    return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)], mech.table if mech is not None else None)
+    return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)], final.test_outcomes,
+                     mech.table if mech is not None else None)

@@ -35,6 +35,13 @@ from .spec import Cell, StudySpec
 from .storage import Lease, StudyLock, open_storage, owner_tag
 
 
+#: A training run as the worker calls it: ``train(cell, lr, weight_decay, seed, callbacks, with_test)``
+#: returns an object with ``metrics`` (a dict holding the objective and, with ``with_test``,
+#: ``test_error``), ``history`` and optionally ``test_outcomes``; it may raise
+#: :class:`~wdstudy.train.DivergedError`.
+TrainFn = Callable[..., object]
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -43,11 +50,19 @@ def one_line(exc: BaseException) -> str:
 class Worker:
     """Runs units until every cell is searched and evaluated."""
 
-    def __init__(self, spec: StudySpec, url: str, *, log: Callable[[str], None] | None = None, poll: float = 1.0):
+    def __init__(self, spec: StudySpec, url: str, *, log: Callable[[str], None] | None = None, poll: float = 1.0,
+                 train: TrainFn | None = None, storage: optuna.storages.BaseStorage | None = None,
+                 lock=None, lease: Callable | None = None):
+        """``train``, ``storage``, ``lock`` and ``lease`` replace the real training run, the storage
+        opened from ``url``, the study lock and the trial lease: the simulator
+        (:mod:`wdstudy.simulate`) runs the same engine in memory on a synthetic landscape."""
         self.spec = spec
         self.url = url
-        self.storage = open_storage(url)
-        self.lock = StudyLock(url, spec.name)
+        self.storage = storage if storage is not None else open_storage(url)
+        self.lock = lock if lock is not None else StudyLock(url, spec.name)
+        self._lease = lease or Lease
+        if train is not None:
+            self._train = train  # type: ignore[method-assign]
         self.cells = Cells(spec, self.storage)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.poll = poll
@@ -84,7 +99,7 @@ class Worker:
         """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
         trial = unit.trial
         try:
-            with Lease(self.storage, trial._trial_id):
+            with self._lease(self.storage, trial._trial_id):
                 value = {"search": self._search, "race": self._race, "eval": self._evaluate}[unit.kind](unit)
         except WorkerStopped as exc:
             with STOP.held(), self.lock:
@@ -119,17 +134,25 @@ class Worker:
 
     def _search(self, unit: Unit) -> float | None:
         """One search trial: the validation objective, or None if pruned or diverged."""
-        from optuna_integration import PyTorchLightningPruningCallback
-
         trial, cell = unit.trial, unit.cell
         lr, wd = self._begin(unit)
         gen = trial.user_attrs.get(R.GENERATION)
         self.log(f"[{owner_tag()}] {cell.name} trial {trial.number} (generation {gen}, slot "
                  f"{trial.user_attrs.get(R.SLOT)}): lr={lr:.3g} λ={wd:.3g}")
-        pruning = PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective)
+        callbacks = []
+        if self.spec.search.pruner != "none":  # without a pruner, reporting every epoch is wasted storage writes
+            from optuna_integration import PyTorchLightningPruningCallback
+
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective))
         try:
-            return self._measure(trial, cell, lr, wd, self.spec.search.seed, [pruning], with_test=False,
-                                 key=self.spec.search.objective)
+            value = self._measure(trial, cell, lr, wd, self.spec.search.seed, callbacks, with_test=False,
+                                  key=self.spec.search.objective)
+            if not callbacks:  # the learning curve as Optuna's intermediate values, for the dashboard
+                for row in trial.user_attrs.get(R.HISTORY) or []:
+                    v = row.get(self.spec.search.objective)
+                    if v is not None and math.isfinite(v):
+                        trial.report(v, int(row["epoch"]))
+            return value
         except optuna.TrialPruned:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
@@ -164,7 +187,7 @@ class Worker:
             result = self._train(cell, lr, wd, seed, callbacks, with_test=with_test)
         except DivergedError as exc:
             return self._diverged(trial, str(exc))
-        self._store(trial, result, history=history)
+        self._store(trial, cell, result, history=history)
         value = result.metrics[key]
         if not math.isfinite(value):
             return self._diverged(trial, f"objective is {value}")
@@ -177,7 +200,7 @@ class Worker:
         trial.set_user_attr(R.REASON, reason)
         return None
 
-    def _store(self, trial: optuna.Trial, result, history: bool = True) -> None:
+    def _store(self, trial: optuna.Trial, cell: Cell, result, history: bool = True) -> None:
         for k in R.METRIC_KEYS:
             if k in result.metrics:
                 trial.set_user_attr(k, result.metrics[k])
@@ -185,6 +208,11 @@ class Worker:
             trial.set_user_attr(R.HISTORY, result.history)
         if getattr(result, "mechanics", None):
             trial.set_user_attr(R.MECHANICS, result.mechanics)
+        if getattr(result, "test_outcomes", None):
+            from .tasks.names import task_metric
+
+            trial.set_user_attr(R.TEST_OUTCOMES, R.encode_outcomes(result.test_outcomes,
+                                                                   task_metric(cell.task.name).is_rate))
 
     def data(self, cell: Cell, with_test: bool):
         """The cell's splits, loaded once per worker and kept in memory (a factory task's come

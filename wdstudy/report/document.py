@@ -127,22 +127,32 @@ def generated_line(d: ReportData) -> str:
 
 def answer_intro(d: ReportData) -> str:
     note = d.regression_note()
-    return ("Each row compares two arms of one task on the same evaluation seeds: the mean paired difference "
-            "in test error (first − second, in points; negative means the first arm is better) with its 95% "
-            "interval, and the paired t-test's p-value after Holm's correction for every comparison in this "
-            "report. A chosen value at the edge of its range makes a comparison inconclusive; every other "
-            "caveat is listed beside the outcome." + (f" {note}" if note else ""))
+    st = d.decision
+    looks = st.get("looks") or []
+    rounds = (f" Evaluation ran in rounds of seeds ({', '.join(map(str, looks))} at most) and stopped for a task once "
+              "its primary decisions were reached (or more seeds could not reach them); each look spends part of "
+              "α (Pocock-type α-spending), so stopping early does not inflate the error." if len(looks) > 1 else "")
+    return (f"Each comparison ends in a decision at a margin of ±{st['margin']:g} points (the smallest difference "
+            f"that matters, set in the spec's decision.margin) with at most {100 * st['alpha']:g}% chance of a wrong "
+            "'better' per family: one arm better, equivalent within the margin (two one-sided tests), no worse "
+            "than the margin (non-inferiority), or undecided with the seeds it would take. Δ is first − second "
+            "(negative: the first arm is better); its 95% interval includes the seeds' noise, the pick's luck "
+            "(every race survivor was evaluated on the same seeds; their spread is the luck of picking one) and "
+            "the test split's sampling. Primary comparisons (the spec's decision.primary) form one Holm family "
+            "per task; the others a secondary one. A chosen value at the edge of its range makes a comparison "
+            "inconclusive." + rounds + (f" {note}" if note else ""))
 
 
 def answer_table(d: ReportData) -> Table:
-    rows = [[f"{r.task} · {r.optimizer}", f"{label(r.arm)} − {label(r.reference)}", r.outcome,
-             err_ci(d.metric(r.task), r.test_error_diff, r.test_error_low, r.test_error_high), num(r.p_holm, ".2g"),
-             str(r.n_pairs), r.caveats] for r in d.comparison.itertuples()]
+    rows = [[f"{r.task} · {r.optimizer}", f"{label(r.arm)} − {label(r.reference)}", r.family, r.decision,
+             err_ci(d.metric(r.task), r.test_error_diff, r.test_error_low, r.test_error_high),
+             (f"±{100 * r.margin:g} pt" if d.metric(r.task).is_rate else f"±{r.margin:g}"),
+             f"{r.n_pairs} of {r.seeds_max}", r.selection_included, r.caveats] for r in d.comparison.itertuples()]
     head = err_head(d.metrics(), "Δ test error, pts [95% CI]", "Δ test MSE [95% CI]")
-    return Table("answer", ["task · optimizer", "comparison", "outcome", head, "p (Holm)",
-                            "seeds", "caveats"], rows, [2.2, 2.1, 2.0, 2.4, 1.1, 0.9, 5.0],
-                 "Wilcoxon and sign-flip p-values, the effect size and the gap differences are in "
-                 "tables/comparison.csv.", ("caveats",))
+    return Table("answer", ["task · optimizer", "comparison", "family", "decision", head, "margin",
+                            "seeds", "pick's luck", "caveats"], rows, [2.0, 2.0, 1.1, 2.4, 2.3, 0.9, 0.9, 2.0, 3.6],
+                 "The p-values behind each decision, the variance parts, the interval of the one-pick paired "
+                 "t-test this replaces and the gap differences are in tables/comparison.csv.", ("caveats",))
 
 
 def design_lines(d: ReportData) -> list[str]:
@@ -173,10 +183,13 @@ def design_lines(d: ReportData) -> list[str]:
          f"{', '.join(map(str, c0['selection']['seeds']))} (validation split only); the lowest mean is the "
          "cell's pick." if c0.get("selection") else
          "Selection: each cell's best search trial is its pick (one validation run; no race)."),
-        f"Evaluation: each cell's chosen configuration retrained on seeds {', '.join(map(str, c0['eval_seeds']))} "
-        "(the same seeds for every arm: same initialization and data order) and measured once on the test "
+        f"Evaluation: each cell's chosen configuration (and, for the primary comparisons' arms, every race "
+        f"survivor) retrained on seeds from {c0['eval_seeds'][0]} "
+        + (f"in rounds of {', '.join(map(str, c0['eval_rounds']))} seeds, stopped once decided"
+           if c0.get("eval_rounds") else f"to {c0['eval_seeds'][-1]}")
+        + " (the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
-        "is test − train. Intervals are 95% Student-t." + (f" {d.regression_note()}" if d.regression_note() else ""),
+        "is test − train. Intervals are 95%." + (f" {d.regression_note()}" if d.regression_note() else ""),
         f"Compute: {compute} of training (search and evaluation runs, each where it really trained).",
     ]
 
@@ -186,7 +199,7 @@ def chosen_table(d: ReportData) -> Table:
     for r in d.summary.itertuples():
         warn = "; ".join(w for w in (f"η at the {r.lr_edge}" if r.lr_edge else "",
                                      f"λ at the {r.weight_decay_edge}" if r.weight_decay_edge else "") if w)
-        best = (f"{pct(r.best_val)} ± {100 * r.val_se:.2f}" if d.rate(r.task) and not missing(r.val_se)
+        best = (pct(r.best_val) if d.rate(r.task)
                 else num(r.best_val) if d.metric(r.task).is_rate else f"{num(r.best_val, '.4g')} MSE")
         picked = ("search" if r.picked_by == "search" else "—" if missing(r.race_rank) else
                   f"race: search #{int(r.race_rank)}{' (overturned)' if r.race_rank != 1 else ''}")
@@ -194,11 +207,11 @@ def chosen_table(d: ReportData) -> Table:
                      f"{num(r.lr)} ({r.lr_range})",
                      "—" if r.regularizer == "none" else f"{num(r.weight_decay)} ({r.weight_decay_range})",
                      num(r.shrink), "—" if missing(r.found_at) else f"{int(r.found_at)} of {r.searched}", picked])
-    return Table("chosen", ["task · optimizer", "arm", "edge of range", "validation (± s.e.)", "η (range)",
+    return Table("chosen", ["task · optimizer", "arm", "edge of range", "validation", "η (range)",
                             "λ (range)", "shrink η·λ", "found at trial", "picked by"], rows,
                  [2.2, 1.2, 1.6, 1.6, 2.0, 2.2, 1.1, 1.0, 1.7],
-                 "The configuration each cell's search chose, by its validation result (± the binomial standard "
-                 "error of an error rate on this many validation examples). A value within 5% of the log-range "
+                 "The configuration each cell's search chose, by its validation result (one run). A value within "
+                 "5% of the log-range "
                  "of an edge may have its optimum outside the range. Shrink: the per-step shrink the pair stands "
                  "for (λ for independent). Found at: its position in the search order — near the end, the "
                  "budget may not have sufficed. Picked by: the search's single run, or the race among its best "
@@ -221,14 +234,15 @@ def race_table(d: ReportData) -> Table:
                           "survivor", "pick"], rows, [2.2, 1.2, 0.9, 1.2, 1.2, 1.3, 2.0, 1.0, 1.0],
                  "The race: each cell's best search candidates re-run on new seeds (validation split only); the "
                  "lowest race mean is the pick. Survivors: candidates the race could not show worse than the pick "
-                 "(one-sided paired t-test over the race seeds, p ≥ 0.05) — which of them is evaluated is luck, "
-                 "so a comparison whose arms' survivors overlap is called indistinguishable.")
+                 "by more than half the margin (their gap less a one-sided 95% bound of the race's pooled noise, "
+                 "at least one validation example) — which of them became the pick is luck, so each is evaluated "
+                 "too and their spread enters the decision's interval.")
 
 
 def evaluation_table(d: ReportData) -> Table:
     rows = []
     for r in d.summary.itertuples():
-        seeds = len(d.cells[r.cell]["eval_seeds"])
+        seeds = d.arms[r.cell][1] if r.cell in d.arms else len(d.cells[r.cell]["eval_seeds"])
         bad = f"{r.diverged_seeds} diverged" if r.diverged_seeds else ""
         m = d.metric(r.task)
         rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer),

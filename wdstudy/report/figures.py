@@ -99,8 +99,8 @@ def fig_differences(d: ReportData) -> Figure | None:
                                 (axes[1], "gap_error", "Δ gap: test − train "
                                  + ("error (points)" if metric.is_rate else "MSE"))):
             for yi, r in zip(y, cb.itertuples()):
-                solid = r.outcome.endswith("wins")
-                hollow = r.outcome in ("inconclusive", "not tested", "indistinguishable")
+                solid = r.decision_code in ("A better", "B better") and not r.edges
+                hollow = r.decision_code == "undecided" or r.edges or r.n_pairs < 2
                 mean, lo, hi = getattr(r, f"{col}_diff"), getattr(r, f"{col}_low"), getattr(r, f"{col}_high")
                 if not math.isnan(lo):
                     ax.plot([sc * lo, sc * hi], [yi, yi], color=color(r.arm), lw=2 if solid else 1.2)
@@ -117,12 +117,13 @@ def fig_differences(d: ReportData) -> Figure | None:
         axes[1].set_yticks(y, [""] * len(y))
     _fit(fig)
     return Figure("differences", "answer", "Paired differences between arms", _with_note(d, (
-        "Mean over the evaluation seeds of (first arm − second arm), in points, with its 95% Student-t interval; "
+        "Mean over the evaluation seeds of (first arm − second arm), in points, with its 95% interval (seeds, "
+        "the pick's luck and the test split's sampling); "
         "the x axes are linear within ±2 points and logarithmic beyond, so wide intervals do not hide narrow ones; "
         "both arms ran the same seeds. Left: test error (< 0: the first arm is better); right: generalization "
-        "gap (< 0: the first arm generalizes with a smaller gap). Filled: the Holm-corrected paired t-test on "
-        "test error says one arm wins; hollow: inconclusive (a chosen value at the edge of its range), "
-        "indistinguishable (the race could not separate the arms' candidates) or not tested. The outcome of each row is in the table above.")),
+        "gap (< 0: the first arm generalizes with a smaller gap). Thick, filled: one arm is better; filled: "
+        "equivalent or no worse within the margin; hollow: undecided, inconclusive (a chosen value at the edge "
+        "of its range) or not tested. The decision of each row is in the table above.")),
         "Forest plot of the paired differences in test error and in generalization gap, with 95% intervals.", fig)
 
 

@@ -43,7 +43,7 @@ def meaning_table(diag: pd.DataFrame) -> pd.DataFrame:
             "equilibrium_ratio_max", "angular_imbalance", "l2_shrink_p10", "l2_shrink_p90", "mechanics_overhead"]
     if diag.empty or "phase" not in diag:
         return pd.DataFrame(columns=cols)
-    ev = diag[(diag.phase == "eval") & (diag.state == "COMPLETE")]
+    ev = diag[(diag.phase == "eval") & (diag.state == "COMPLETE") & diag.get("pick", True)]
     rows = []
     for cell, g in ev.groupby("cell", sort=False):
         runs = g.drop_duplicates("trial")
@@ -115,7 +115,7 @@ def transfer_lines(m: pd.DataFrame) -> list[str]:
 def layer_curves(diag: pd.DataFrame, cell: str) -> pd.DataFrame:
     """Per layer and checkpoint of a cell's evaluation runs: the mean over seeds of the epoch, weight
     norm, angular update and its prediction."""
-    g = diag[(diag.cell == cell) & (diag.phase == "eval") & (diag.state == "COMPLETE")]
+    g = diag[(diag.cell == cell) & (diag.phase == "eval") & (diag.state == "COMPLETE") & diag.get("pick", True)]
     if g.empty:
         return g
     num_cols = ["epoch", "weight_norm", "angular_update", "predicted_angular_update"]

@@ -47,6 +47,8 @@ class ReportData:
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)
     counts: pd.DataFrame = field(default_factory=pd.DataFrame)
     status_lines: list[str] = field(default_factory=list)
+    arms: dict = field(default_factory=dict)  # cell -> (ArmRuns, seeds opened): wdstudy.verdicts.study_arms
+    decision: dict = field(default_factory=dict)  # the decision settings (margin, alpha, primary, looks)
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the runs' mechanics (analysis.diagnostics_frame)
     meaning: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell's pick: report.meaning.meaning_table
 
@@ -104,9 +106,14 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     cells = {name: s.user_attrs[R.CELL] for name, (s, _) in studies.items()}
     first = next(iter(studies.values()))[0].user_attrs
     objective = next(iter(cells.values()))["objective"]
+    from ..verdicts import decision_settings, study_arms
+
+    arms = study_arms(storage, study)
     d = ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
-                   progress_frame(storage, study), _histories(storage, studies), survivors(race_frame(storage, study)),
-                   first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective)
+                   progress_frame(storage, study), _histories(storage, studies),
+                   survivors(race_frame(storage, study), arms),
+                   first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective,
+                   arms=arms, decision=decision_settings(storage, study))
     from ..analysis import diagnostics_frame
     from .meaning import meaning_table
 
@@ -115,24 +122,17 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     return d
 
 
-def survivors(sel: pd.DataFrame) -> pd.DataFrame:
-    """Mark each race candidate a ``survivor`` unless the race showed it worse than its cell's pick.
-
-    The candidates of a cell ran the same race seeds, so each is compared with the pick by the
-    paired difference of their race values: a candidate is out when the one-sided paired t-test
-    says it is worse at p < 0.05 (with 2 seeds that takes a large, consistent gap), or when it
-    diverged on a race seed. The survivors are the configurations the race could not tell from
-    the pick: which of them is evaluated is luck.
-    """
+def survivors(sel: pd.DataFrame, arms: dict | None = None) -> pd.DataFrame:
+    """Mark each race candidate a ``survivor`` if the race could not show it worse than its cell's
+    pick by more than half the margin (:func:`wdstudy.decide.race_survivors`, decided by the engine
+    when it queued their evaluation: every survivor is evaluated). Cells evaluated before survivors
+    existed count the pick alone."""
     if sel.empty:
         return sel.assign(survivor=pd.Series(dtype=bool))
-    out = {}
-    for _, g in sel.groupby("cell", sort=False):
-        pick = g[g.chosen]
-        lead = pick.race_values.iloc[0] if len(pick) else None
-        for r in g.itertuples():
-            out[r.Index] = _survives(r, lead)
-    return sel.assign(survivor=pd.Series(out, dtype=bool))
+    arms = arms or {}
+    evaluated = {cell: set(runs.evals) for cell, (runs, _) in arms.items()}
+    out = [bool(r.chosen) or (r.search_rank - 1) in evaluated.get(r.cell, set()) for r in sel.itertuples()]
+    return sel.assign(survivor=pd.Series(out, index=sel.index, dtype=bool))
 
 
 def _histories(storage, studies) -> pd.DataFrame:
@@ -228,21 +228,6 @@ def _summary(d: ReportData) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True)
 
 
-def _survives(r, lead) -> bool:
-    from scipy.stats import ttest_1samp
-
-    if r.chosen:
-        return True
-    if r.diverged or not r.race_n or lead is None or len(r.race_values) != len(lead):
-        return False
-    diff = np.asarray(r.race_values, float) - np.asarray(lead, float)
-    if len(diff) < 2:
-        return True  # one race seed cannot tell a candidate from the pick
-    if np.ptp(diff) == 0:
-        return bool(diff[0] <= 0)  # the same gap on every seed: worse whenever it is positive
-    return not ttest_1samp(diff, 0.0, alternative="greater").pvalue < ALPHA
-
-
 def _race_columns(d: ReportData, cell: str) -> dict:
     g = d.selection[d.selection.cell == cell] if len(d.selection) else d.selection
     if g.empty:
@@ -276,7 +261,7 @@ def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
 
 def seed_problems(d: ReportData, cell: str) -> str:
     """'diverged on 1 of 5 seeds', 'failed on ...', or '' — every seed the arm did not complete."""
-    seeds = d.cells[cell]["eval_seeds"]
+    seeds = d.cells[cell]["eval_seeds"][: d.arms[cell][1]] if cell in d.arms else d.cells[cell]["eval_seeds"]
     e = d.evals[d.evals.cell == cell] if not d.evals.empty else d.evals
     done = set(e[e.state == "COMPLETE"].seed.astype(int)) if len(e) else set()
     diverged = set(e[e.state == "PRUNED"].seed.astype(int)) if len(e) else set()
@@ -310,117 +295,125 @@ def _edge_note(r) -> str:
 
 
 def compare_arms(d: ReportData) -> pd.DataFrame:
-    """Every arm against its references on the same evaluation seeds, with verdicts.
+    """Every arm against its references, each ending in a decision (:mod:`wdstudy.decide`).
 
-    Paired differences (arm − reference) of test error and gap; the paired t-test's p-values
-    are Holm-corrected across all comparisons of the report.
+    Per task × optimizer, the spec's primary comparisons form one Holm family and every other
+    comparison a secondary one; the interval includes the seeds' noise, the pick's luck (the
+    spread among the race survivors, all evaluated on the same seeds) and the test split's
+    sampling (from the stored per-example outcomes). A chosen value at the edge of its range
+    makes a comparison inconclusive whatever the numbers say; fewer than 2 paired seeds, not tested.
     """
+    from ..decide import SETTLED, UNDECIDED, sentence
+    from ..verdicts import group_verdicts
+
     if d.summary.empty:
         return pd.DataFrame()
+    settings = d.decision
+    primary = [tuple(p) for p in settings["primary"]]
     rows = []
     by_key = {(r.task, r.optimizer, r.regularizer): r for r in d.summary.itertuples()}
     for task, opt in d.groups():
-        for arm, ref in PAIRS:
-            ra, rb = by_key.get((task, opt, arm)), by_key.get((task, opt, ref))
-            if ra is None or rb is None:
-                continue
-            ta, tb = _seed_values(d, ra.cell, "test_error"), _seed_values(d, rb.cell, "test_error")
+        metric = task_metric(task)
+        margin = settings["margin"] / 100 if metric.is_rate else settings["mse_margin"]
+        cells = {reg: by_key[(task, opt, reg)] for (t, o, reg) in by_key if (t, o) == (task, opt)}
+        from ..decide import ArmRuns
+
+        # an arm not evaluated yet has no runs: its comparisons are "not tested"
+        arms = {reg: d.arms[r.cell][0] if r.cell in d.arms else ArmRuns(0, {0: {}}) for reg, r in cells.items()}
+        n_open = max((d.arms[r.cell][1] for r in cells.values() if r.cell in d.arms), default=0)
+        looks = settings.get("looks") or [n_open or 1]
+        pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+        pairs += [p for p in primary if p not in pairs and p[0] in arms and p[1] in arms]
+        verdicts = {(v.arm, v.reference): v for v in group_verdicts(
+            arms, pairs, primary, margin=margin, alpha=settings["alpha"], looks=looks, n_open=n_open)}
+        for arm, ref in sorted(pairs, key=lambda p: p not in primary):
+            ra, rb = cells[arm], cells[ref]
+            v = verdicts[(arm, ref)]
+            ev, dec = v.evidence, v.decision
             ga, gb = _seed_values(d, ra.cell, "gap_error"), _seed_values(d, rb.cell, "gap_error")
-            common = sorted(set(ta) & set(tb))
-            te = paired([ta[s] for s in common], [tb[s] for s in common])
-            both = [s for s in common if s in ga and s in gb]
+            both = [s for s in ev.seeds if s in ga and s in gb]
             gp = paired([ga[s] for s in both], [gb[s] for s in both])
-            noise = (2 * math.sqrt(ra.val_se ** 2 + rb.val_se ** 2)
-                     if not (math.isnan(ra.val_se) or math.isnan(rb.val_se)) else math.nan)
+            aa, ab = arms[arm], arms[ref]
+            naive = paired([aa.evals[aa.pick][s] for s in ev.seeds], [ab.evals[ab.pick][s] for s in ev.seeds])
+            lo, hi = ev.interval(0.95)
+            k_a, k_b = len(aa.evals), len(ab.evals)
             rows.append({
-                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "metric": task_metric(task).key,
-                "n_pairs": te.n,
-                "test_error_diff": te.mean_diff, "test_error_low": te.low, "test_error_high": te.high,
-                "test_error_t": te.t, "test_error_p": te.p_t, "p_wilcoxon": te.p_wilcoxon,
-                "p_signflip": te.p_signflip, "effect_dz": te.effect_dz, "mde": te.mde,
+                "task": task, "optimizer": opt, "arm": arm, "reference": ref, "metric": metric.key,
+                "family": v.family, "margin": margin, "alpha": settings["alpha"], "level": dec.level,
+                "n_pairs": ev.n, "seeds_open": n_open, "seeds_max": looks[-1],
+                "test_error_diff": ev.diff, "test_error_low": lo, "test_error_high": hi, "df": ev.df,
+                "var_seeds": ev.var_seeds, "var_selection": ev.var_selection, "var_test": ev.var_test,
+                "p_difference": dec.p_adjusted["difference"], "p_equivalent": dec.p_adjusted["equivalent"],
+                "p_no_worse_arm": dec.p_adjusted["A no worse"], "p_no_worse_reference": dec.p_adjusted["B no worse"],
+                "decision_code": dec.code,
+                "seeds_needed": dec.seeds_needed,
+                "selection_included": (f"survivors evaluated: {label(arm)} {k_a}, {label(ref)} {k_b}"
+                                       if max(k_a, k_b) > 1 else
+                                       ("race left one survivor per arm" if aa.race else "no race")),
+                "test_sampling_included": ev.var_test > 0,
+                "naive_low": naive.low, "naive_high": naive.high, "p_naive": naive.p_t,
+                "p_wilcoxon": naive.p_wilcoxon if ev.n >= 6 else math.nan,  # below 6 pairs it cannot reach 0.05
+                "p_signflip": naive.p_signflip if ev.n >= 6 else math.nan,
                 "gap_error_diff": gp.mean_diff, "gap_error_low": gp.low, "gap_error_high": gp.high,
                 "gap_error_p": gp.p_t,
-                "val_diff": (ra.best_val - rb.best_val) if ra.best_val is not None and rb.best_val is not None
-                else math.nan,
-                "val_noise": noise,
                 "edges": "; ".join(x for x in (_edge_note(ra), _edge_note(rb)) if x),
                 "seed_problems": "; ".join(x for x in (seed_problems(d, ra.cell), seed_problems(d, rb.cell)) if x),
-                **_selection_overlap(d, ra, rb),
             })
     if not rows:
         return pd.DataFrame()
     out = pd.DataFrame(rows)
-    out["p_holm"] = holm(out.test_error_p.tolist())
     judged = [judge(r) for r in out.itertuples()]
-    out["outcome"] = [j[0] for j in judged]
+    out["decision"] = [j[0] for j in judged]
+    out["outcome"] = out["decision"]
     out["caveats"] = [j[1] for j in judged]
     out["verdict"] = [_sentence(r, *j) for r, j in zip(out.itertuples(), judged)]
     return out
 
 
-def _selection_overlap(d: ReportData, ra, rb) -> dict:
-    """Whether the race separated the two arms: do their survivors' race means overlap?"""
-    a, b = survivor_range(d, ra.cell), survivor_range(d, rb.cell)
-    if a is None or b is None:
-        return {"selection": "", "selection_note": ""}
-    overlap = max(a[0], b[0]) <= min(a[1], b[1])
-    fmt = (lambda x: f"{100 * x[0]:.2f}–{100 * x[1]:.2f}%") if d.rate(ra.task) else (  # noqa: E731
-        lambda x: f"{x[0]:.4g}–{x[1]:.4g}{'' if task_metric(ra.task).is_rate else ' MSE'}")
-    note = (f"survivors of the race: {label(ra.regularizer)} {int(ra.survivors)} of {int(ra.race_candidates)} "
-            f"({fmt(a)}), {label(rb.regularizer)} {int(rb.survivors)} of {int(rb.race_candidates)} ({fmt(b)})")
-    return {"selection": "overlap" if overlap else "separate", "selection_note": note}
+def margin_text(r) -> str:
+    return f"{100 * r.margin:g} pt" if task_metric(r.task).is_rate else f"{r.margin:g} MSE"
 
 
 def judge(r) -> tuple[str, str]:
-    """(outcome, caveats) of one comparison.
+    """(decision, caveats) of one comparison: the decision in words (with the arms' names), unless
+    a chosen value at the edge of its range makes it 'inconclusive: widen the range' or fewer than
+    2 paired seeds leave it 'not tested'; the caveats name the rest a reader must weigh."""
+    from ..decide import UNDECIDED, sentence
 
-    The outcome is one of 'A wins', 'no significant difference', 'indistinguishable' (the test
-    difference is significant, but the race left both arms with survivors whose validation
-    means overlap, so which configuration was evaluated decides the sign), 'inconclusive' (a
-    chosen value at the edge of its range: the optimum may lie outside) or 'not tested' (fewer
-    than 2 paired seeds). The caveats name everything a reader must weigh: edges, diverged or failed seeds,
-    picks within the validation noise, and the smallest difference the seeds could detect.
-    """
     a, b = label(r.arm), label(r.reference)
     caveats = []
-    if r.edges:
-        caveats.append(f"widen the range: {r.edges}")
     if r.seed_problems:
         caveats.append(r.seed_problems)
-    if not math.isnan(r.val_diff) and not math.isnan(r.val_noise) and abs(r.val_diff) < r.val_noise:
-        caveats.append(f"the chosen configurations are within the validation noise "
-                       f"(Δ {100 * r.val_diff:+.2f} pts, noise ±{100 * r.val_noise:.2f})")
     if r.edges:
-        outcome = "inconclusive"
-    elif r.n_pairs < 2:
-        outcome = "not tested"
-        caveats.append("fewer than 2 seeds completed by both")
-    elif r.p_holm < ALPHA and getattr(r, "selection", "") == "overlap":
-        outcome = "indistinguishable"
-        caveats.append(f"{a if r.test_error_diff < 0 else b} tests better, but the race could not separate the "
-                       f"arms' candidates ({r.selection_note}): which survivor is evaluated decides it")
-    elif r.p_holm < ALPHA:
-        outcome = f"{a if r.test_error_diff < 0 else b} wins"
-    else:
-        outcome = "no significant difference"
-        m = task_metric(r.task)
-        caveats.append(f"these {r.n_pairs} seeds detect about "
-                       + (f"{100 * r.mde:.2f} pts" if m.is_rate else f"{r.mde:.4f} MSE"))
-    if outcome != "indistinguishable" and getattr(r, "selection", "") == "overlap":
-        caveats.append(f"the race could not separate the arms' candidates ({r.selection_note}): another "
-                       "survivor might give another answer")
-    return outcome, "; ".join(caveats)
+        return "inconclusive: widen the range", "; ".join([r.edges, *caveats])
+    if r.n_pairs < 2:
+        return "not tested", "; ".join(["fewer than 2 seeds completed by both", *caveats])
+    decision = sentence(r.decision_code, a, b, margin_text(r))
+    if r.decision_code == UNDECIDED and r.var_seeds == 0 and r.var_selection == 0 and r.var_test == 0:
+        caveats.append("the paired differences have no spread at all: no test can say how sure that is")
+    elif r.decision_code == UNDECIDED:
+        need = r.seeds_needed
+        if need == math.inf or (isinstance(need, float) and math.isnan(need)):
+            caveats.append("no number of seeds would decide at this margin: the pick's luck alone is wider "
+                           "(race more seeds or candidates, or run replicates)" if need == math.inf else
+                           "too few seeds to size")
+        else:
+            caveats.append(f"about {int(need) - r.n_pairs} more seeds would decide at ±{margin_text(r)}")
+    if r.family == "secondary":
+        caveats.append("secondary comparison (its own Holm family)")
+    return decision, "; ".join(caveats)
 
 
 def _sentence(r, outcome: str, caveats: str) -> str:
-    """The verdict as one sentence, numbers included (comparison.csv, the launch printout)."""
+    """The decision as one sentence, numbers included (comparison.csv, the launch printout)."""
     m = task_metric(r.task)
     if m.is_rate:
         diff = (f"{label(r.arm)} − {label(r.reference)} = {100 * r.test_error_diff:+.2f} pts test error "
-                f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}), Holm p = {r.p_holm:.2g}")
+                f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}, pick's luck and test "
+                f"sampling included; {r.n_pairs} seeds)")
     else:
         diff = (f"{label(r.arm)} − {label(r.reference)} = {r.test_error_diff:+.4f} test MSE "
-                f"(95% CI {r.test_error_low:+.4f} to {r.test_error_high:+.4f}), Holm p = {r.p_holm:.2g}")
+                f"(95% CI {r.test_error_low:+.4f} to {r.test_error_high:+.4f}; {r.n_pairs} seeds)")
     diff = diff if r.n_pairs >= 2 else ""
     return outcome + "".join(f": {x}" if i == 0 else f"; {x}" for i, x in enumerate(y for y in (diff, caveats) if y))
 

@@ -130,7 +130,7 @@ class TaskConfig(BaseModel):
     @field_validator("options", "accumulate_grad_batches")
     @classmethod
     def _factory_only(cls, v: Any, info) -> Any:
-        if info.data.get("factory") is None and v not in ({}, 1):
+        if "factory" in info.data and info.data["factory"] is None and v not in ({}, 1):  # (a bad factory says so)
             raise ValueError("applies to factory tasks only (built-in tasks train with one optimizer step per batch)")
         return v
 
@@ -170,8 +170,10 @@ class TaskConfig(BaseModel):
         if v not in TASKS and model in MODELS and dataset in DATASETS:
             raise ValueError(misfit(model, dataset))
         if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}, "
-                             "or give a factory for your own (factory: mypkg.tasks:build)")
+            from ..config import did_you_mean
+
+            raise ValueError(f"unknown task {v!r}{did_you_mean(v, TASKS)} (built-in: {', '.join(TASKS)}; "
+                             "or give a factory for your own: factory: mypkg.tasks:build)")
         return v
 
     @property

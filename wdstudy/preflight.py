@@ -1,0 +1,156 @@
+"""Checks a launch makes before it starts any work: the data is there, the output folder and the
+storage can be written, the disk has room.
+
+Each problem is a :class:`~wdstudy.errors.WdstudyError` of one line naming the field, the path (or
+URL, its password hidden) and what is wrong, so ``launch`` exits 2 with nothing written, instead of
+starting workers whose every trial fails (a missing data folder) or dying in a traceback when it
+first writes (an output under a plain file, a read-only storage). No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import WdstudyError
+from .tasks.names import DATASETS
+
+#: Files a dataset read by torchvision needs under ``data_dir`` (torchvision's own on-disk layout).
+_IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DATA_FILES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(f"MNIST/raw/{f}" for f in _IDX),
+    "fashionmnist": tuple(f"FashionMNIST/raw/{f}" for f in _IDX),
+    "cifar10": tuple(f"cifar-10-batches-py/{f}" for f in
+                     ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")),
+}
+#: Datasets made here, from a fixed seed: no files, no network.
+EMBEDDED = tuple(d for d in DATASETS if d not in DATA_FILES)
+
+#: The free space a launch asks of the disk that holds its output (MB); WDSTUDY_MIN_FREE_MB overrides.
+MIN_FREE_MB = 200
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``postgresql://me:***@host/db``)."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def check_data(spec, where: str | None = None) -> None:
+    """Every built-in task whose dataset is read from files has a ``data_dir`` holding them.
+
+    A task with ``download: true`` only needs a folder it can create (torchvision fetches the
+    files then). A task named after a files dataset that has an embedded sibling with a similar
+    name (``mlp-mnist`` for ``mlp-mnist1d``) is told about it: that is the usual slip.
+    """
+    prefix = f"{where}: " if where else ""
+    for i, task in enumerate(spec.tasks):
+        if task.is_user or task.dataset not in DATA_FILES:
+            continue
+        field = f"tasks.{i}.data_dir"
+        hint = _embedded_hint(task.name)
+        if task.data_dir is None:
+            if task.download:
+                raise WdstudyError(f"{prefix}{field}=None: download=true needs a folder to put {task.dataset!r} in")
+            raise WdstudyError(f"{prefix}{field}=None: task {task.name!r} reads dataset {task.dataset!r} from files: "
+                               f"set data_dir to the folder holding them (or download: true){hint}")
+        root = Path(task.data_dir).expanduser()
+        if task.download:
+            writable(root, f"{prefix}{field}={task.data_dir!r}")
+            continue
+        missing = [f for f in DATA_FILES[task.dataset] if not (root / f).is_file()]
+        if missing:
+            what = "no such folder" if not root.is_dir() else \
+                f"{len(missing)} of the {len(DATA_FILES[task.dataset])} files of {task.dataset!r} missing, e.g. {missing[0]}"
+            raise WdstudyError(f"{prefix}{field}={task.data_dir!r}: {what} (or set download: true){hint}")
+
+
+def _embedded_hint(name: str) -> str:
+    model, _, dataset = name.partition("-")
+    close = difflib.get_close_matches(dataset, EMBEDDED, n=1, cutoff=0.7)
+    return f"; did you mean {model}-{close[0]} (generated here, no files needed)?" if close else ""
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder of ``path`` (itself included) that exists; raises if a plain file is in the way."""
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(str(p))
+    return p
+
+
+def writable(folder: Path, label: str) -> Path:
+    """Check that ``folder`` exists or can be created, and that files can be made in it; nothing is left behind.
+
+    Returns the nearest existing folder (where the free space is measured)."""
+    try:
+        base = _existing_ancestor(folder)
+    except NotADirectoryError as exc:
+        raise WdstudyError(f"{label}: {exc} is a file, not a folder") from None
+    try:  # a probe, removed at once: permission bits alone do not tell (root, read-only mounts, /proc)
+        probe = tempfile.mkdtemp(prefix=".wdstudy-probe-", dir=base)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise WdstudyError(f"{label}: cannot write in {base} ({exc.strerror or exc})") from None
+    return base
+
+
+def check_output(spec) -> None:
+    """The output folder can be created and written, and its disk has room."""
+    out = spec.output_dir()
+    label = f"output={str(out)!r}"
+    if out.exists() and not out.is_dir():
+        raise WdstudyError(f"{label}: is a file, not a folder")
+    base = writable(out, label)
+    need = int(os.environ.get("WDSTUDY_MIN_FREE_MB", MIN_FREE_MB))
+    free = shutil.disk_usage(base).free // 2**20
+    if free < need:
+        raise WdstudyError(f"{label}: only {free} MB free on the disk of {base}; a study needs at least {need} MB "
+                           "(set WDSTUDY_MIN_FREE_MB to change this)")
+
+
+def check_storage(url: str) -> None:
+    """The storage can be written: a journal file (or its folder) on this machine, or a database that answers."""
+    if "://" not in url:
+        path = Path(url)
+        label = f"storage={url!r}"
+        if path.is_dir():
+            raise WdstudyError(f"{label}: is a folder; give the journal file, e.g. {path / 'optuna.journal'}")
+        if path.exists():
+            try:  # opened for appending, nothing written
+                with open(path, "a"):
+                    pass
+            except OSError as exc:
+                raise WdstudyError(f"{label}: cannot be written ({exc.strerror or exc})") from None
+        else:
+            writable(path.parent, label)
+        return
+    if url.startswith("sqlite:///"):
+        check_storage(url[len("sqlite:///"):])
+        return
+    if not url.startswith(("postgresql://", "postgresql+")):
+        raise WdstudyError(f"storage={redact(url)!r}: use postgresql://USER@HOST/DB (many machines), "
+                           "sqlite:///PATH, or a journal file path (the default)")
+    if url.startswith("postgresql"):
+        try:
+            import psycopg
+        except ImportError:  # the storage itself will say what is missing
+            return
+        dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+        try:
+            psycopg.connect(dsn, connect_timeout=10).close()
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise WdstudyError(f"storage={redact(url)!r}: cannot connect ({redact(first)})") from None
+
+
+def check_launch(spec, url: str, where: str | None = None) -> None:
+    """Everything a launch (or a pool of workers) checks before it writes anything."""
+    check_data(spec, where)
+    check_output(spec)
+    check_storage(url)
