@@ -195,11 +195,11 @@ def test_figures_and_tables_written(real_report):
     spec, url, paths = real_report
     names = {p.stem for p in paths.figures}
     assert names == {"differences", "seeds", "slices", "landscapes", "coupling", "best_so_far", "tuning",
-                     "curves", "importance"}  # tuning curves: the tiny spec's search is random
+                     "curves", "importance", "angular", "norms"}  # tuning curves: the tiny spec's search is random
     for p in paths.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.stem for p in paths.tables} == {"summary", "comparison", "selection", "pruning", "coupling",
-                                              "importance", "trial_counts"}
+                                              "importance", "trial_counts", "meaning", "diagnostics"}
 
 
 # -- partial studies and hostile names -----------------------------------------------------------

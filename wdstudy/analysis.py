@@ -201,8 +201,41 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def diagnostics_frame(storage, study: str) -> pd.DataFrame:
+    """The runs' mechanics (:mod:`wdstudy.mechanics`), one row per run × regularized tensor × checkpoint:
+    ``cell, task, optimizer, regularizer, phase`` (search, race or eval), ``trial, pick`` (an evaluation
+    run of the cell's pick), ``seed, lr,
+    weight_decay``, the run's scalars (``tau_epoch``, ``run_epochs``, ...), then the checkpoint's
+    ``step, epoch, layer, weight_norm, angular_update, predicted_angular_update, neuron_spread,
+    effective_lr, ...`` (``tables/diagnostics.csv``; empty for runs made before it was recorded)."""
+    rows = []
+    summaries = {s.study_name: s for s in storage.get_all_studies()}
+    for name, (s, _) in cell_studies(storage, study).items():
+        cell = s.user_attrs[R.CELL]
+        for phase, key in (("search", name), ("race", f"{name}/race"), ("eval", f"{name}/eval")):
+            if key not in summaries:
+                continue
+            for t in storage.get_all_trials(summaries[key]._study_id, deepcopy=False):
+                table = t.user_attrs.get(R.MECHANICS)
+                if not table or not t.params:
+                    continue
+                pick = summaries[key].user_attrs.get(R.PICK) if phase == "eval" else None
+                head = {"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
+                        "regularizer": cell["regularizer"], "phase": phase, "trial": t.number,
+                        # an evaluation run of the race's pick (survivors are evaluated too)
+                        "pick": phase == "eval" and t.user_attrs.get(R.CANDIDATE, pick) == pick,
+                        "state": t.state.name, "seed": t.user_attrs.get(R.SEED, t.user_attrs.get("seed")),
+                        "lr": t.params.get("lr"), "weight_decay": R.decay_of(t.params),
+                        **{k: t.user_attrs.get(k) for k in R.MECHANICS_KEYS}}
+                columns = list(table)
+                for values in zip(*(table[c] for c in columns)):
+                    rows.append({**head, **dict(zip(columns, values))})
+    return pd.DataFrame(rows)
+
+
 def export(storage, study: str, out_dir: Path) -> list[Path]:
-    """Write trials and evaluations as CSV and Parquet into ``out_dir``; returns the paths."""
+    """Write trials and evaluations as CSV and Parquet into ``out_dir``, and the runs' mechanics as
+    ``diagnostics.csv`` (:func:`diagnostics_frame`); returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for stem, df in (("trials", trials_frame(storage, study)),
@@ -215,4 +248,5 @@ def export(storage, study: str, out_dir: Path) -> list[Path]:
         df.to_csv(out_dir / f"{stem}.csv", index=False)
         df.to_parquet(out_dir / f"{stem}.parquet", index=False)
         written += [out_dir / f"{stem}.csv", out_dir / f"{stem}.parquet"]
-    return written
+    diagnostics_frame(storage, study).to_csv(out_dir / "diagnostics.csv", index=False)
+    return written + [out_dir / "diagnostics.csv"]

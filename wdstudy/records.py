@@ -20,7 +20,8 @@ Per trial:
   proposal after a slot's retries ran out), :data:`OUTCOME`, :data:`REASON`,
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
-  it too), the metrics :data:`METRIC_KEYS` and :data:`HISTORY`;
+  it too), the metrics :data:`METRIC_KEYS` (with the run's mechanics scalars,
+  :data:`MECHANICS_KEYS`), :data:`HISTORY` and :data:`MECHANICS` (per layer and checkpoint);
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
@@ -59,11 +60,19 @@ CUDA_VISIBLE_DEVICES = "cuda_visible_devices"
 DEVICE = "device"
 HISTORY = "history"
 TEST_OUTCOMES = "test_outcomes"  # evaluation trial: per-example test outcomes (see encode_outcomes)
+#: per layer and checkpoint, column-wise ({column: [values]}): see wdstudy.mechanics.Mechanics.table
+MECHANICS = "mechanics"
+#: the run's mechanics scalars (wdstudy.mechanics.Mechanics.summary): timescale in steps and epochs,
+#: the run's length, integrated shrink, equilibrium ratio, across-layer imbalance, the callback's overhead
+MECHANICS_KEYS = (
+    "tau_iter", "tau_epoch", "steps_per_epoch", "run_epochs", "integrated_shrink", "equilibrium_ratio",
+    "equilibrium_ratio_min", "equilibrium_ratio_max", "angular_imbalance", "mechanics_overhead",
+)
 METRIC_KEYS = (
     "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
     "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
     "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", DEVICE, "precision", "seed",
-)
+) + MECHANICS_KEYS
 
 # -- trials: system attributes ---------------------------------------------------------------
 OWNER = "owner"

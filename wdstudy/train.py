@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .config import validate
 from .errors import WdstudyError, bad_value, check_number
+from .mechanics import Mechanics
 from .regularizers import make_regularizer
 from .spec import SCHEDULES, OptimizerConfig
 from .tasks import PRECISIONS, ShuffledBatches, TaskConfig, TaskData
@@ -485,11 +486,13 @@ class BroughtModule(Callback):
 
 @dataclass
 class RunResult:
-    """What one training run measured: final ``metrics`` and per-epoch ``history``."""
+    """What one training run measured: final ``metrics``, per-epoch ``history`` and its
+    ``mechanics`` (per layer and checkpoint, column-wise: :attr:`wdstudy.mechanics.Mechanics.table`)."""
 
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     test_outcomes: list[float] | None = None  # each test example's error, in the split's order
+    mechanics: dict[str, list] | None = None
 
 
 def quiet_lightning() -> None:
@@ -616,12 +619,14 @@ def _train_run(
     accelerator: str = "auto",
     data: TaskData | None = None,
     on_device=None,
+    mechanics: bool = True,
 ) -> RunResult:
     """Train ``task`` once and measure it; see the module docstring for the metrics.
 
     ``data`` may be passed to reuse splits already in memory (it must hold ``test``
     when ``with_test``). ``on_device(label)`` is called once training starts, with
-    the device it runs on. Raises :class:`DivergedError` if the training loss becomes
+    the device it runs on. ``mechanics`` records the run's timescale, per-layer norms and angular
+    updates (:mod:`wdstudy.mechanics`) into ``metrics`` and ``RunResult.mechanics``. Raises :class:`DivergedError` if the training loss becomes
     NaN or infinite, :class:`DeviceUnavailable` if ``accelerator`` asks for a GPU
     this process cannot use, and :class:`~wdstudy.errors.WdstudyError` for bad input.
     """
@@ -669,7 +674,8 @@ def _train_run(
         )
         watch, extra = None, {}
     final = FinalMeasurement(data, task.eval_batch_size, with_test, on_device, task.metric.key)
-    own = [reg, *(callbacks or []), final] + ([watch] if watch is not None else [])
+    mech = Mechanics(regularizer, weight_decay, decay_all) if mechanics else None
+    own = [reg, *(callbacks or []), final] + ([watch] if watch is not None else []) + ([mech] if mech else [])
     extra.update(gpu_numerics(task, accelerator))
     try:
         trainer = make_trainer(task.epochs, own, accelerator=accelerator, precision=task.precision, **extra)
@@ -706,8 +712,11 @@ def _train_run(
     m["device"] = final.device
     m["precision"] = task.precision
     m["seed"] = seed
+    if mech is not None:
+        m.update(mech.summary())
 
     by_epoch = {row["epoch"]: dict(row) for row in (watch.history if brought else module.history)}
     for row in reg.history:
         by_epoch.setdefault(row["epoch"], {"epoch": row["epoch"]}).update(row)
-    return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)], final.test_outcomes)
+    return RunResult(m, [by_epoch[e] for e in sorted(by_epoch)], final.test_outcomes,
+                     mech.table if mech is not None else None)

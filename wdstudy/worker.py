@@ -215,6 +215,8 @@ class Worker:
                 trial.set_user_attr(k, result.metrics[k])
         if history:
             trial.set_user_attr(R.HISTORY, result.history)
+        if getattr(result, "mechanics", None):
+            trial.set_user_attr(R.MECHANICS, result.mechanics)
         if getattr(result, "test_outcomes", None):
             from .tasks.names import task_metric
 

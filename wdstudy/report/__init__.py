@@ -25,7 +25,8 @@ from .tables import ReportData, compare_arms, compute_tables, load_report_data
 __all__ = ["SECTIONS", "ReportData", "ReportPaths", "build_report", "compare_arms", "compute_tables",
            "load_report_data"]
 
-TABLES = ("summary", "comparison", "selection", "pruning", "coupling", "importance", "counts")
+TABLES = ("summary", "comparison", "selection", "pruning", "coupling", "importance", "counts", "meaning",
+          "diagnostics")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .figures import Rendered
+from .meaning import meaning_blocks
 from .style import arm_rank, arms_in, err, err_ci, err_head, err_pm, label, missing, num, pct, pm
 from ..analysis import compute_hours
 from .tables import ReportData, range_text
@@ -28,10 +29,12 @@ SECTIONS = [
     ("search", "8. The search"),
     ("curves", "9. Learning curves"),
     ("importance", "10. Hyperparameter importance"),
-    ("appendix", "11. Appendix"),
+    ("meaning", "11. What the optimum means"),
+    ("appendix", "12. Appendix"),
 ]
 FIGURE_SECTION = {"answer": "answer", "gap": "seeds", "slices": "slices", "landscapes": "landscapes",
-                  "coupling": "coupling", "search": "search", "curves": "curves", "importance": "importance"}
+                  "coupling": "coupling", "search": "search", "curves": "curves", "importance": "importance",
+                  "meaning": "meaning"}
 
 
 @dataclass
@@ -98,6 +101,7 @@ def build_document(d: ReportData, figures: list[Rendered]) -> list[Section]:
                               str(r.waiting), f"{r.eval_done} of {r.eval_total}"] for r in d.counts.itertuples()],
                             [4, 1, 1, 1, 1, 1, 1, 1.4],
                             "Search trials by state (pruned includes runs that diverged) and evaluation runs done."))
+    sections["meaning"].blocks[:0] = meaning_blocks(d)  # its text and table before its figures
     add("appendix", Para(f"Storage: {d.storage_label}"),
         Table("versions", ["package", "version"], [[k, str(v)] for k, v in d.versions.items()], [2, 3]),
         Listing("Study spec as run", d.spec_yaml or "(not stored)"))
@@ -111,7 +115,7 @@ def build_document(d: ReportData, figures: list[Rendered]) -> list[Section]:
 EMPTY = {"seeds": "No evaluation runs yet.", "curves": "No evaluation runs yet.",
          "landscapes": "No completed trials yet.", "slices": "No completed trials yet.",
          "coupling": "Too few completed trials.", "importance": "Too few completed trials (fewer than 4 per cell).",
-         "cells": "No cell yet."}
+         "cells": "No cell yet.", "meaning": "No evaluation run with recorded mechanics yet."}
 
 
 def generated_line(d: ReportData) -> str:

@@ -584,8 +584,10 @@ def fig_importance(d: ReportData) -> Figure | None:
 
 #: every figure of the report, in reading order (a new figure is added here; :mod:`.document`
 #: places it by its ``section``)
+from .meaning import fig_angular, fig_norms  # noqa: E402  (the section "What the optimum means")
+
 FIGURES = (fig_differences, fig_seeds, fig_slices, fig_landscapes, fig_coupling, fig_best_so_far, fig_tuning,
-           fig_curves, fig_importance)
+           fig_curves, fig_angular, fig_norms, fig_importance)
 PNG_DPI = 150
 
 
@@ -643,7 +645,7 @@ def warm_up() -> None:
 
 #: drawing cost, heaviest first: the two processes start on the long ones
 COST = ("fig_tuning", "fig_landscapes", "fig_curves", "fig_slices", "fig_coupling", "fig_seeds", "fig_best_so_far",
-        "fig_differences")
+        "fig_angular", "fig_norms", "fig_differences")
 
 
 def render_all(d: ReportData) -> list[Rendered]:

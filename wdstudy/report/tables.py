@@ -49,6 +49,8 @@ class ReportData:
     status_lines: list[str] = field(default_factory=list)
     arms: dict = field(default_factory=dict)  # cell -> (ArmRuns, seeds opened): wdstudy.verdicts.study_arms
     decision: dict = field(default_factory=dict)  # the decision settings (margin, alpha, primary, looks)
+    diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the runs' mechanics (analysis.diagnostics_frame)
+    meaning: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell's pick: report.meaning.meaning_table
 
     def groups(self) -> list[tuple[str, str]]:
         """The (task, optimizer) pairs of the study, in table order."""
@@ -107,11 +109,17 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     from ..verdicts import decision_settings, study_arms
 
     arms = study_arms(storage, study)
-    return ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
-                      progress_frame(storage, study), _histories(storage, studies),
-                      survivors(race_frame(storage, study), arms),
-                      first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective,
-                      arms=arms, decision=decision_settings(storage, study))
+    d = ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
+                   progress_frame(storage, study), _histories(storage, studies),
+                   survivors(race_frame(storage, study), arms),
+                   first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective,
+                   arms=arms, decision=decision_settings(storage, study))
+    from ..analysis import diagnostics_frame
+    from .meaning import meaning_table
+
+    d.diagnostics = diagnostics_frame(storage, study)
+    d.meaning = meaning_table(d.diagnostics)
+    return d
 
 
 def survivors(sel: pd.DataFrame, arms: dict | None = None) -> pd.DataFrame:
