@@ -235,8 +235,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         return answer in ("y", "yes")
 
     print("stop every launch and worker of this study before repairing its journal")
-    repair(url, confirm)
-    return 0
+    return 1 if repair(url, confirm) < 0 else 0
 
 
 def _tasks_epilog() -> str:

@@ -226,7 +226,7 @@ def repair(path: str, confirm: Callable[[str], bool], say: Callable[[str], None]
     """Set the damaged pieces of the journal at ``path`` aside, keeping every complete record.
 
     ``confirm(question)`` is asked before anything changes. Returns the number of damaged
-    pieces set aside (0: nothing to repair, or not confirmed — see the printed lines).
+    pieces set aside: 0 when there was nothing to repair, -1 when not confirmed.
     """
     from .storage import StudyLock
 
@@ -241,7 +241,7 @@ def repair(path: str, confirm: Callable[[str], bool], say: Callable[[str], None]
     if not confirm(f"{path}: set {len(found.damaged)} damaged piece(s) aside and keep the "
                    f"{found.records} complete records?"):
         say("nothing changed")
-        return 0
+        return -1
     backend = JournalFileBackend(path)
     with StudyLock(path, ""), get_lock_file(backend._lock):
         with open(path, "rb+") as f:

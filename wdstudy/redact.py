@@ -18,7 +18,7 @@ of a URL written without one.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 MASK = "***"
 #: query parameters whose value is a secret (libpq's and common drivers' names)
@@ -38,18 +38,17 @@ def redact(url: str | None) -> str | None:
         return url
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            user, _, host = netloc.rpartition("@")
+        out = url
+        if "@" in parts.netloc:
+            user, _, host = parts.netloc.rpartition("@")
             if ":" in user:
-                user = f"{user.split(':', 1)[0]}:{MASK}"
-            netloc = f"{user}@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
+                out = out.replace(f"//{parts.netloc}", f"//{user.split(':', 1)[0]}:{MASK}@{host}", 1)
+        if parts.query:
+            pairs = parse_qsl(parts.query, keep_blank_values=True)
             if any(k.lower() in SECRET_KEYS for k, _ in pairs):
                 query = urlencode([(k, MASK if k.lower() in SECRET_KEYS else v) for k, v in pairs], safe="*/:")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+                out = out.replace(f"?{parts.query}", f"?{query}", 1)
+        return out
     except ValueError:  # not parseable as a URL: mask whatever looks like a password
         return _mask_patterns(url)
 
