@@ -423,3 +423,35 @@ def test_an_outage_longer_than_the_window_stops_cleanly_and_a_relaunch_completes
     finally:
         proxy.close()
         _drop(PG_URL, name)
+
+
+def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
+    """The server itself (a throwaway one from pgserver) restarted twice in the middle of a
+    2-worker study: exit 0, exact budgets, each trial recorded once."""
+    import pgserver
+    from pgserver._commands import pg_ctl
+
+    srv = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    url = srv.get_uri("postgres")
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 3},
+                      evaluation={"seeds": 2})
+    try:
+        launcher = start("launch", str(spec), "--workers", "2", "--quiet", env=_env(WDSTUDY_STORAGE=url))
+        storage = open_storage(url)
+        restarts = 0
+        for target in (2, 6):  # finished search trials before each restart
+            wait_for(lambda: launcher.poll() is not None or (lambda df: not df.empty and (df.state == "COMPLETE").sum()
+                                                             >= target)(trials_frame(storage, name)), 300, "trials")
+            if launcher.poll() is None:
+                pg_ctl(["-w", "-m", "fast", "restart"], pgdata=srv.pgdata, user=srv.system_user, timeout=60)
+                restarts += 1
+        out, err = launcher.communicate(timeout=900)
+        assert restarts == 2, "the study ended before both restarts; make it longer"
+        assert launcher.returncode == 0, err
+        assert "Traceback" not in err and "Traceback" not in _logs(tmp_path)
+        storage = open_storage(url)
+        assert_exact(storage, name, budget=8, seeds=2, cells=2)
+        _once_each(storage, name)
+    finally:
+        srv.cleanup()

@@ -116,17 +116,16 @@ def classify(exc: BaseException) -> str | None:
 
 
 def reason(exc: BaseException) -> str:
-    """The deepest one-line cause of ``exc``, secrets masked."""
-    last = exc
+    """The deepest one-line cause of ``exc`` that says something, secrets masked."""
+    best = None
     for e in _chain(exc):
-        last = e
-        if isinstance(e, OSError):
-            break
-    if isinstance(last, OSError) and last.strerror:
-        where = f"{last.filename}: " if last.filename else ""
-        return scrub(f"{where}{last.strerror}")
-    lines = str(last).strip().splitlines()
-    return scrub(lines[0] if lines else type(last).__name__)
+        if isinstance(e, OSError) and e.strerror:
+            where = f"{e.filename}: " if e.filename else ""
+            return scrub(f"{where}{e.strerror}")
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip() not in ("", "()")]
+        if lines:
+            best = lines[0]
+    return scrub(best or type(exc).__name__)
 
 
 def unwritable(exc: BaseException, what: str) -> StorageUnwritable:
