@@ -355,6 +355,39 @@ def _reservation(state: dict, data: bytes) -> bool:
     return b"UPDATE trials SET state" in data and b"RUNNING" in data
 
 
+def _tell_update(state: dict, data: bytes) -> bool:
+    """The UPDATE of a tell, before its COMMIT: the server rolls it back."""
+    return b"UPDATE trials SET state" in data and b"COMPLETE" in data
+
+
+@pytest.mark.parametrize("cut", [_tell_commit, _tell_update])
+def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
+    """Whether the commit reached the server (its answer lost) or not, the retried tell ends
+    with the trial COMPLETE once, with its value; plain Optuna raises."""
+    proxy = PgProxy()
+    name = f"tell-{uuid.uuid4().hex[:8]}"
+    try:
+        storage = open_storage(proxy.url())
+        study = optuna.create_study(study_name=name, storage=storage)
+        trial = study.ask()
+        proxy.arm(cut, 1.5)
+        frozen = study.tell(trial, 0.25)
+        assert proxy.armed == 0 and len(proxy.cuts) == 1
+        assert frozen.state == optuna.trial.TrialState.COMPLETE and frozen.value == 0.25
+        trials = optuna.load_study(study_name=name, storage=open_storage(PG_URL)).trials
+        assert [(t.state, t.value) for t in trials] == [(optuna.trial.TrialState.COMPLETE, 0.25)]
+        # the same cut under Optuna's own storage: the tell fails
+        raw = optuna.storages.RDBStorage(proxy.url())
+        plain = optuna.load_study(study_name=name, storage=raw)
+        second = plain.ask()
+        proxy.arm(cut, 1.5)
+        with pytest.raises(Exception):
+            plain.tell(second, 0.5)
+    finally:
+        proxy.close()
+        optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
+
+
 def _pg_spec(tmp_path, name):
     return write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 2},
                       evaluation={"seeds": 2})

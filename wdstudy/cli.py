@@ -146,6 +146,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except StorageFault as exc:  # a full disk, a long outage: the launcher stops the pool
         print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
         return STORAGE_FAULT
+    except OSError as exc:  # its log on a full disk: the same stop (the message may not get written)
+        from .outage import classify, unwritable
+
+        if classify(exc) != "unwritable":
+            raise
+        try:
+            print(f"wdstudy: {unwritable(exc, exc.filename or 'its log')}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        return STORAGE_FAULT
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     # Everything is stored (each record is written before the storage call returns) and the log
     # is flushed: skip the interpreter's teardown of torch and Lightning, seconds of CPU that would

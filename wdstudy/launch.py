@@ -297,6 +297,8 @@ def run_pool(
                 if rc == STORAGE_FAULT:  # its storage is full or gone: stop the pool, not a crash
                     s.finished = True
                     fault = _last_error(s.log)
+                    if fault.startswith("see "):  # its log could not be written either
+                        fault = f"worker {s.index} stopped: its storage or its log cannot be written ({fault})"
                     continue
                 # A worker died (killed, crashed): fail and re-queue its trial, start a replacement
                 _release(url, spec, cells, {s.proc.pid})

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from . import records as R
 from .cells import Cells, Unit
-from .outage import StorageFault, retry_block
+from .outage import StorageFault, classify, retry_block, unwritable
 from .redact import scrub
 from .signals import STOP, WorkerStopped
 from .spec import Cell, StudySpec
@@ -113,6 +113,8 @@ class Worker:
         except StorageFault:  # the storage is full or gone: its trial is re-queued by the next launch
             raise
         except Exception as exc:
+            if classify(exc) == "unwritable":  # a full disk under the run's own files: the same stop
+                raise unwritable(exc, "the run's files") from None
             if _device_unavailable(exc):  # it will not get better: fail this trial loudly, then stop
                 self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed: {one_line(exc)}")
                 with STOP.held():
