@@ -356,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .outage import StorageFault, classify, unwritable
     from .redact import scrub
 
+    def scrubbed_traceback(kind, value, tb):  # a bug keeps its traceback, without a password in it
+        import traceback
+
+        sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+    sys.excepthook = scrubbed_traceback
     try:
         return args.func(args)
     except StorageFault as exc:  # a full disk, a storage gone for too long: not the user's input
