@@ -475,7 +475,7 @@ def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
         restarts = 0
         for target in (2, 6):  # finished search trials before each restart
             wait_for(lambda: launcher.poll() is not None or (lambda df: not df.empty and (df.state == "COMPLETE").sum()
-                                                             >= target)(trials_frame(storage, name)), 300, "trials")
+                                                             >= target)(trials_frame(storage, name)), 900, "trials")
             if launcher.poll() is None:
                 pg_ctl(["-w", "-m", "fast", "restart"], pgdata=srv.pgdata, user=srv.system_user, timeout=60)
                 restarts += 1
