@@ -184,6 +184,12 @@ def no_retry():
         _local.depth = depth
 
 
+def holding(lock) -> None:
+    """While a study lock is held by this thread, every write first checks the lock is still
+    held (a PostgreSQL advisory lock ends with its session, e.g. in a server restart)."""
+    _local.lock = lock
+
+
 def wait_out(label: str, exc: BaseException, attempt: int, log: Callable[[str], None] = _stderr) -> None:
     """Sleep before the next attempt, or raise :class:`StorageOutage` past the window."""
     since = OUTAGE.down(label, exc, log)
@@ -228,6 +234,7 @@ def retry_block(block: Callable[[], Any], url: str, before_retry: Callable[[], N
 # -- the storage wrapper --------------------------------------------------------------------------
 
 _STATE_CHANGES = {"set_trial_state_values"}
+_WRITES = ("set_", "create_", "delete_")
 _CLASS = None
 
 
@@ -262,6 +269,9 @@ def _retrying_class():
             attempt = 0
             while True:
                 try:
+                    lock = getattr(_local, "lock", None)
+                    if lock is not None and name.startswith(_WRITES):
+                        lock.check()  # a lock lost in an outage protects nothing: rerun the block
                     result = fn(*args, **kwargs)
                 except Exception as exc:
                     import optuna

@@ -164,6 +164,9 @@ class StudyLock:
             except BaseException:  # the connection dropped while waiting: nothing is held
                 self._close()
                 raise
+            from .outage import holding
+
+            holding(self)
         else:
             target = self.url.split("///", 1)[1] if is_rdb(self.url) else self.url
             lock_path = f"{target}.wdstudy-lock"
@@ -171,10 +174,27 @@ class StudyLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.held = True
 
+    def check(self) -> None:
+        """Raise if the lock was lost (its PostgreSQL session ended: a restart, a dropped connection)."""
+        if self._conn is None:
+            return
+        import sqlalchemy
+
+        from .outage import StorageDisconnected
+
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as exc:
+            raise StorageDisconnected(f"the study lock was lost ({type(exc).__name__})") from exc
+
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
+        if self._conn is not None:
+            from .outage import holding
+
+            holding(None)
         if self._conn is not None:
             import sqlalchemy
 
