@@ -303,6 +303,7 @@ class Cells:
         self._studies: dict[str, optuna.Study] = {}
         self._searched: set[str] = set()
         self._done: set[str] = set()
+        self.taken: tuple[optuna.Study, int] | None = None
 
     # -- studies
     def study(self, name: str, create: bool = False) -> optuna.Study | None:
@@ -386,8 +387,10 @@ class Cells:
     def _take(self, cell: Cell, study: optuna.Study, kind: str) -> Unit:
         study.pruner = pruner(self.spec, cell) if kind == "search" else optuna.pruners.NopPruner()
         trial = study.ask(distributions(self.spec, cell))
+        self.taken = (study, trial._trial_id)  # RUNNING, not yet tagged: failed if the tagging is cut off
         study._storage.set_trial_system_attr(trial._trial_id, R.OWNER, owner_tag())
         study._storage.set_trial_system_attr(trial._trial_id, R.LEASE, time.time())
+        self.taken = None
         return Unit(kind, cell, study, trial)
 
     # -- search: generations

@@ -110,10 +110,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
 
+    from .outage import STORAGE_FAULT, StorageFault
+
     # the plan first: a bad option is refused before anything is written
     slots = None if args.single else plan_slots(args.devices, args.workers, args.threads, args.per_device)
-    # creates the cells if this worker is first; a worker started by launch needs no factory check
-    spec, url = prepare(args.spec, args.storage, check_factories=not args.single)
+    # creates the cells if this worker is first; a worker started by launch needs no factory check.
+    # One worker waits for a storage that is down (within WDSTUDY_STORAGE_OUTAGE): an outage is no crash
+    try:
+        spec, url = prepare(args.spec, args.storage, check_factories=not args.single, wait=args.single)
+    except StorageFault as exc:
+        print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        return STORAGE_FAULT
     if not args.single:
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
@@ -143,6 +150,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"wdstudy: worker {os.getpid()}: device error, exiting so a fresh process takes over: {exc}",
               file=sys.stderr)
         return 4
+    except StorageFault as exc:  # a full disk, a long outage: the launcher stops the pool
+        print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        return STORAGE_FAULT
+    except OSError as exc:  # its log on a full disk: the same stop (the message may not get written)
+        from .outage import classify, unwritable
+
+        if classify(exc) != "unwritable":
+            raise
+        try:
+            print(f"wdstudy: {unwritable(exc, exc.filename or 'its log')}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        return STORAGE_FAULT
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     # Everything is stored (each record is written before the storage call returns) and the log
     # is flushed: skip the interpreter's teardown of torch and Lightning, seconds of CPU that would
@@ -201,8 +221,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
-    from .launch import format_progress, resolve_url
-    from .preflight import redact
+    from .launch import format_progress, resolve_url, storage_label
     from .spec import load_spec
     from .storage import is_rdb, open_storage
 
@@ -212,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"study {spec.name}: not started (no storage at {url})")
         return 0
     df = progress_frame(open_storage(url), spec.name)
-    print(f"study {spec.name} · storage {redact(url)}")
+    print(f"study {spec.name} · storage {storage_label(url)}")
     print(format_progress(df) if not df.empty else "no cells yet")
     return 0
 
@@ -253,6 +272,36 @@ def _check_port(host: str, port: int) -> None:
         except OSError as exc:
             raise WdstudyError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror}); "
                                f"choose another port, e.g. --port {port + 1}") from None
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .journal import repair
+    from .launch import resolve_url
+    from .spec import load_spec
+    from .storage import is_rdb
+
+    target = args.target
+    if target.endswith((".yaml", ".yml")):
+        url = resolve_url(load_spec(target), args.storage)
+    else:
+        url = args.storage or target
+    if is_rdb(url):
+        from .redact import redact
+
+        raise WdstudyError(f"storage={redact(url)!r}: a database keeps its own records whole; "
+                           "repair applies to journal files")
+    if not Path(url).is_file():
+        raise WdstudyError(f"storage={url!r}: no such journal file")
+
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        print(f"{question} [y/N] ", end="", flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        return answer in ("y", "yes")
+
+    print("stop every launch and worker of this study before repairing its journal")
+    return 1 if repair(url, confirm) < 0 else 0
 
 
 def _tasks_epilog() -> str:
@@ -382,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer epochs, λ values and seeds (for tests)")
     p.set_defaults(func=cmd_claims)
 
+    p = sub.add_parser("repair", help="set a journal's damaged records aside, keeping every complete one")
+    p.add_argument("target", help="study spec (its journal) or a journal file, e.g. reports/NAME/optuna.journal")
+    p.add_argument("--storage", help="the journal file, when the spec's is not the one")
+    p.add_argument("--yes", action="store_true", help="do not ask for a confirmation")
+    p.set_defaults(func=cmd_repair)
+
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
     spec_and_storage(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -393,14 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .outage import StorageFault, classify, unwritable
+    from .redact import scrub
+
+    def scrubbed_traceback(kind, value, tb):  # a bug keeps its traceback, without a password in it
+        import traceback
+
+        sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+    sys.excepthook = scrubbed_traceback
     try:
         return args.func(args)
+    except StorageFault as exc:  # a full disk, a storage gone for too long: not the user's input
+        print(f"wdstudy: error: {scrub(str(exc))}", file=sys.stderr)
+        return 1
     except WdstudyError as exc:
-        from .preflight import redact
-
-        for line in str(exc).splitlines():  # a storage URL's password never reaches the terminal
-            print(f"wdstudy: error: {redact(line)}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"wdstudy: error: {scrub(line)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if classify(exc) != "unwritable":
+            raise
+        print(f"wdstudy: error: {unwritable(exc, exc.filename or 'the output')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("wdstudy: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,6 @@ key or name gets the closest valid one ("did you mean epochs?").
 from __future__ import annotations
 
 import difflib
-import types
 import typing
 from typing import Any, TypeVar
 

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import WdstudyError
-from .preflight import redact
 from .spec import StudySpec, load_spec
+from .outage import STORAGE_FAULT, StorageFault, retry_block, unwritable
+from .redact import redact, scrub
 from .storage import StudyLock, default_url, is_rdb
 from .tasks.names import task_metric
 
@@ -56,7 +57,14 @@ def shown(path) -> str:
 
 
 def resolve_url(spec: StudySpec, storage: str | None) -> str:
-    return storage or spec.storage or default_url(spec.output_dir())
+    """``--storage``, else ``WDSTUDY_STORAGE`` (a URL kept off the command line), else the spec's
+    ``storage``, else ``OUTPUT/optuna.journal``."""
+    return storage or os.environ.get("WDSTUDY_STORAGE") or spec.storage or default_url(spec.output_dir())
+
+
+def storage_label(url: str) -> str:
+    """The storage as printed: a URL with its password hidden, or a journal path as typed."""
+    return redact(url) if is_rdb(url) else shown(url)
 
 
 def visible_gpus() -> list[str]:
@@ -174,8 +182,9 @@ def _start(slot: Slot, spec_path: str, url: str, log_dir: Path) -> None:
     slot.progress = log_dir / f"worker-{slot.index}.units"
     slot.units_at_start = slot.units()
     env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "WDSTUDY_PARENT_PID": str(os.getpid()),
-           "WDSTUDY_PROGRESS_FILE": str(slot.progress)}
-    cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, "--storage", url, "--single"]
+           "WDSTUDY_PROGRESS_FILE": str(slot.progress), "WDSTUDY_STORAGE": url}
+    # the URL goes through the environment: a command line is visible to every user of the machine
+    cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, "--single"]
     with open(slot.log, "a") as f:
         slot.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -280,6 +289,7 @@ def run_pool(
 
     storage = open_storage(url)
     cells = Cells(spec, storage)
+    fault: str | None = None  # why the storage stopped the pool (a full disk, a long outage)
 
     # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does; SIGINT too, even when
     # this process was started with it ignored (a background job of a non-interactive shell)
@@ -309,9 +319,14 @@ def run_pool(
                 if rc == 0:
                     s.finished = True
                     continue
+                if rc == STORAGE_FAULT:  # its storage is full or gone: stop the pool, not a crash
+                    s.finished = True
+                    fault = _last_error(s.log)
+                    if fault.startswith("see "):  # its log could not be written either
+                        fault = f"worker {s.index} stopped: its storage or its log cannot be written ({fault})"
+                    continue
                 # A worker died (killed, crashed): fail and re-queue its trial, start a replacement
-                with StudyLock(url, spec.name):
-                    cells.release_dead(dead_pids={s.proc.pid})
+                _release(url, spec, cells, {s.proc.pid})
                 if rc == DEVICE_UNUSABLE:  # it will not get better by restarting
                     s.finished = True
                     print(f"wdstudy: worker {s.index} cannot use its device "
@@ -337,6 +352,8 @@ def run_pool(
                 warming = threading.Thread(target=warm, name="warm", daemon=True)
                 warming.start()
                 warm = None
+            if fault is not None:
+                break
             df = progress_frame(storage, spec.name)
             # every unit recorded: go on while the workers exit by themselves (a second, with torch)
             complete = _remaining_units(df) == 0
@@ -362,11 +379,13 @@ def run_pool(
         if live is not None:
             live.stop()
         if interrupted or not (complete or all(s.finished for s in pool)):
-            _stop_all(pool, cells, StudyLock(url, spec.name))
+            _stop_all(pool, cells, url, spec)
     signal.signal(signal.SIGTERM, previous)
     signal.signal(signal.SIGINT, previous_int)
     if interrupted:
         raise KeyboardInterrupt
+    if fault is not None:
+        raise StorageFault(f"{fault} (the workers were stopped; no trial is lost)")
     if warming is not None:
         # the report forks its drawing processes: no thread may hold a lock (an import's, a font
         # cache's) at that moment, or a child inherits it locked and waits forever
@@ -388,11 +407,31 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _stop_all(pool: list[Slot], cells: Cells, lock: StudyLock, timeout: float = 60.0) -> None:
-    """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers."""
+def _release(url: str, spec: StudySpec, cells: Cells, dead_pids: set[int]) -> None:
+    """Fail and re-queue the trials of dead workers, under the study lock, through an outage."""
+    def block():
+        with StudyLock(url, spec.name):
+            cells.release_dead(dead_pids=dead_pids)
+
+    retry_block(block, url)
+
+
+def _stop_all(pool: list[Slot], cells: Cells, url: str, spec: StudySpec, timeout: float = 60.0) -> None:
+    """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers.
+
+    If the storage cannot take the re-queuing now (full, unreachable), the trials stay
+    RUNNING under dead owners: the next launch re-queues them before it starts."""
     _terminate(pool, timeout)
-    with lock:
-        cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
+    try:
+        with StudyLock(url, spec.name):
+            cells.release_dead(dead_pids={s.proc.pid for s in pool if s.proc is not None})
+    except StorageFault:
+        pass
+    except Exception as exc:
+        from .outage import classify
+
+        if classify(exc) is None:
+            raise
 
 
 def _terminate(pool: list[Slot], timeout: float = 60.0) -> None:
@@ -413,7 +452,8 @@ def _terminate(pool: list[Slot], timeout: float = 60.0) -> None:
             s.proc.wait()
 
 
-def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -> tuple[StudySpec, str]:
+def prepare(spec_path: str, storage: str | None, check_factories: bool = True,
+            wait: bool = False) -> tuple[StudySpec, str]:
     """Load the spec, check its factory tasks, open the storage, create the cell studies
     (nothing else is written).
 
@@ -424,7 +464,7 @@ def prepare(spec_path: str, storage: str | None, check_factories: bool = True) -
     workers ``launch`` starts skip it (``check_factories=False``): it checked for them.
     """
     spec, url = checked_spec(spec_path, storage, check_factories)
-    create_cells(spec, url, spec_path)
+    create_cells(spec, url, spec_path, wait=wait)
     return spec, url
 
 
@@ -443,15 +483,23 @@ def checked_spec(spec_path: str, storage: str | None, check_factories: bool = Tr
     return spec, url
 
 
-def create_cells(spec: StudySpec, url: str, spec_path: str) -> None:
-    """Create the cell studies or check them against the spec; re-queue trials of dead workers."""
+def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) -> None:
+    """Create the cell studies or check them against the spec; re-queue trials of dead workers.
+
+    ``wait``: a storage that cannot be reached is waited for (within the outage window)
+    rather than an error at once (a worker; ``launch`` tells a wrong URL at once)."""
     from .cells import Cells, ensure_studies
     from .storage import open_storage
 
-    store = open_storage(url)
-    with StudyLock(url, spec.name):
-        ensure_studies(spec, store, Path(spec_path).read_text())
-        Cells(spec, store).release_dead()
+    store = retry_block(lambda: open_storage(url), url) if wait else open_storage(url)
+    text = scrub(Path(spec_path).read_text())  # stored with the study and shown in its report: no password
+
+    def block():
+        with StudyLock(url, spec.name):
+            ensure_studies(spec, store, text)
+            Cells(spec, store).release_dead()
+
+    retry_block(block, url)
 
 
 def format_plan(slots: list[dict[str, str]]) -> str:
@@ -470,7 +518,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(format_plan(slots))
         return 0
     spec, url = checked_spec(spec_path, storage)
-    where = redact(url) if is_rdb(url) else shown(url)  # never a password on the terminal
+    where = storage_label(url)
     if not quiet:
         packed = f" ({per_device} per GPU)" if per_device else ""
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
@@ -487,7 +535,10 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
 
     store = open_storage(url)
     out = spec.output_dir()
-    paths = export(store, spec.name, out)
+    try:
+        paths = export(store, spec.name, out)
+    except OSError as exc:
+        raise unwritable(exc, shown(out)) from None
     print(summary_text(store, spec.name))
     print(f"exported {', '.join(shown(p) for p in paths)}")
     write_report(spec_path, storage, quiet=quiet)
@@ -563,9 +614,15 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     url = resolve_url(spec, storage)
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
-    label = redact(url) if is_rdb(url) else shown(url)  # the report names its storage, never a password
     start = time.monotonic()
-    paths = build_report(open_storage(url), spec.name, spec.output_dir(), label)
+    try:
+        paths = build_report(open_storage(url), spec.name, spec.output_dir(), storage_label(url))
+    except OSError as exc:
+        from .outage import classify
+
+        if classify(exc) != "unwritable":
+            raise
+        raise unwritable(exc, shown(spec.output_dir())) from None
     print(f"report: {shown(paths.html)} and {shown(paths.pdf)} "
           f"({time.monotonic() - start:.1f} s)")
     return 0

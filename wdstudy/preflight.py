@@ -34,9 +34,7 @@ EMBEDDED = tuple(d for d in DATASETS if d not in DATA_FILES)
 MIN_FREE_MB = 200
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (``postgresql://me:***@host/db``)."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+from .redact import redact  # noqa: E402,F401  (one redaction for the package: wdstudy.redact)
 
 
 def check_data(spec, where: str | None = None) -> None:

@@ -55,7 +55,7 @@ def _is_spec(target: str) -> bool:
     return target.endswith((".yaml", ".yml")) and Path(target).is_file()
 
 
-def load_results(spec_or_storage: str | Path, study: str | None = None) -> Results:
+def load_results(spec_or_storage: str | Path | None = None, study: str | None = None) -> Results:
     """Load a study's trials, evaluations and comparison as pandas DataFrames.
 
     ``spec_or_storage`` is a study spec (``studies/NAME.yaml``: its storage and name are
@@ -77,13 +77,21 @@ def load_results(spec_or_storage: str | Path, study: str | None = None) -> Resul
         'my-study'
 
     Raises :class:`~wdstudy.errors.WdstudyError` (one line naming the argument) when the
-    spec, the storage or the study does not exist.
+    spec, the storage or the study does not exist. Left out, ``spec_or_storage`` is the
+    ``WDSTUDY_STORAGE`` environment variable (a URL whose password stays out of the code).
     """
     from .analysis import evaluations_frame, trials_frame
     from .launch import resolve_url, shown
+    from .redact import redact
     from .spec import load_spec
     from .storage import is_rdb, open_storage
 
+    if spec_or_storage is None:  # the storage kept off the command line and out of the code
+        import os
+
+        spec_or_storage = os.environ.get("WDSTUDY_STORAGE")
+        if not spec_or_storage:
+            raise WdstudyError("spec_or_storage=None: give a spec or a storage, or set WDSTUDY_STORAGE")
     target = str(spec_or_storage)
     if _is_spec(target):
         spec = load_spec(target)
@@ -99,9 +107,9 @@ def load_results(spec_or_storage: str | Path, study: str | None = None) -> Resul
                            + (f" ({url})" if url != target else ""))
     storage = open_storage(url)
     if study is None:
-        study = _only_study(storage, target)
+        study = _only_study(storage, redact(target))
 
-    from .preflight import redact
+    from .redact import redact
     from .report.tables import compute_tables, load_report_data
 
     label = redact(url) if is_rdb(url) else shown(url)

@@ -240,6 +240,6 @@ def finish(spec_path: str, storage: str | None) -> int:
     print(f"exported {', '.join(shown(p) for p in paths)}")
     write_report(spec_path, storage)
     if _remaining(spec, url):
-        print(f"wdstudy: the study is unfinished; submit it again to resume", file=sys.stderr)
+        print("wdstudy: the study is unfinished; submit it again to resume", file=sys.stderr)
         return 1
     return 0

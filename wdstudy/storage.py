@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from . import records as R
 from .errors import WdstudyError
+from .redact import redact, remember
 
 if TYPE_CHECKING:  # optuna is imported where it is used: launch computes a URL before it
     import optuna
@@ -61,14 +62,23 @@ RDB_SCHEMES = ("postgresql", "sqlite")
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open the storage at ``url``: an RDB URL, or a path to a journal file."""
+    """Open the storage at ``url``: an RDB URL, or a path to a journal file.
+
+    Every call on it rides out a short outage (:class:`~wdstudy.outage.RetryingStorage`);
+    a journal's torn tail is healed before each append (:mod:`wdstudy.journal`). Errors name
+    the storage with its password hidden.
+    """
     import optuna
 
+    from .outage import StorageUnreachable, classify, reason, retrying
+
+    remember(url)
+    shown = redact(url)
     if is_rdb(url):
         scheme = url.split("://", 1)[0].split("+", 1)[0]
         if scheme not in RDB_SCHEMES or url.startswith("sqlite://") and not url.startswith("sqlite:///"):
             raise WdstudyError(
-                f"storage={url!r}: use postgresql://USER@HOST/DB (many machines), sqlite:///PATH, "
+                f"storage={shown!r}: use postgresql://USER@HOST/DB (many machines), sqlite:///PATH, "
                 "or a journal file path (the default)"
             )
         try:
@@ -76,10 +86,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 rdb = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
                 # Optuna's trial cache: later reads fetch only new and unfinished trials
-                return optuna.storages.get_storage(rdb)
+                return retrying(optuna.storages.get_storage(rdb), url)
         except Exception as exc:  # bad URL, server down, missing driver
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WdstudyError(f"storage={url!r}: cannot open ({first})") from None
+            kind = classify(exc)
+            error = StorageUnreachable if kind == "transient" else WdstudyError
+            raise error(f"storage={shown!r}: cannot open ({reason(exc)})") from None
     path = Path(url)
     if path.is_dir():
         raise WdstudyError(f"storage={url!r}: is a folder; give the journal file, e.g. {path / 'optuna.journal'}")
@@ -87,9 +98,21 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WdstudyError(f"storage={url!r}: cannot create its folder ({exc.strerror})") from None
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(path)))
+    from .journal import JournalBackend, damage_error, heal_on_open
+    from .outage import unwritable
+
+    try:
+        if path.is_file():
+            heal_on_open(str(path))
+        return retrying(JournalStorage(JournalBackend(str(path))), url)
+    except ValueError as exc:  # JSONDecodeError, "Invalid log format": a damaged record mid-file
+        raise damage_error(str(path), exc) from None
+    except OSError as exc:
+        if classify(exc) == "unwritable":
+            raise unwritable(exc, str(path)) from None
+        raise WdstudyError(f"storage={url!r}: cannot open ({exc.strerror or exc})") from None
 
 
 _SCHEMA_LOCK_KEY = 0x7764_7374_7564_79  # "wdstudy"
@@ -136,7 +159,14 @@ class StudyLock:
             if self._engine is None:
                 self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
             self._conn = self._engine.connect()
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            try:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            except BaseException:  # the connection dropped while waiting: nothing is held
+                self._close()
+                raise
+            from .outage import holding
+
+            holding(self)
         else:
             target = self.url.split("///", 1)[1] if is_rdb(self.url) else self.url
             lock_path = f"{target}.wdstudy-lock"
@@ -144,22 +174,47 @@ class StudyLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.held = True
 
+    def check(self) -> None:
+        """Raise if the lock was lost (its PostgreSQL session ended: a restart, a dropped connection)."""
+        if self._conn is None:
+            return
+        import sqlalchemy
+
+        from .outage import StorageDisconnected
+
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as exc:
+            raise StorageDisconnected(f"the study lock was lost ({type(exc).__name__})") from exc
+
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
         if self._conn is not None:
+            from .outage import holding
+
+            holding(None)
+        if self._conn is not None:
             import sqlalchemy
 
             try:
                 self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            except Exception:  # a lost connection: its session, and the lock with it, ended on the server
+                pass
             finally:
-                self._conn.close()
-                self._conn = None
+                self._close()
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def _close(self) -> None:
+        try:
+            self._conn.close()
+        except Exception:
+            pass
+        self._conn = None
 
     def __enter__(self) -> StudyLock:
         self.acquire()
@@ -200,6 +255,10 @@ def stale_reason(trial: optuna.trial.FrozenTrial, now: float | None = None, dead
     lease = trial.system_attrs.get(R.LEASE)
     if lease is None and trial.datetime_start is not None:
         lease = trial.datetime_start.timestamp()
+    from .outage import OUTAGE
+
+    if lease is not None and OUTAGE.recovered_at > float(lease):
+        lease = OUTAGE.recovered_at  # no one could renew a lease while the storage was down
     if lease is not None and now - float(lease) > GRACE_PERIOD:
         who = f" of {owner}" if owner else ""
         return f"lease{who} expired ({now - float(lease):.0f} s since its last renewal)"

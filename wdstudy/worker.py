@@ -30,6 +30,8 @@ from optuna.trial import TrialState
 
 from . import records as R
 from .cells import Cells, Unit
+from .outage import StorageFault, classify, retry_block, unwritable
+from .redact import scrub
 from .signals import STOP, WorkerStopped
 from .spec import Cell, StudySpec
 from .storage import Lease, StudyLock, open_storage, owner_tag
@@ -64,7 +66,8 @@ class Worker:
         if train is not None:
             self._train = train  # type: ignore[method-assign]
         self.cells = Cells(spec, self.storage)
-        self.log = log or (lambda msg: print(msg, flush=True))
+        out = log or (lambda msg: print(msg, flush=True))
+        self.log = lambda msg: out(scrub(msg))  # a traceback may quote a connection string
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
         self._data: dict[tuple, object] = {}
@@ -76,12 +79,11 @@ class Worker:
         while max_units is None or ran < max_units:
             unit = None
             try:
-                with STOP.held(), self.lock:
-                    unit, finished = self.cells.reserve()
+                with STOP.held():
+                    unit, finished = retry_block(self._reserve, self.url, log=self.log)
             except WorkerStopped as exc:  # stopped while reserving: the unit it got is failed and re-queued
-                if unit is not None:
-                    with self.lock:  # no second signal can interrupt this: the first one ignored the rest
-                        self.cells.fail(unit.study, unit.trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
+                if unit is not None:  # no second signal can interrupt this: the first one ignored the rest
+                    self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
                 raise
             if unit is None:
                 if finished:
@@ -95,6 +97,24 @@ class Worker:
                     f.write(f"{unit.kind} {unit.study.study_name} {unit.trial.number}\n")
         return ran
 
+    def _reserve(self) -> tuple[Unit | None, bool]:
+        """One reservation under the study lock (run again from the start after a lost connection)."""
+        with self.lock:
+            if self.cells.taken is not None:  # a trial this worker got as its connection dropped
+                study, trial_id = self.cells.taken
+                self.cells.fail(study, trial_id, f"worker {owner_tag()}: the storage connection was lost while "
+                                "reserving it", R.LOST)
+                self.cells.taken = None
+            return self.cells.reserve()
+
+    def _fail(self, unit: Unit, reason: str, kind: str) -> None:
+        """Fail and re-queue the unit's trial under the study lock, through an outage."""
+        def block():
+            with self.lock:
+                self.cells.fail(unit.study, unit.trial._trial_id, reason, kind)
+
+        retry_block(block, self.url, log=self.log)
+
     def execute(self, unit: Unit) -> None:
         """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
         trial = unit.trial
@@ -102,27 +122,31 @@ class Worker:
             with self._lease(self.storage, trial._trial_id):
                 value = {"search": self._search, "race": self._race, "eval": self._evaluate}[unit.kind](unit)
         except WorkerStopped as exc:
-            with STOP.held(), self.lock:
-                self.cells.fail(unit.study, trial._trial_id, f"worker {owner_tag()} {exc}", R.LOST)
+            with STOP.held():
+                self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
+            raise
+        except StorageFault:  # the storage is full or gone: its trial is re-queued by the next launch
             raise
         except Exception as exc:
+            if classify(exc) == "unwritable":  # a full disk under the run's own files: the same stop
+                raise unwritable(exc, "the run's files") from None
             if _device_unavailable(exc):  # it will not get better: fail this trial loudly, then stop
                 self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed: {one_line(exc)}")
-                with STOP.held(), self.lock:
-                    self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
+                with STOP.held():
+                    self._fail(unit, scrub(one_line(exc)), R.ERROR)
                 raise
             if _device_fault(exc):  # the CUDA context is poisoned: fail as lost, a fresh process goes on
                 self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} lost to a device "
                          f"error: {one_line(exc)}")
-                with STOP.held(), self.lock:
-                    self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.LOST)
+                with STOP.held():
+                    self._fail(unit, scrub(one_line(exc)), R.LOST)
                 from .train import DeviceFault
 
                 raise DeviceFault(one_line(exc)) from exc
             # a bug in a model, CUDA out of memory, ...: fail this trial, go on
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} failed:\n{traceback.format_exc()}")
-            with STOP.held(), self.lock:
-                self.cells.fail(unit.study, trial._trial_id, one_line(exc), R.ERROR)
+            with STOP.held():
+                self._fail(unit, scrub(one_line(exc)), R.ERROR)
             return
         with STOP.held():
             if value is None:

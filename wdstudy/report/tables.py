@@ -16,7 +16,7 @@ import pandas as pd
 
 from .. import records as R
 from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
-from ..stats import binomial_se, coupling, holm, mean_ci, paired
+from ..stats import binomial_se, coupling, mean_ci, paired
 from ..tasks.names import Metric, task_metric
 from .style import arm_rank, label, shrink
 
@@ -177,8 +177,8 @@ def compute_tables(d: ReportData, importance: bool = True) -> None:
     d.coupling = _coupling(d)
     if importance:
         fill_importance(d)
-    d.counts = (d.progress[["cell", "budget", "complete", "pruned", "fail", "running", "waiting", "eval_done",
-                            "eval_total"]] if not d.progress.empty else pd.DataFrame())
+    counts = ["cell", "budget", "complete", "pruned", "fail", "running", "waiting", "eval_done", "eval_total"]
+    d.counts = d.progress[counts] if not d.progress.empty else pd.DataFrame(columns=counts)
     d.status_lines = _status(d)
 
 
@@ -303,7 +303,6 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
     sampling (from the stored per-example outcomes). A chosen value at the edge of its range
     makes a comparison inconclusive whatever the numbers say; fewer than 2 paired seeds, not tested.
     """
-    from ..decide import SETTLED, UNDECIDED, sentence
     from ..verdicts import group_verdicts
 
     if d.summary.empty:
@@ -421,6 +420,10 @@ def _sentence(r, outcome: str, caveats: str) -> str:
 # -- search audits ---------------------------------------------------------------------------
 
 
+PRUNING_COLUMNS = ["cell", "pruned", "complete", "pruned_position", "complete_position", "pruned_high_share",
+                   "p_mannwhitney", "warning"]  # an empty table keeps its header: pandas reads it
+
+
 def pruning_audit(d: ReportData) -> pd.DataFrame:
     """Where in its λ range the pruner stopped trials, against where completed trials lie.
 
@@ -431,7 +434,7 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
     """
     rows = []
     if d.trials.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=PRUNING_COLUMNS)
     from scipy.stats import mannwhitneyu
 
     for name, cell in d.cells.items():
@@ -455,7 +458,7 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
                      "warning": (f"pruning fell mostly on {side} λ ({len(pp)} pruned, mean position "
                                  f"{pp.mean():.2f} vs {pc.mean():.2f} for completed trials): it may have "
                                  "steered the search away from that side") if warn else ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PRUNING_COLUMNS)
 
 
 def top_trials(d: ReportData, cell: str) -> pd.DataFrame:
@@ -523,7 +526,7 @@ def _importances(d: ReportData) -> pd.DataFrame:
             continue
         rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
                      "regularizer": cell["regularizer"], **_importance(t)})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=["cell", "task", "optimizer", "regularizer", "lr", "weight_decay"])
     return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
 
 

@@ -1,0 +1,490 @@
+"""Faults of the storage: a password kept secret, a torn or damaged journal, a full disk, a
+database outage. Real launches, real files and a real PostgreSQL server (through a TCP proxy
+the test cuts); nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import sqlalchemy
+
+from wdstudy.analysis import evaluations_frame, trials_frame
+from wdstudy.redact import redact
+from wdstudy.storage import open_storage
+
+from .pgproxy import PgProxy
+from .test_study import PG_URL, assert_exact, cli, journal, wait_for, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "WDSTUDY_STORAGE"}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wdstudy", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or _env(), **kw)
+
+
+def start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wdstudy", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or _env())
+
+
+def _drop(url: str, name: str) -> None:
+    storage = open_storage(url)
+    for s in storage.get_all_studies():
+        if s.study_name.startswith(f"{name}/"):
+            optuna.delete_study(study_name=s.study_name, storage=storage)
+
+
+def _once_each(storage, study: str) -> None:
+    """Every search slot and evaluation seed recorded exactly once (no double counting)."""
+    df = trials_frame(storage, study)
+    done = df[df.state.isin(["COMPLETE", "PRUNED"])]
+    assert not done.duplicated(["cell", "generation", "slot"]).any(), done
+    ev = evaluations_frame(storage, study)
+    ok = ev[ev.state == "COMPLETE"]
+    assert not ok.duplicated(["cell", "seed"]).any(), ok
+
+
+# -- secrets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://alice:s3cret@db.example.org:5432/study",
+    "postgresql+psycopg://alice:p%40ss%3Aw0rd@10.0.0.1/study?sslmode=require",
+    "postgresql://alice@db/study",
+    "sqlite:////tmp/x.db",
+])
+def test_redact_hides_the_password_as_sqlalchemy_does(url):
+    ref = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    assert redact(url) == ref
+    assert sqlalchemy.engine.make_url(redact(url)).password in (None, "***")
+
+
+def test_redact_hides_a_password_given_as_a_query_parameter():
+    shown = redact("postgresql://alice@db/study?password=hunter22&sslmode=require")
+    assert "hunter22" not in shown and "password=***" in shown and "sslmode=require" in shown
+
+
+def _pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    reader = PdfReader(str(path))
+    meta = " ".join(str(v) for v in (reader.metadata or {}).values())
+    return meta + "\n".join(page.extract_text() or "" for page in reader.pages)
+
+
+def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
+    """A study on a password-protected PostgreSQL role: launch, status, report, errors, logs,
+    every file of the output (the PDF's text included), and the workers' command lines."""
+    role, password = f"wd_{uuid.uuid4().hex[:8]}", f"Pw{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"))
+    url = f"postgresql://{role}:{password}@127.0.0.1:5432/test"
+    name = f"pw-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, name=name, search={"trials": 2}, evaluation={"seeds": 2})
+    outputs = []
+    cmdlines: list[str] = []
+    try:
+        launcher = start("launch", str(spec), "--storage", url, "--workers", "2")
+        stop = threading.Event()
+
+        def watch():  # the command lines of every process below the launcher
+            while not stop.wait(0.2):
+                for entry in Path("/proc").iterdir():
+                    if entry.name.isdigit():
+                        try:
+                            cmdlines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                        except OSError:
+                            pass
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        out, err = launcher.communicate(timeout=600)
+        stop.set()
+        watcher.join()
+        assert launcher.returncode == 0, err
+        outputs += [out, err]
+        assert f"storage postgresql://{role}:***@127.0.0.1:5432/test" in out
+        workers = [c for c in cmdlines if "wdstudy worker" in c]
+        assert workers, "no worker command line was seen"
+        assert not any(password in c for c in workers)
+        # the other commands, the password kept off the command line with WDSTUDY_STORAGE
+        env = _env(WDSTUDY_STORAGE=url)
+        for args in (("status", str(spec)), ("report", str(spec))):
+            r = run(*args, env=env)
+            assert r.returncode == 0, r.stderr
+            outputs += [r.stdout, r.stderr]
+        assert "***" in outputs[-4]  # status names the storage, password hidden
+        bad = run("status", str(spec), "--storage", f"postgresql://{role}:{password}@127.0.0.1:1/nodb")
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert f"postgresql://{role}:***@127.0.0.1:1/nodb" in bad.stderr
+        outputs += [bad.stdout, bad.stderr]
+        from wdstudy.results import load_results
+
+        os.environ["WDSTUDY_STORAGE"] = url
+        try:
+            results = load_results(study=name)
+        finally:
+            del os.environ["WDSTUDY_STORAGE"]
+        assert password not in results.storage and len(results.trials) == 4
+        texts = [t for t in outputs]
+        files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+        assert any(p.suffix == ".pdf" for p in files) and any(p.name == "report.html" for p in files)
+        for p in files:
+            texts.append(p.read_bytes().decode("latin-1"))
+            if p.suffix == ".pdf":
+                texts.append(_pdf_text(p))
+        leaks = [t[:200] for t in texts if password in t]
+        assert not leaks, leaks
+        assert any(role in t for t in texts)  # the outputs do name the storage, with its user
+    finally:
+        _drop(PG_URL, name)
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
+
+
+# -- the journal: torn tails, damaged records, two launches --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished study, run by two launches of one spec started a few seconds apart (a user who
+    started it twice): both end well, with exact budgets."""
+    tmp_path = tmp_path_factory.mktemp("twice")
+    spec = write_spec(tmp_path, search={"trials": 4, "batch": 2})
+    first = start("launch", str(spec), "--workers", "1", "--quiet")
+    time.sleep(4)
+    second = start("launch", str(spec), "--workers", "1", "--quiet")
+    results = [p.communicate(timeout=600) for p in (first, second)]
+    for p, (out, err) in zip((first, second), results):
+        assert p.returncode == 0, err
+    return tmp_path, spec
+
+
+def test_two_launches_of_one_study_cooperate(finished):
+    tmp_path, _ = finished
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=4, seeds=2, cells=2)
+    _once_each(storage, "tiny")
+
+
+def test_every_table_of_a_study_without_pruning_failures_or_race_reads_with_pandas(finished):
+    tmp_path, _ = finished
+    out = tmp_path / "out"
+    csvs, parquets = sorted(out.rglob("*.csv")), sorted(out.rglob("*.parquet"))
+    assert {"pruning.csv", "importance.csv", "selection.csv", "trials.csv"} <= {p.name for p in csvs}
+    for p in csvs:
+        df = pd.read_csv(p)
+        assert len(df.columns) > 0, p
+    for p in parquets:
+        pd.read_parquet(p)
+    assert pd.read_csv(out / "tables" / "pruning.csv").empty  # nothing was pruned: a header only
+    assert "cell" in pd.read_csv(out / "tables" / "pruning.csv").columns
+
+
+def _copy_study(finished, tmp_path) -> tuple[Path, Path]:
+    src, _ = finished
+    spec = write_spec(tmp_path, search={"trials": 4, "batch": 2})
+    (tmp_path / "out").mkdir()
+    shutil.copy(src / "out" / "optuna.journal", tmp_path / "out" / "optuna.journal")
+    return spec, tmp_path / "out" / "optuna.journal"
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def test_a_torn_last_record_of_a_finished_study_is_set_aside(finished, tmp_path):
+    spec, path = _copy_study(finished, tmp_path)
+    whole = path.read_bytes()
+    before = trials_frame(open_storage(str(path)), "tiny")
+    torn = _lines(path)[-1][:37]
+    with open(path, "ab") as f:
+        f.write(torn)
+    r = run("status", str(spec))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "incomplete" in r.stderr
+    assert path.read_bytes() == whole  # truncated to the last complete record
+    (aside,) = path.parent.glob("optuna.journal.torn-*")
+    assert aside.read_bytes() == torn
+    r = run("report", str(spec))
+    assert r.returncode == 0, r.stderr
+    pd.testing.assert_frame_equal(trials_frame(open_storage(str(path)), "tiny"), before)
+
+
+def test_a_torn_write_in_a_half_finished_study_does_not_stop_its_relaunch(tmp_path):
+    """The torn write is followed by more appends (a relaunch): the study completes with exact
+    budgets and every trial recorded before the tear is intact."""
+    from wdstudy.cells import ensure_studies
+    from wdstudy.spec import load_spec
+    from wdstudy.worker import Worker
+
+    spec_path = write_spec(tmp_path, search={"trials": 4, "batch": 2}, evaluation={"seeds": 1})
+    spec = load_spec(spec_path)
+    url = str((tmp_path / "out" / "optuna.journal").resolve())
+    ensure_studies(spec, open_storage(url))
+    Worker(spec, url, poll=0.05, log=lambda m: None).run(max_units=3)
+    before = trials_frame(open_storage(url), "tiny")
+    before = before[before.state == "COMPLETE"].set_index(["cell", "trial"])
+    assert len(before) == 3
+    path = Path(url)
+    with open(path, "ab") as f:  # half of a record, as a full disk or a crash leaves it
+        f.write(_lines(path)[-1][: len(_lines(path)[-1]) // 2])
+    r = run("launch", str(spec_path), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "incomplete" in r.stderr
+    storage = journal(tmp_path)
+    assert_exact(storage, "tiny", budget=4, seeds=1, cells=2)
+    after = trials_frame(storage, "tiny").set_index(["cell", "trial"])
+    pd.testing.assert_frame_equal(after.loc[before.index, ["value", "lr", "weight_decay", "state"]],
+                                  before[["value", "lr", "weight_decay", "state"]])
+    assert len(list(path.parent.glob("optuna.journal.torn-*"))) == 1
+
+
+def test_a_damaged_middle_record_is_one_line_and_repair_recovers_the_rest(finished, tmp_path):
+    spec, path = _copy_study(finished, tmp_path)
+    lines = _lines(path)
+    reference = trials_frame(open_storage(str(path)), "tiny")
+    # a torn write followed by the next writer's record on the same line (what an older version left)
+    k = len(lines) // 2
+    damaged = lines[:k] + [lines[k][:25] + lines[k + 1]] + lines[k + 2:]
+    lines_kept = lines[:k] + lines[k + 1:]
+    path.write_bytes(b"\n".join(damaged) + b"\n")
+    offset = sum(len(x) + 1 for x in lines[:k])
+    r = run("status", str(spec))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and f"byte {offset}" in r.stderr and "wdstudy repair" in r.stderr
+    r = run("repair", str(spec), input="n\n")
+    assert r.returncode == 1 and path.read_bytes() == b"\n".join(damaged) + b"\n"  # declined: nothing changed
+    r = run("repair", str(spec), "--yes")
+    assert r.returncode == 0, r.stderr
+    assert path.read_bytes() == b"\n".join(lines_kept) + b"\n"  # every complete record, the torn bytes aside
+    (aside,) = path.parent.glob("optuna.journal.torn-*")
+    assert aside.read_bytes() == lines[k][:25]
+    # here the record the torn one was cut from (line k) was lost with it: the study reads again
+    # with that one change, and a relaunch completes it with exact budgets
+    r = run("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert_exact(journal(tmp_path), "tiny", budget=4, seeds=2, cells=2)
+    assert len(reference) >= 8
+
+
+def test_a_corrupt_record_in_the_middle_is_set_aside_alone(finished, tmp_path):
+    """A record that does not decode (bytes overwritten): repair keeps every other record."""
+    spec, path = _copy_study(finished, tmp_path)
+    lines = _lines(path)
+    # an attribute write (a lease renewal or a user attribute), whose loss changes no trial's existence
+    k = next(i for i in range(len(lines) // 2, len(lines)) if b'"op_code":8' in lines[i] or b'"op_code":9' in lines[i])
+    damaged = lines[:k] + [b"\x00" * 10 + lines[k][10:]] + lines[k + 1:]
+    path.write_bytes(b"\n".join(damaged) + b"\n")
+    r = run("status", str(spec))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "is damaged" in r.stderr
+    r = run("repair", str(spec), "--yes")
+    assert r.returncode == 0, r.stderr
+    assert path.read_bytes() == b"\n".join(lines[:k] + lines[k + 1:]) + b"\n"
+    r = run("status", str(spec))
+    assert r.returncode == 0 and "4/4" in r.stdout, r.stdout + r.stderr
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, f"a tmpfs is needed (as root, as in CI): {r.stderr}"
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_path, small_disk):
+    spec = write_spec(tmp_path, search={"trials": 12, "batch": 4}, task_defaults={"epochs": 1},
+                      evaluation={"seeds": 2}, output=str(small_disk / "out"))
+    r = run("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("wdstudy: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(small_disk) in errors[0], r.stderr
+    url = str((small_disk / "out" / "optuna.journal"))
+    done = trials_frame(open_storage(url), "tiny")
+    assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    r = run("launch", str(spec), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    storage = open_storage(url)
+    assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
+    _once_each(storage, "tiny")
+    kept = trials_frame(storage, "tiny").set_index(["cell", "trial"])
+    first = done[done.state == "COMPLETE"].set_index(["cell", "trial"])
+    assert (kept.loc[first.index, "value"] == first.value).all()  # nothing stored before the stop was lost
+
+
+# -- a database outage -------------------------------------------------------------------------------
+
+
+def _tell_commit(state: dict, data: bytes) -> bool:
+    """The COMMIT of a finished trial's tell: it reaches the server, its answer does not."""
+    if b"UPDATE trials SET state" in data and b"COMPLETE" in data:
+        state["tell"] = True
+        return False
+    return bool(state.get("tell")) and b"COMMIT" in data
+
+
+def _reservation(state: dict, data: bytes) -> bool:
+    """A worker inside a reservation: taking a waiting trial (RUNNING), mid-transaction."""
+    return b"UPDATE trials SET state" in data and b"RUNNING" in data
+
+
+def _tell_update(state: dict, data: bytes) -> bool:
+    """The UPDATE of a tell, before its COMMIT: the server rolls it back."""
+    return b"UPDATE trials SET state" in data and b"COMPLETE" in data
+
+
+@pytest.mark.parametrize("cut", [_tell_commit, _tell_update])
+def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
+    """Whether the commit reached the server (its answer lost) or not, the retried tell ends
+    with the trial COMPLETE once, with its value; plain Optuna raises."""
+    proxy = PgProxy()
+    name = f"tell-{uuid.uuid4().hex[:8]}"
+    try:
+        storage = open_storage(proxy.url())
+        study = optuna.create_study(study_name=name, storage=storage)
+        trial = study.ask()
+        proxy.arm(cut, 1.5)
+        frozen = study.tell(trial, 0.25)
+        assert proxy.armed == 0 and len(proxy.cuts) == 1
+        assert frozen.state == optuna.trial.TrialState.COMPLETE and frozen.value == 0.25
+        trials = optuna.load_study(study_name=name, storage=open_storage(PG_URL)).trials
+        assert [(t.state, t.value) for t in trials] == [(optuna.trial.TrialState.COMPLETE, 0.25)]
+        # the same cut under Optuna's own storage: the tell fails
+        raw = optuna.storages.RDBStorage(proxy.url())
+        plain = optuna.load_study(study_name=name, storage=raw)
+        second = plain.ask()
+        proxy.arm(cut, 1.5)
+        with pytest.raises(Exception):
+            plain.tell(second, 0.5)
+    finally:
+        proxy.close()
+        optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
+
+
+def _pg_spec(tmp_path, name):
+    return write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 2},
+                      evaluation={"seeds": 2})
+
+
+def _logs(tmp_path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (tmp_path / "out" / "logs").glob("*.log"))
+
+
+def test_a_database_outage_is_a_pause(tmp_path):
+    """Every connection dropped twice during a 2-worker launch, a few seconds each: once inside
+    a reservation, once as a worker records a finished trial (its commit reaches the server,
+    the answer does not). The launch ends well, each trial recorded once."""
+    proxy = PgProxy()
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    spec = _pg_spec(tmp_path, name)
+    env = _env(WDSTUDY_STORAGE=proxy.url(), WDSTUDY_STORAGE_OUTAGE="120", WDSTUDY_GRACE_PERIOD="8",
+               WDSTUDY_LEASE_INTERVAL="1")
+    try:
+        launcher = start("launch", str(spec), "--workers", "2", "--quiet", env=env)
+        time.sleep(8)  # the workers are at work
+        proxy.arm(_reservation, 3.0)
+        wait_for(lambda: proxy.armed == 0 or launcher.poll() is not None, 300, "a reservation")
+        time.sleep(2)
+        proxy.arm(_tell_commit, 3.0)
+        out, err = launcher.communicate(timeout=900)
+        assert proxy.armed == 0 and len(proxy.cuts) == 2, "the study ended before both cuts; make it longer"
+        assert launcher.returncode == 0, err
+        assert "Traceback" not in err and "Traceback" not in _logs(tmp_path), err
+        logs = _logs(tmp_path)
+        assert "unreachable" in logs and "reachable again" in logs
+        storage = open_storage(PG_URL)
+        assert_exact(storage, name, budget=8, seeds=2, cells=2)
+        _once_each(storage, name)
+    finally:
+        proxy.close()
+        _drop(PG_URL, name)
+
+
+def test_an_outage_longer_than_the_window_stops_cleanly_and_a_relaunch_completes(tmp_path):
+    proxy = PgProxy()
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    spec = _pg_spec(tmp_path, name)
+    env = _env(WDSTUDY_STORAGE=proxy.url(password="Secr3tPw"), WDSTUDY_STORAGE_OUTAGE="4",
+               WDSTUDY_LEASE_INTERVAL="1")
+    try:
+        launcher = start("launch", str(spec), "--workers", "2", "--quiet", env=env)
+        storage = open_storage(PG_URL)
+        wait_for(lambda: (lambda df: not df.empty and (df.state == "COMPLETE").any())(trials_frame(storage, name)),
+                 300, "a finished trial")
+        cut_at = time.monotonic()
+        proxy.cut(600)
+        out, err = launcher.communicate(timeout=300)
+        took = time.monotonic() - cut_at
+        assert launcher.returncode == 1, out + err
+        assert "Traceback" not in err and "Secr3tPw" not in err + out + _logs(tmp_path), err
+        errors = [ln for ln in err.splitlines() if ln.startswith("wdstudy: error:")]
+        assert len(errors) == 1, err
+        assert re.search(r"storage postgresql://postgres:\*\*\*@127\.0\.0\.1:\d+/test unreachable for \d+ s", errors[0])
+        assert took < 120, took
+        proxy.down_until = 0  # the database is back
+        r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
+        assert r.returncode == 0, r.stderr
+        assert_exact(storage, name, budget=8, seeds=2, cells=2)
+        _once_each(storage, name)
+    finally:
+        proxy.close()
+        _drop(PG_URL, name)
+
+
+def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
+    """The server itself (a throwaway one from pgserver) restarted twice in the middle of a
+    2-worker study: exit 0, exact budgets, each trial recorded once."""
+    import pgserver
+    from pgserver._commands import pg_ctl
+
+    srv = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    url = srv.get_uri("postgres")
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 3},
+                      evaluation={"seeds": 2})
+    try:
+        launcher = start("launch", str(spec), "--workers", "2", "--quiet", env=_env(WDSTUDY_STORAGE=url))
+        storage = open_storage(url)
+        restarts = 0
+        for target in (2, 6):  # finished search trials before each restart
+            wait_for(lambda: launcher.poll() is not None or (lambda df: not df.empty and (df.state == "COMPLETE").sum()
+                                                             >= target)(trials_frame(storage, name)), 900, "trials")
+            if launcher.poll() is None:
+                pg_ctl(["-w", "-m", "fast", "restart"], pgdata=srv.pgdata, user=srv.system_user, timeout=60)
+                restarts += 1
+        out, err = launcher.communicate(timeout=900)
+        assert restarts == 2, "the study ended before both restarts; make it longer"
+        assert launcher.returncode == 0, err
+        assert "Traceback" not in err and "Traceback" not in _logs(tmp_path)
+        storage = open_storage(url)
+        assert_exact(storage, name, budget=8, seeds=2, cells=2)
+        _once_each(storage, name)
+    finally:
+        srv.cleanup()
