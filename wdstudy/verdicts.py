@@ -80,7 +80,8 @@ def group_verdicts(arms: Mapping[str, D.ArmRuns], pairs: Sequence[tuple[str, str
     for family in ("primary", "secondary"):
         chosen = [(a, b) for a, b in pairs if a in arms and b in arms and ((a, b) in primary) == (family == "primary")]
         evs = [D.evidence(arms[a], arms[b]) for a, b in chosen]
-        for (a, b), ev, dec in zip(chosen, evs, D.decide(evs, margin, level, alpha=alpha)):
+        # seeds_needed at this look's level: what the procedure itself would need, not a fixed-n test
+        for (a, b), ev, dec in zip(chosen, evs, D.decide(evs, margin, level)):
             out.append(Verdict(a, b, family, ev, dec, margin, k, looks[-1]))
     return out
 

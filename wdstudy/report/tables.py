@@ -396,6 +396,9 @@ def judge(r) -> tuple[str, str]:
             caveats.append("no number of seeds would decide at this margin: the pick's luck alone is wider "
                            "(race more seeds or candidates, or run replicates)" if need == math.inf else
                            "too few seeds to size")
+        elif need > r.seeds_max:
+            caveats.append(f"about {int(need)} seeds in all would decide at ±{margin_text(r)}, more than this "
+                           f"study's maximum of {r.seeds_max}")
         else:
             caveats.append(f"about {int(need) - r.n_pairs} more seeds would decide at ±{margin_text(r)}")
     if r.family == "secondary":
