@@ -377,7 +377,7 @@ def test_shipped_specs_are_valid():
     ]
     for p in root.glob("*.yaml"):  # shipped specs do not prune (it biases the comparison)
         assert load_spec(p).search.pruner == "none"
-    assert quick.evaluation.seeds == 5 and "independent" in load_spec(root / "mnist1d-full.yaml").regularizers
+    assert quick.evaluation.looks()[0] == 5 and "independent" in load_spec(root / "mnist1d-full.yaml").regularizers
     assert quick.weight_decay_range("decoupled").axis == "shrink"
 
 
