@@ -320,7 +320,10 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_path, small_disk):
     spec = write_spec(tmp_path, search={"trials": 12, "batch": 4}, task_defaults={"epochs": 1},
                       evaluation={"seeds": 2}, output=str(small_disk / "out"))
-    r = run("launch", str(spec), "--workers", "2", "--quiet")
+    # the pre-launch check wants 200 MB free (it would refuse this disk at once); the point here is a
+    # disk that fills up during the study
+    env = _env(WDSTUDY_MIN_FREE_MB="0")
+    r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("wdstudy: error:")]
@@ -329,7 +332,7 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     done = trials_frame(open_storage(url), "tiny")
     assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    r = run("launch", str(spec), "--workers", "2", "--quiet")
+    r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
