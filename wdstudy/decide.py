@@ -11,15 +11,13 @@ evaluation stops), the report and the simulator share one procedure.
 
   - *seeds*: the paired differences' variance / n (Student's t with n − 1 degrees of freedom);
   - *selection*: the pick is itself a random outcome of the race. Every race survivor is
-    evaluated on the same seeds, the race seeds are resampled (a bootstrap), each arm re-picks
-    the survivor with the lowest resampled race mean, and the variance of the re-picked
-    difference is added (Bouthillier et al. 2021: the tuning pipeline is a main source of
-    variance; the race bootstrap is the cheap, ``replicates: 1`` estimate of it);
+    evaluated on the same seeds and the pick is treated as one draw among them: the spread of
+    their true errors (:func:`survivor_spread`) is added, with Satterthwaite's degrees of freedom
+    (Bouthillier et al. 2021: the tuning pipeline is a main source of variance);
   - *test examples*: the test split is a sample too. Where per-example outcomes are stored,
     the variance over examples of the paired per-example difference (seed-averaged) / N.
 
-  The interval uses t with n − 1 degrees of freedom for the sum (conservative: the added parts
-  have more degrees of freedom than the seed part).
+  The interval uses t with Satterthwaite's degrees of freedom for the seed and selection parts.
 
 **The decision** (:func:`decide`) at margin m (points for an error rate, MSE for a regression)
 and level α: "A better" / "B better" (two-sided test of no difference), else "equivalent
