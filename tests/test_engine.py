@@ -23,12 +23,22 @@ from optuna.trial import TrialState
 
 from wdstudy import records as R
 from wdstudy.analysis import evaluations_frame, race_frame, trials_frame
-from wdstudy.cells import MAX_RETRY, Cells, GenerationPruner, ensure_studies, grid_order
+from wdstudy.cells import MAX_RETRY, Cells, ensure_studies
+from wdstudy.proposals import GenerationPruner, grid_order
 from wdstudy.spec import LogRange, load_spec
 from wdstudy.storage import HOST, StudyLock, open_storage
 from wdstudy.worker import Worker
 
-from .test_study import PG_URL, assert_exact, cli, journal, popen, running_trials, wait_for, write_spec
+from .test_study import (
+    PG_URL,
+    assert_exact,
+    cli,
+    journal,
+    popen,
+    running_trials,
+    wait_for,
+    write_spec,
+)
 
 
 def _worker(spec, url) -> Worker:

@@ -17,13 +17,13 @@ from optuna.trial import TrialState, create_trial
 
 from wdstudy import records as R
 from wdstudy.analysis import evaluations_frame, progress_frame, race_frame, trials_frame
-from wdstudy.cells import ensure_studies, race_standings
+from wdstudy.cells import ensure_studies
 from wdstudy.errors import WdstudyError
+from wdstudy.proposals import race_standings
 from wdstudy.report import compute_tables, load_report_data
 from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 from wdstudy.worker import Worker
-
 
 LUCKY_LR = 5e-3  # the search's single run at lr above this is 0.25 better than the truth
 

@@ -138,7 +138,7 @@ def race_studies(storage, study: str) -> dict[str, object]:
 def race_frame(storage, study: str) -> pd.DataFrame:
     """One row per race candidate of every racing cell: its search rank and value, its race runs'
     mean and number, and whether the race chose it (columns of ``tables/selection.csv``)."""
-    from .cells import race_standings
+    from .proposals import race_standings
 
     rows = []
     for name, s in race_studies(storage, study).items():

@@ -221,6 +221,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
+    from .cells import spec_drift
     from .launch import format_progress, resolve_url, storage_label
     from .spec import load_spec
     from .storage import is_rdb, open_storage
@@ -230,8 +231,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not is_rdb(url) and not Path(url).exists():
         print(f"study {spec.name}: not started (no storage at {url})")
         return 0
-    df = progress_frame(open_storage(url), spec.name)
+    storage = open_storage(url)
+    df = progress_frame(storage, spec.name)
     print(f"study {spec.name} · storage {storage_label(url)}")
+    drift = spec_drift(spec, storage)
+    if drift:
+        print(f"note: {drift}")
     print(format_progress(df) if not df.empty else "no cells yet")
     return 0
 

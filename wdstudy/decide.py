@@ -19,6 +19,9 @@ evaluation stops), the report and the simulator share one procedure.
 
   The interval uses t with Satterthwaite's degrees of freedom for the seed and selection parts.
 
+  With ``replicates`` (:func:`replicate_evidence`) the whole pipeline ran R times on its own
+  seeds; the spread of the R replicate differences replaces the seed and selection parts.
+
 **The decision** (:func:`decide`) at margin m (points for an error rate, MSE for a regression)
 and level α: "A better" / "B better" (two-sided test of no difference), else "equivalent
 within ±m" (Schuirmann's two one-sided tests, i.e. the 1 − 2α interval inside ±m), else "A no
@@ -75,6 +78,7 @@ class Evidence:
     var_test: float
     seeds: tuple[int, ...] = ()
     df: float = math.nan  # Satterthwaite's, for the seed and selection parts together
+    unit: str = "seeds"  #: what ``n`` counts: paired seeds, or (with replicates) paired replicates
 
     @property
     def se(self) -> float:
@@ -122,6 +126,41 @@ def evidence(a: ArmRuns, b: ArmRuns) -> Evidence:
     denom = sum(v**2 / d for v, d in parts if v > 0 and d > 0 and math.isfinite(d))
     df = min(total**2 / denom, 1e6) if denom > 0 else n - 1  # Satterthwaite; the test part has N − 1 ≫ df
     return Evidence(n, diff, var_seeds, var_sel, var_test, seeds, max(df, 1.0) if n >= 2 else math.nan)
+
+
+def replicate_evidence(pairs: Sequence[tuple[ArmRuns, ArmRuns]]) -> Evidence:
+    """A − B from R replicates of the whole pipeline (search, race, evaluation on their own seeds),
+    paired by replicate: a cluster-level (summary-measure) analysis.
+
+    Each replicate r gives d_r, the mean over its evaluation seeds of the paired difference
+    between the two arms' picks. The d_r are independent draws of everything that varies from
+    one run of the pipeline to the next — seeds, the search's and the race's luck — so their
+    spread, var(d_r)/R with R − 1 degrees of freedom (Student's t), is the variance of the
+    estimate with the luck of the pick included, without a model of it (the analysis of
+    cluster means, e.g. Donner & Klar 2000; for balanced replicates it equals the mixed model
+    with seeds nested in replicates). The test split is the same in every replicate, so its
+    sampling variance (the seed- and replicate-averaged per-example difference / N) is added.
+    """
+    per = [evidence(a, b) for a, b in pairs]
+    per = [(ev, a, b) for ev, (a, b) in zip(per, pairs) if ev.n >= 1 and _finite(ev.diff)]
+    n = len(per)
+    if n == 0:
+        return Evidence(0, math.nan, math.nan, math.nan, math.nan, unit="replicates")
+    d = np.array([ev.diff for ev, _, _ in per])
+    var_between = float(d.var(ddof=1)) / n if n >= 2 else math.nan
+    deltas = []
+    for ev, a, b in per:
+        oa, ob = a.outcomes.get(a.pick, {}), b.outcomes.get(b.pick, {})
+        common = [s for s in ev.seeds if s in oa and s in ob]
+        if common:
+            deltas.append(np.mean([np.asarray(oa[s], float) - np.asarray(ob[s], float) for s in common], axis=0))
+    var_test = 0.0
+    if len(deltas) == n and len({x.shape for x in deltas}) == 1 and deltas[0].size >= 2:
+        delta = np.mean(deltas, axis=0)
+        var_test = float(delta.var(ddof=1)) / delta.size
+    seeds = tuple(sorted({s for ev, _, _ in per for s in ev.seeds}))
+    return Evidence(n, float(d.mean()), var_between, 0.0, var_test, seeds,
+                    float(n - 1) if n >= 2 else math.nan, unit="replicates")
 
 
 def _finite(x) -> bool:
@@ -216,7 +255,7 @@ class Decision:
 
 def seeds_needed(ev: Evidence, margin: float, alpha: float, *, power: float = 0.8, confidence: float = 0.8,
                  stronger_than: str | None = None) -> float:
-    """Seeds (in total) at which a decision would come out with probability ``power`` if the true
+    """Seeds (replicates, for replicate evidence) in total at which a decision would come out with probability ``power`` if the true
     difference were the observed one: the fewest over "better" (two-sided), "equivalent" (two
     one-sided tests) and "no worse" (one-sided). The per-seed spread (seed and test parts) is
     taken at an upper ``confidence`` bound (a spread from 5 seeds is itself uncertain; 0.5 gives
@@ -226,14 +265,18 @@ def seeds_needed(ev: Evidence, margin: float, alpha: float, *, power: float = 0.
     if ev.n < 2 or not margin > 0:
         return math.nan
     df = ev.n - 1
-    sd2 = ev.n * (ev.var_seeds + ev.var_test)
+    # what more units shrink: seeds shrink the seed and (seed-averaged) test parts; replicates share
+    # one test split, so with replicates its part stays, like the pick's luck does with more seeds
+    shrinks = ev.var_seeds + (ev.var_test if ev.unit == "seeds" else 0.0)
+    floor = ev.var_selection + (ev.var_test if ev.unit != "seeds" else 0.0)
+    sd2 = ev.n * shrinks
     sd2 = sd2 * df / st.chi2.ppf(1 - confidence, df)
     z = st.norm.ppf
 
     def n_for(distance: float, side_alpha: float, pw: float) -> float:
         if distance <= 0:
             return math.inf
-        room = (distance / (z(1 - side_alpha) + z(pw))) ** 2 - ev.var_selection
+        room = (distance / (z(1 - side_alpha) + z(pw))) ** 2 - floor
         if room <= 0:
             return math.inf
         return max(sd2 / room, 2.0)

@@ -496,10 +496,14 @@ def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) 
 
     def block():
         with StudyLock(url, spec.name):
-            ensure_studies(spec, store, text)
+            grown = ensure_studies(spec, store, text)
             Cells(spec, store).release_dead()
+        return grown
 
-    retry_block(block, url)
+    grown = retry_block(block, url)
+    if grown:
+        print(f"study {spec.name}: {len(grown)} cell(s) grown to the spec (more trials or seeds); "
+              "the missing runs follow", flush=True)
 
 
 def format_plan(slots: list[dict[str, str]]) -> str:
@@ -607,6 +611,7 @@ def summary_text(storage, study: str) -> str:
 
 def write_report(spec_path: str, storage: str | None = None, quiet: bool = False) -> int:
     """Build the study's report from its storage alone into the spec's output folder."""
+    from .cells import spec_drift
     from .report import build_report
     from .storage import open_storage
 
@@ -615,8 +620,12 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     if not is_rdb(url) and not Path(url).exists():
         raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
     start = time.monotonic()
+    store = open_storage(url)
+    drift = spec_drift(spec, store)
+    if drift:
+        print(f"note: {drift}")
     try:
-        paths = build_report(open_storage(url), spec.name, spec.output_dir(), storage_label(url))
+        paths = build_report(store, spec.name, spec.output_dir(), storage_label(url))
     except OSError as exc:
         from .outage import classify
 

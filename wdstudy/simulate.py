@@ -142,7 +142,8 @@ def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int,
     looks = s.evaluation.looks()
     for task in s.tasks:
         for opt in s.optimizers:
-            arms, n_open = {}, looks[0]
+            replicas: dict[str, list[D.ArmRuns]] = {}
+            n_open = looks[0]
             for c in s.cells():
                 if c.task.name != task.name or c.optimizer.name != opt.name:
                     continue
@@ -151,14 +152,18 @@ def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int,
                 if ev is None:
                     continue
                 n_open = ev.user_attrs.get(R.SEEDS_OPEN, n_open)
-                arms[c.regularizer] = arm_runs(s.selection.seed_list(), race.get_trials() if race else None,
-                                               ev.user_attrs, ev.get_trials())
+                runs_c = arm_runs(s.replica(c.replicate).selection.seed_list(), race.get_trials() if race else None,
+                                  ev.user_attrs, ev.get_trials())
+                replicas.setdefault(c.regularizer, []).append(runs_c)
+            # one pipeline per arm, or its replicates (decided on their spread)
+            arms = {k: v[0] if s.replicates == 1 else v for k, v in replicas.items()}
             margin = s.decision.margin_for(True)
             for v in group_verdicts(arms, pairs, pairs, margin=margin, alpha=s.decision.alpha, looks=looks,
                                     n_open=n_open):
                 rows.append({"study": study, "task": task.name, "effect": effect, "decision": v.decision.code,
                              "seeds": n_open, "runs": runs, "diff": v.evidence.diff,
-                             "old": _old_procedure(arms[v.arm], arms[v.reference], looks[0], s.decision.alpha)})
+                             "old": _old_procedure(replicas[v.arm][0], replicas[v.reference][0], looks[0],
+                                                   s.decision.alpha)})
     return rows
 
 

@@ -217,6 +217,10 @@ class SelectionSpec(BaseModel):
         return list(range(self.first_seed, self.first_seed + self.seeds)) if self.races else []
 
 
+#: how far apart the seeds of two replicates are (more than any study's seeds of one kind)
+REPLICA_STRIDE = 100_003
+
+
 class StudySpec(BaseModel):
     """A whole study as written in ``studies/NAME.yaml``."""
 
@@ -233,6 +237,9 @@ class StudySpec(BaseModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     selection: SelectionSpec = SelectionSpec()
     decision: DecisionSpec = DecisionSpec()
+    replicates: int = Field(1, ge=1, le=20, description="independent repeats of each cell's whole pipeline (search, "
+                            "race, evaluation) on their own seeds; with 2 or more, decisions rest on the spread "
+                            "between replicates, the luck of the pick included")
     output: str | None = None
     storage: str | None = None
 
@@ -285,6 +292,10 @@ class StudySpec(BaseModel):
             clash = sorted(race & (evals | {self.search.seed}))
             raise ValueError(f"selection.first_seed: race seeds {min(race)}–{max(race)} must not repeat the search "
                              f"seed or an evaluation seed (both use {clash[0]})")
+        if self.replicates > 1 and len(self.evaluation.looks()) > 1:
+            raise ValueError("evaluation.seeds: rounds {min, max, step} need replicates: 1 (with replicates the "
+                             "decision rests on the spread between replicates, which more seeds do not shrink); "
+                             "give a number of seeds")
         for pair in self.decision.primary:
             for arm in pair:
                 if arm not in REGULARIZER_NAMES:
@@ -335,11 +346,24 @@ class StudySpec(BaseModel):
 
     def cells(self) -> list[Cell]:
         return [
-            Cell(self.name, task, opt, reg)
+            Cell(self.name, task, opt, reg, r)
             for task in self.tasks
             for opt in self.optimizers
             for reg in self.regularizers
+            for r in range(self.replicates)
         ]
+
+    def replica(self, replicate: int) -> StudySpec:
+        """The spec as replicate ``replicate`` runs it: the search, race and evaluation seeds all
+        moved by ``replicate`` × :data:`REPLICA_STRIDE` (replicate 0 is the spec itself)."""
+        if replicate == 0:
+            return self
+        shift = replicate * REPLICA_STRIDE
+        return self.model_copy(update={
+            "search": self.search.model_copy(update={"seed": (self.search.seed + shift) % 2**31}),
+            "selection": self.selection.model_copy(update={"first_seed": self.selection.first_seed + shift}),
+            "evaluation": self.evaluation.model_copy(update={"first_seed": self.evaluation.first_seed + shift}),
+        })
 
     def study_names(self) -> list[str]:
         """Every Optuna study of this study: each cell's search, race (if any) and evaluation studies."""
@@ -358,10 +382,16 @@ class Cell:
     task: TaskConfig
     optimizer: OptimizerConfig
     regularizer: str
+    replicate: int = 0  #: which repeat of the cell's pipeline (``replicates`` in the spec); 0 is the first
+
+    @property
+    def suffix(self) -> str:
+        """``/r2``, ``/r3``, ... for the second, third replicate; nothing for the first."""
+        return f"/r{self.replicate + 1}" if self.replicate else ""
 
     @property
     def name(self) -> str:
-        return f"{self.study}/{self.task.name}/{self.optimizer.name}/{self.regularizer}"
+        return f"{self.study}/{self.task.name}/{self.optimizer.name}/{self.regularizer}{self.suffix}"
 
     @property
     def eval_name(self) -> str:
@@ -373,7 +403,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.task.name}/{self.optimizer.name}/{self.regularizer}"
+        return f"{self.task.name}/{self.optimizer.name}/{self.regularizer}{self.suffix}"
 
 
 def load_spec(path: str | Path) -> StudySpec:

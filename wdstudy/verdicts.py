@@ -68,18 +68,27 @@ def look_index(looks: Sequence[int], n_open: int) -> int:
     return idx[-1] if idx else 0
 
 
-def group_verdicts(arms: Mapping[str, D.ArmRuns], pairs: Sequence[tuple[str, str]],
+def _evidence(a: D.ArmRuns | Sequence[D.ArmRuns], b: D.ArmRuns | Sequence[D.ArmRuns]) -> D.Evidence:
+    """A − B: from one pipeline per arm, or (a sequence per arm) from replicates paired by position."""
+    if isinstance(a, D.ArmRuns) and isinstance(b, D.ArmRuns):
+        return D.evidence(a, b)
+    ra, rb = ([x] if isinstance(x, D.ArmRuns) else list(x) for x in (a, b))
+    return D.replicate_evidence(list(zip(ra, rb)))
+
+
+def group_verdicts(arms: Mapping[str, D.ArmRuns | Sequence[D.ArmRuns]], pairs: Sequence[tuple[str, str]],
                    primary: Sequence[tuple[str, str]], *, margin: float, alpha: float, looks: Sequence[int],
                    n_open: int) -> list[Verdict]:
     """Decisions for one task × optimizer: the primary pairs as one Holm family, the rest as another,
-    at the level the α-spending gives the look ``n_open``."""
+    at the level the α-spending gives the look ``n_open``. An arm given as a sequence holds its
+    replicates' runs (the same order in every arm): its comparisons rest on the replicates' spread."""
     primary = [tuple(p) for p in primary]
     k = look_index(looks, n_open)
     level = D.look_alphas(alpha, list(looks))[k]
     out = []
     for family in ("primary", "secondary"):
         chosen = [(a, b) for a, b in pairs if a in arms and b in arms and ((a, b) in primary) == (family == "primary")]
-        evs = [D.evidence(arms[a], arms[b]) for a, b in chosen]
+        evs = [_evidence(arms[a], arms[b]) for a, b in chosen]
         # seeds_needed at this look's level: what the procedure itself would need, not a fixed-n test
         for (a, b), ev, dec in zip(chosen, evs, D.decide(evs, margin, level)):
             out.append(Verdict(a, b, family, ev, dec, margin, k, looks[-1]))

@@ -29,13 +29,13 @@ import optuna
 from optuna.trial import TrialState
 
 from . import records as R
-from .cells import Cells, Unit
+from .cells import Cells
 from .outage import StorageFault, classify, retry_block, unwritable
+from .phases import RunPlan, Unit
 from .redact import scrub
 from .signals import STOP, WorkerStopped
 from .spec import Cell, StudySpec
 from .storage import Lease, StudyLock, open_storage, owner_tag
-
 
 #: A training run as the worker calls it: ``train(cell, lr, weight_decay, seed, callbacks, with_test)``
 #: returns an object with ``metrics`` (a dict holding the objective and, with ``with_test``,
@@ -63,15 +63,13 @@ class Worker:
         self.storage = storage if storage is not None else open_storage(url)
         self.lock = lock if lock is not None else StudyLock(url, spec.name)
         self._lease = lease or Lease
-        if train is not None:
-            self._train = train  # type: ignore[method-assign]
+        self.train: TrainFn = train if train is not None else self._train
         self.cells = Cells(spec, self.storage)
         out = log or (lambda msg: print(msg, flush=True))
         self.log = lambda msg: out(scrub(msg))  # a traceback may quote a connection string
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
         self._data: dict[tuple, object] = {}
-        self._trial: optuna.Trial | None = None  # the running unit's trial (its device is recorded on it)
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
@@ -120,7 +118,7 @@ class Worker:
         trial = unit.trial
         try:
             with self._lease(self.storage, trial._trial_id):
-                value = {"search": self._search, "race": self._race, "eval": self._evaluate}[unit.kind](unit)
+                value = self._run(unit)
         except WorkerStopped as exc:
             with STOP.held():
                 self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
@@ -157,71 +155,48 @@ class Worker:
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
                      f"({frozen.system_attrs.get(R.FAIL_REASON)}); its result is discarded")
 
-    # -- the two kinds of unit ---------------------------------------------------------------
+    # -- one run ------------------------------------------------------------------------------
 
-    def _begin(self, unit: Unit) -> tuple[float, float]:
-        trial = self._trial = unit.trial
+    def _run(self, unit: Unit) -> float | None:
+        """Train the unit as its phase plans it; the metric Optuna is told, or None if the run was
+        pruned or diverged."""
+        trial, cell = unit.trial, unit.cell
         trial.set_user_attr(R.WORKER, owner_tag())
         trial.set_user_attr(R.CUDA_VISIBLE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        return trial.params["lr"], R.decay_of(trial.params)
-
-    def _search(self, unit: Unit) -> float | None:
-        """One search trial: the validation objective, or None if pruned or diverged."""
-        trial, cell = unit.trial, unit.cell
-        lr, wd = self._begin(unit)
-        gen = trial.user_attrs.get(R.GENERATION)
-        self.log(f"[{owner_tag()}] {cell.name} trial {trial.number} (generation {gen}, slot "
-                 f"{trial.user_attrs.get(R.SLOT)}): lr={lr:.3g} λ={wd:.3g}")
-        callbacks = []
-        if self.spec.search.pruner != "none":  # without a pruner, reporting every epoch is wasted storage writes
+        lr, wd = trial.params["lr"], R.decay_of(trial.params)
+        plan = unit.phase.plan(unit)
+        self.log(f"[{owner_tag()}] {plan.label}: lr={lr:.3g} λ={wd:.3g}")
+        # the real run records its device as it starts; an injected one (a simulator) has none
+        callbacks: list = [_device_recorder(trial)] if self.train == self._train else []
+        if plan.prune:  # without a pruner, reporting every epoch is wasted storage writes
             from optuna_integration import PyTorchLightningPruningCallback
 
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=self.spec.search.objective))
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=plan.key))
         try:
-            value = self._measure(trial, cell, lr, wd, self.spec.search.seed, callbacks, with_test=False,
-                                  key=self.spec.search.objective)
-            if not callbacks:  # the learning curve as Optuna's intermediate values, for the dashboard
-                for row in trial.user_attrs.get(R.HISTORY) or []:
-                    v = row.get(self.spec.search.objective)
-                    if v is not None and math.isfinite(v):
-                        trial.report(v, int(row["epoch"]))
-            return value
+            value = self._measure(trial, cell, lr, wd, plan, callbacks)
         except optuna.TrialPruned:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
+        if plan.curve_as_steps:  # the learning curve as Optuna's intermediate values, for the dashboard
+            for row in trial.user_attrs.get(R.HISTORY) or []:
+                v = row.get(plan.key)
+                if v is not None and math.isfinite(v):
+                    trial.report(v, int(row["epoch"]))
+        return value
 
-    def _evaluate(self, unit: Unit) -> float | None:
-        """One evaluation seed of the chosen configuration: test error, or None if diverged."""
-        trial, cell = unit.trial, unit.cell
-        lr, wd = self._begin(unit)
-        seed = int(trial.user_attrs[R.SEED])
-        self.log(f"[{owner_tag()}] {cell.eval_name} seed {seed}: lr={lr:.3g} λ={wd:.3g}")
-        return self._measure(trial, cell, lr, wd, seed, [], with_test=True, key="test_error")
-
-    def _race(self, unit: Unit) -> float | None:
-        """One race run: a candidate configuration on a new seed, scored on the validation split
-        only (the test split stays untouched until the pick is evaluated); None if it diverged."""
-        trial, cell = unit.trial, unit.cell
-        lr, wd = self._begin(unit)
-        seed = int(trial.user_attrs[R.SEED])
-        self.log(f"[{owner_tag()}] {cell.race_name} candidate {trial.user_attrs.get(R.CANDIDATE)} seed {seed}: "
-                 f"lr={lr:.3g} λ={wd:.3g}")
-        return self._measure(trial, cell, lr, wd, seed, [], with_test=False, key=self.spec.search.objective,
-                             history=False)
-
-    def _measure(self, trial: optuna.Trial, cell: Cell, lr: float, wd: float, seed: int, callbacks, *,
-                 with_test: bool, key: str, history: bool = True) -> float | None:
-        """Train once, store the metrics on ``trial`` and return metric ``key``; None, with outcome
+    def _measure(self, trial: optuna.Trial, cell: Cell, lr: float, wd: float, plan: RunPlan,
+                 callbacks: list) -> float | None:
+        """Train once, store the metrics on ``trial`` and return the plan's metric; None, with outcome
         ``diverged`` and the reason, if the loss or that metric became NaN or infinite. A pruning
         callback's ``optuna.TrialPruned`` passes through."""
         from .train import DivergedError
 
         try:
-            result = self._train(cell, lr, wd, seed, callbacks, with_test=with_test)
+            result = self.train(cell, lr, wd, plan.seed, callbacks, with_test=plan.with_test)
         except DivergedError as exc:
             return self._diverged(trial, str(exc))
-        self._store(trial, cell, result, history=history)
-        value = result.metrics[key]
+        self._store(trial, cell, result, history=plan.history)
+        value = result.metrics[plan.key]
         if not math.isfinite(value):
             return self._diverged(trial, f"objective is {value}")
         trial.set_user_attr(R.OUTCOME, "complete")
@@ -231,7 +206,6 @@ class Worker:
     def _diverged(trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr(R.OUTCOME, "diverged")
         trial.set_user_attr(R.REASON, reason)
-        return None
 
     def _store(self, trial: optuna.Trial, cell: Cell, result, history: bool = True) -> None:
         for k in R.METRIC_KEYS:
@@ -259,16 +233,29 @@ class Worker:
         return self._data[key]
 
     def _train(self, cell: Cell, lr: float, wd: float, seed: int, callbacks, with_test: bool):
+        """The real training run (:func:`~wdstudy.train.train_run`), the worker's default ``train``."""
         from .train import train_run
 
-        trial = self._trial
         return train_run(
             cell.task, cell.optimizer, cell.regularizer, lr, wd,
             seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
             with_test=with_test, callbacks=[*callbacks, _stop_check()], data=self.data(cell, with_test),
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
-            on_device=None if trial is None else (lambda label: trial.set_user_attr(R.DEVICE, label)),
         )
+
+
+def _device_recorder(trial: optuna.Trial):
+    """A callback that records on ``trial`` the device its run trains on, as training starts, so
+    that runs ending early (pruned, diverged, failed) still tell where their time went."""
+    from lightning.pytorch import Callback
+
+    from .train import device_label
+
+    class DeviceRecorder(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            trial.set_user_attr(R.DEVICE, device_label(pl_module.device))
+
+    return DeviceRecorder()
 
 
 def _stop_check():
