@@ -391,6 +391,39 @@ def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
         optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
 
 
+def test_a_pruned_search_trains_on_through_an_outage_and_reports_when_the_storage_is_back(monkeypatch):
+    """With a pruner, each epoch asks the storage; while it is unreachable, the epoch's report is
+    skipped at once (one log line) instead of pausing the run for the outage window."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from wdstudy.worker import pruning_callback
+
+    monkeypatch.setenv("WDSTUDY_STORAGE_OUTAGE", "120")
+    proxy = PgProxy()
+    name = f"prune-{uuid.uuid4().hex[:8]}"
+    logged: list[str] = []
+    try:
+        study = optuna.create_study(study_name=name, storage=open_storage(proxy.url()))
+        trial = study.ask()
+        callback = pruning_callback(trial, "val_error", logged.append)
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val_error": torch.tensor(0.4)})
+        proxy.cut(30)
+        start = time.monotonic()
+        for epoch in (0, 1):
+            callback.on_validation_end(trainer, SimpleNamespace(current_epoch=epoch))
+        assert time.monotonic() - start < 10, "the run waited for the storage"
+        assert callback.skipped == 2 and len(logged) == 1 and "unreachable" in logged[0]
+        proxy.down_until = 0  # the database is back
+        callback.on_validation_end(trainer, SimpleNamespace(current_epoch=2))
+        stored = optuna.load_study(study_name=name, storage=open_storage(PG_URL)).trials[0]
+        assert stored.intermediate_values == {2: pytest.approx(0.4)}
+    finally:
+        proxy.close()
+        optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
+
+
 def _pg_spec(tmp_path, name):
     return write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 2},
                       evaluation={"seeds": 2})

@@ -169,9 +169,7 @@ class Worker:
         # the real run records its device as it starts; an injected one (a simulator) has none
         callbacks: list = [_device_recorder(trial)] if self.train == self._train else []
         if plan.prune:  # without a pruner, reporting every epoch is wasted storage writes
-            from optuna_integration import PyTorchLightningPruningCallback
-
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=plan.key))
+            callbacks.append(pruning_callback(trial, plan.key, self.log))
         try:
             value = self._measure(trial, cell, lr, wd, plan, callbacks)
         except optuna.TrialPruned:
@@ -242,6 +240,31 @@ class Worker:
             with_test=with_test, callbacks=[*callbacks, _stop_check()], data=self.data(cell, with_test),
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
         )
+
+
+def pruning_callback(trial: optuna.Trial, monitor: str, log: Callable[[str], None]):
+    """Optuna's Lightning pruning callback, which reports each epoch and asks the pruner — except
+    that while the storage is unreachable the epoch's report is skipped (one log line) and training
+    goes on, instead of pausing the run until the database is back: the unit being trained keeps
+    training through an outage, and its result is recorded when the storage answers again."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from .outage import StorageDisconnected, no_retry
+
+    class OutageTolerantPruning(PyTorchLightningPruningCallback):
+        skipped = 0
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            try:
+                with no_retry():
+                    super().on_validation_end(trainer, pl_module)
+            except StorageDisconnected as exc:
+                if not self.skipped:
+                    log(f"[{owner_tag()}] trial {trial.number}: the storage is unreachable ({exc}); "
+                        "training goes on without pruning until it is back")
+                self.skipped += 1
+
+    return OutageTolerantPruning(trial, monitor=monitor)
 
 
 def _device_recorder(trial: optuna.Trial):
