@@ -629,3 +629,40 @@ def test_apply_refuses_gradients_the_scaler_has_not_unscaled():
     assert torch.equal(model.weight, w1)
     reg.apply(opt2, torch.amp.GradScaler("cpu", enabled=False))  # a disabled scaler is no scaler
     assert torch.equal(model.weight, w1 * (1 - 0.1 * 0.1))
+
+
+@pytest.mark.parametrize("name", ["decoupled", "independent", "l1-decoupled", "l2", "l1"])
+def test_under_a_grad_scaler_no_regularizer_reads_a_tensor_on_the_host(name, monkeypatch):
+    """Whether the scaler will skip the step is decided on the device: reading it on the host
+    (``bool``, ``item``) would make every mixed-precision step wait for the GPU. The weights come
+    out as without a scaler on a kept step, and unchanged on a skipped one."""
+    from wdstudy.regularizers import make_regularizer
+
+    def forbidden(self, *args):
+        raise AssertionError("a tensor was read on the host")
+
+    for found_nan in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        reg = make_regularizer(name, 0.05)
+        reg.attach(model, [opt])
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+        if found_nan:
+            model.weight.grad[0, 0] = float("nan")
+        scaler.unscale_(opt)
+        w0, g0 = model.weight.detach().clone(), model.weight.grad.detach().clone()
+        with monkeypatch.context() as m:
+            for attr in ("__bool__", "item", "tolist", "__float__"):
+                m.setattr(torch.Tensor, attr, forbidden)
+            reg.apply(opt, scaler)
+        if found_nan and reg.changes_weights:
+            assert torch.equal(model.weight, w0)
+        elif reg.changes_weights:
+            expect = model.weight.detach().clone()
+            model.weight.data.copy_(w0)
+            reg.apply(opt)  # the plain path, no scaler
+            assert torch.equal(model.weight, expect)
+        else:  # a penalty adds to the gradient either way: the scaler then skips the step if it must
+            assert not torch.equal(model.weight.grad, g0) or found_nan

@@ -185,15 +185,18 @@ class _Regularizer(Callback):
             with_grad = [p for p in params if p.grad is not None]
             if with_grad:
                 work.append((group, with_grad))
-        if not work or (scaler is not None and self._scaler_skips(scaler, optimizer)):
+        if not work:
             return
+        keep = None if scaler is None else self._scaler_keep(scaler, optimizer)
         for group, params in work:
-            self._apply_group(group, params)
+            self._apply_group(group, params, keep)
 
-    def _scaler_skips(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``scaler.step(optimizer)`` will skip this step (inf/NaN gradients)."""
+    def _scaler_keep(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """On the device, 1.0 if ``scaler.step(optimizer)`` will take this step and 0.0 if it will
+        skip it (inf/NaN gradients); None when there is nothing to check. Never read on the host:
+        reading it would make every step wait for the device."""
         if not scaler.is_enabled():
-            return False
+            return None
         # GradScaler keeps no public record of what unscale_ found; these are the
         # attributes its own step() reads (torch.amp.grad_scaler.GradScaler._maybe_opt_step).
         if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.UNSCALED:
@@ -204,11 +207,14 @@ class _Regularizer(Callback):
             )
         if not self.changes_weights:
             # a gradient term on a step the scaler skips changes nothing (the step is skipped and the
-            # gradients are cleared): no need to read found_inf, which synchronizes with the device
-            return False
-        return any(bool(found) for found in scaler._found_inf_per_device(optimizer).values())
+            # gradients are cleared): no check at all
+            return None
+        found = sum(scaler._found_inf_per_device(optimizer).values())
+        return (found == 0).to(torch.float32)
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
+        """Regularize one parameter group; ``keep`` (a device tensor, see :meth:`_scaler_keep`)
+        turns a weight change into none on a step the scaler skips, without a host sync."""
         raise NotImplementedError
 
     # -- what gets logged -----------------------------------------------------------
@@ -269,7 +275,7 @@ class L2Regularization(_Regularizer):
 
     name = "l2"
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
         grads = [p.grad for p in params]
         torch._foreach_add_(grads, params, alpha=self.weight_decay)
 
@@ -290,7 +296,7 @@ class L1Regularization(_Regularizer):
 
     name = "l1"
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
         grads = [p.grad for p in params]
         torch._foreach_add_(grads, torch._foreach_sign(params), alpha=self.weight_decay)
 
@@ -311,8 +317,8 @@ class DecoupledWeightDecay(_Regularizer):
 
     name = "decoupled"
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
-        torch._foreach_mul_(params, 1 - _scalar(group["lr"]) * self.weight_decay)
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
+        _shrink(params, 1 - _scalar(group["lr"]) * self.weight_decay, keep)
 
 
 class IndependentWeightDecay(_Regularizer):
@@ -356,9 +362,9 @@ class IndependentWeightDecay(_Regularizer):
             return _scalar(group["initial_lr"])
         return self._lr_at_attach[id(group)]
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
         multiplier = _scalar(group["lr"]) / self._initial_lr(group)
-        torch._foreach_mul_(params, 1 - multiplier * self.weight_decay)
+        _shrink(params, 1 - multiplier * self.weight_decay, keep)
 
 
 class DecoupledL1(_Regularizer):
@@ -375,10 +381,14 @@ class DecoupledL1(_Regularizer):
 
     name = "l1-decoupled"
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:
+    def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
         t = _scalar(group["lr"]) * self.weight_decay
-        inside = torch._foreach_clamp_max(params, t)
-        torch._foreach_clamp_min_(inside, -t)
+        if keep is None:
+            inside = torch._foreach_clamp_max(params, t)
+            torch._foreach_clamp_min_(inside, -t)
+        else:  # a threshold of 0 on a skipped step, chosen on the device
+            bound = torch.where(keep > 0, t, 0.0)
+            inside = [torch.clamp(p, -bound, bound) for p in params]
         torch._foreach_sub_(params, inside)
 
 
@@ -392,8 +402,19 @@ class NoRegularization(_Regularizer):
         if self.weight_decay != 0.0:
             raise bad_value("weight_decay", weight_decay, "the 'none' regularizer takes no weight decay")
 
-    def _apply_group(self, group: dict, params: list[nn.Parameter]) -> None:  # pragma: no cover
+    def _apply_group(self, group: dict, params: list[nn.Parameter],
+                     keep: torch.Tensor | None = None) -> None:  # pragma: no cover
         return
+
+
+def _shrink(params: list[nn.Parameter], factor: float, keep: torch.Tensor | None) -> None:
+    """``w <- factor·w``; with ``keep`` (device), by ``factor`` or by exactly 1 on a skipped step,
+    chosen on the device. The factor is rounded to the weights' precision as the plain scalar is,
+    so both paths give the same weights bit for bit."""
+    if keep is None:
+        torch._foreach_mul_(params, factor)
+    else:
+        torch._foreach_mul_(params, torch.where(keep > 0, factor, 1.0).to(params[0].dtype))
 
 
 REGULARIZERS: dict[str, type[_Regularizer]] = {
