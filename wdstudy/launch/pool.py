@@ -12,13 +12,14 @@ every unit is recorded and shows the progress (:mod:`.progress`) meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -195,6 +196,19 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does; SIGINT too, even when
+    this process was started with it ignored (a background job of a non-interactive shell)."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
 def run_pool(
     spec_path: str,
     spec: StudySpec,
@@ -232,23 +246,18 @@ def run_pool(
         return Progress.from_frame(progress_frame(storage, spec.name))
 
     renderer = None if quiet or not display else RichProgress() if sys.stdout.isatty() else PlainProgress()
-    # SIGTERM (kill, timeout, a batch system) stops the pool as Ctrl-C does; SIGINT too, even when
-    # this process was started with it ignored (a background job of a non-interactive shell)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
     interrupted = complete = False
     warming: threading.Thread | None = None
-    try:
-        complete, warming = _watch(pool, cells, read, renderer, warm)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:  # also on any error in this process: never leave workers behind
-        if renderer is not None:
-            renderer.stop()
-        if interrupted or not (complete or pool.all_finished):
-            pool.stop(cells)
-    signal.signal(signal.SIGTERM, previous)
-    signal.signal(signal.SIGINT, previous_int)
+    with _signals_interrupt():
+        try:
+            complete, warming = _watch(pool, cells, read, renderer, warm)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:  # also on any error in this process: never leave workers behind
+            if renderer is not None:
+                renderer.stop()
+            if interrupted or not (complete or pool.all_finished):
+                pool.stop(cells)
     if interrupted:
         raise KeyboardInterrupt
     if pool.fault is not None:
