@@ -23,7 +23,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -548,7 +547,7 @@ def write(out_dir: Path, claims: list[Claim], quick: bool, seconds: float) -> No
 
     import pandas as pd
 
-    from .report.document import Para, Section, Table
+    from .report.document import DocumentHeader, Para, Section, Table
     from .report.html import render_html
     from .report.pdf import render_pdf
 
@@ -556,10 +555,10 @@ def write(out_dir: Path, claims: list[Claim], quick: bool, seconds: float) -> No
     pd.DataFrame([{"key": c.key, "claim": c.claim, "how": c.how, "measured": c.measured, "verdict": c.verdict,
                    "numbers": json.dumps(c.numbers)} for c in claims]).to_csv(out_dir / "claims.csv", index=False)
     figs = [_figure(claims)] + ([_curves_figure(claims)] if _has_curves(claims) else [])
-    d = SimpleNamespace(study="claims", storage_label="", title="What the textbooks claim about weight decay, measured",
-                        generated=f"Measured by `python -m wdstudy claims{' --quick' if quick else ''}` on "
-                                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: small training runs "
-                                  "through wdstudy.train.train_run on MNIST-1D and curve1d, no search, no storage.")
+    head = DocumentHeader("claims", "What the textbooks claim about weight decay, measured",
+                          f"Measured by `python -m wdstudy claims{' --quick' if quick else ''}` on "
+                          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: small training runs "
+                          "through wdstudy.train.train_run on MNIST-1D and curve1d, no search, no storage.")
     sections = [
         Section("claims", "1. Claims and verdicts", [
             Para(f"Each claim was tested by small training runs{' (--quick: fewer epochs, λ values and seeds)' if quick else ''}"
@@ -569,8 +568,8 @@ def write(out_dir: Path, claims: list[Claim], quick: bool, seconds: float) -> No
                   [[c.claim, c.verdict, c.measured, c.how] for c in claims], [3.2, 1.6, 3.2, 3.0])]),
         Section("figures", "2. Measurements", figs),
     ]
-    (out_dir / "report.html").write_text(render_html(d, sections))
-    render_pdf(d, sections, out_dir / "report.pdf")
+    (out_dir / "report.html").write_text(render_html(head, sections))
+    render_pdf(head, sections, out_dir / "report.pdf")
 
 
 def _figure(claims: list[Claim]):
