@@ -18,7 +18,6 @@ import weakref
 import optuna
 import pytest
 import torch
-import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Callback
 
