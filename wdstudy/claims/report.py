@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-from .figures import curves, has_curves, measurements
 from .setup import Claim
 
 TITLE = "What the textbooks claim about weight decay, measured"
@@ -20,6 +19,7 @@ def write(out_dir: Path, claims: list[Claim], quick: bool, seconds: float) -> No
     from ..report.document import DocumentHeader, Para, Section, Table
     from ..report.html import render_html
     from ..report.pdf import render_pdf
+    from .figures import curves, has_curves, measurements  # matplotlib: imported when drawing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"key": c.key, "claim": c.claim, "how": c.how, "measured": c.measured, "verdict": c.verdict,
