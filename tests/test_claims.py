@@ -96,7 +96,7 @@ def test_the_fitted_curves_follow_the_noise_at_small_lambda():
     quiet_lightning()
     setup = replace(C.QUICK, gap_tasks=(C.CURVE_TASK,), seeds=[0], runs={C.CURVE_TASK: {
         "lr": 0.1, "epochs": None, "lams": {"l2": [1e-5, 1e-1], "decoupled": [1e-3, 3.0]}}})
-    sw, curves = C._sweeps(setup, None)
+    sw, curves = C.sweeps(setup, None)
     assert len(curves["x"]) == 50 and len(curves["grid"]) == len(curves["truth"]) == C.GRID
     for arm, (weak, strong) in (("l2", (1e-5, 1e-1)), ("decoupled", (1e-3, 3.0))):
         tv = {lam: np.abs(np.diff(curves["fits"][(arm, lam, 0)])).sum() for lam in (weak, strong)}
@@ -113,17 +113,17 @@ def test_the_sweeps_give_the_same_numbers_in_two_processes_as_in_one():
     import numpy as np
     import torch
 
-    from wdstudy.claims import CURVE_TASK, QUICK, _sweeps
+    from wdstudy.claims import CURVE_TASK, QUICK, sweeps
 
     tiny = dataclasses.replace(QUICK, epochs=1, seeds=[0, 1], max_train=200, lams={"l2": [1e-3], "decoupled": [0.1]},
                                runs={CURVE_TASK: {"lr": 0.1, "epochs": 3, "lams": {"l2": [1e-3], "decoupled": [0.1]}}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one, c1 = _sweeps(dataclasses.replace(tiny, processes=1), tiny.task().load_data(with_test=True))
+        one, c1 = sweeps(dataclasses.replace(tiny, processes=1), tiny.task().load_data(with_test=True))
     finally:
         torch.set_num_threads(threads)
-    two, c2 = _sweeps(dataclasses.replace(tiny, processes=2), None)
+    two, c2 = sweeps(dataclasses.replace(tiny, processes=2), None)
     assert len(one) == 8 and set(one.task) == {"mlp-mnist1d", CURVE_TASK}
     pd.testing.assert_frame_equal(one, two)
     assert c1["fits"].keys() == c2["fits"].keys() and len(c1["fits"]) == 4

@@ -18,14 +18,13 @@ import weakref
 import optuna
 import pytest
 import torch
-import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Callback
 
 import wdstudy.train as train_module
 from wdstudy.analysis import trials_frame
 from wdstudy.cells import cell_record
-from wdstudy.launch import _why_cpu, parse_nvidia_smi, plan_slots
+from wdstudy.launch import parse_nvidia_smi, plan_slots, why_cpu
 from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 from wdstudy.tasks import task_config
@@ -265,13 +264,13 @@ def test_gpu_slots_follow_nvidia_smi_order_and_launch_says_why_it_planned_cpu_wo
     assert [s["CUDA_VISIBLE_DEVICES"] for s in slots][-1] == "1" and len(slots) == 4
     assert all(s["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for s in slots)
     cpu = plan_slots("cpu", 2)
-    assert _why_cpu("auto", None, plan_slots("auto", None)) == ""  # GPUs were found
-    assert _why_cpu("cpu", None, cpu) == "" and _why_cpu("auto", 2, cpu) == ""  # CPU workers were asked for
+    assert why_cpu("auto", None, plan_slots("auto", None)) == ""  # GPUs were found
+    assert why_cpu("cpu", None, cpu) == "" and why_cpu("auto", 2, cpu) == ""  # CPU workers were asked for
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi
-    assert _why_cpu("auto", None, plan_slots("auto", None)) == \
+    assert why_cpu("auto", None, plan_slots("auto", None)) == \
         " (CPU workers: no nvidia-smi on the PATH, so no GPU was looked for)"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert _why_cpu("auto", None, plan_slots("auto", None)) == " (CPU workers: CUDA_VISIBLE_DEVICES names no GPU)"
+    assert why_cpu("auto", None, plan_slots("auto", None)) == " (CPU workers: CUDA_VISIBLE_DEVICES names no GPU)"
 
 
 # -- 7. fp32 and determinism ----------------------------------------------------------------------------

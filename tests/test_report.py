@@ -380,3 +380,25 @@ def test_the_report_labels_a_regression_cell_mse(mixed_report):
         plt.close(f)
     page = paths.html.read_text()
     assert "test error / test MSE" in page and "(regression) the error is the mean squared error (MSE)" in page
+
+
+def test_importing_the_report_changes_no_matplotlib_setting():
+    """The report's matplotlib style applies while a figure is drawn, not to a program that imports it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import matplotlib
+        before = dict(matplotlib.rcParams)
+        import wdstudy.claims, wdstudy.report
+        from wdstudy.report.figures import STYLE, drawing
+        assert dict(matplotlib.rcParams) == before
+        with drawing():
+            assert all(matplotlib.rcParams[k] == v for k, v in STYLE.items())
+            assert matplotlib.get_backend().lower() == "agg"
+        assert matplotlib.rcParams["font.size"] == before["font.size"] != STYLE["font.size"]
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

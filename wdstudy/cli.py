@@ -222,16 +222,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .analysis import progress_frame
     from .cells import spec_drift
-    from .launch import format_progress, resolve_url, storage_label
+    from .launch import format_progress
     from .spec import load_spec
-    from .storage import is_rdb, open_storage
+    from .storage import NotLaunched, open_existing, resolve_url, storage_label
 
     spec = load_spec(args.spec)
     url = resolve_url(spec, args.storage)
-    if not is_rdb(url) and not Path(url).exists():
+    try:
+        storage = open_existing(url)
+    except NotLaunched:
         print(f"study {spec.name}: not started (no storage at {url})")
         return 0
-    storage = open_storage(url)
     df = progress_frame(storage, spec.name)
     print(f"study {spec.name} · storage {storage_label(url)}")
     drift = spec_drift(spec, storage)
@@ -244,16 +245,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
-    from .launch import resolve_url
     from .spec import load_spec
-    from .storage import is_rdb, open_storage
+    from .storage import open_existing, resolve_url
 
     spec = load_spec(args.spec)
-    url = resolve_url(spec, args.storage)
-    if not is_rdb(url) and not Path(url).exists():
-        raise WdstudyError(f"storage={url!r}: no such journal file (has the study been launched?)")
+    storage = open_existing(resolve_url(spec, args.storage))
     _check_port(args.host, args.port)
-    storage = open_storage(url)
     print(f"Optuna dashboard for study {spec.name}: http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     run_server(storage, host=args.host, port=args.port)
     return 0
@@ -281,9 +278,8 @@ def _check_port(host: str, port: int) -> None:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from .journal import repair
-    from .launch import resolve_url
     from .spec import load_spec
-    from .storage import is_rdb
+    from .storage import is_rdb, resolve_url
 
     target = args.target
     if target.endswith((".yaml", ".yml")):

@@ -81,10 +81,9 @@ def load_results(spec_or_storage: str | Path | None = None, study: str | None = 
     ``WDSTUDY_STORAGE`` environment variable (a URL whose password stays out of the code).
     """
     from .analysis import evaluations_frame, trials_frame
-    from .launch import resolve_url, shown
     from .redact import redact
     from .spec import load_spec
-    from .storage import is_rdb, open_storage
+    from .storage import NotLaunched, open_existing, resolve_url, storage_label
 
     if spec_or_storage is None:  # the storage kept off the command line and out of the code
         import os
@@ -101,18 +100,18 @@ def load_results(spec_or_storage: str | Path | None = None, study: str | None = 
         study = spec.name
     else:
         url = target
-    if not is_rdb(url) and not Path(url).is_file():
+    try:
+        storage = open_existing(url)
+    except NotLaunched:
         what = "journal file (has the study been launched?)" if _is_spec(target) else "spec or journal file"
         raise WdstudyError(f"spec_or_storage={str(spec_or_storage)!r}: no such {what}"
-                           + (f" ({url})" if url != target else ""))
-    storage = open_storage(url)
+                           + (f" ({url})" if url != target else "")) from None
     if study is None:
         study = _only_study(storage, redact(target))
 
-    from .redact import redact
     from .report.tables import compute_tables, load_report_data
 
-    label = redact(url) if is_rdb(url) else shown(url)
+    label = storage_label(url)
     d = load_report_data(storage, study, label)
     compute_tables(d, importance=False)
     return Results(study, label, trials_frame(storage, study), evaluations_frame(storage, study),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WdstudyError
-from .storage import is_rdb
+from .storage import is_rdb, resolve_url, shown
 
 #: Slurm options that have their own flag here (``--slurm-arg`` must not set them behind its back).
 OWN_OPTIONS = ("array", "nodes", "ntasks", "gpus-per-node", "cpus-per-task", "partition", "time", "account",
@@ -165,7 +165,7 @@ def active_jobs(name: str) -> list[str]:
 
 def submit(spec_path: str, storage: str | None, o: SlurmOptions, dry_run: bool = False) -> int:
     """Validate the spec, create the cells, write and submit the batch scripts; print how to follow."""
-    from .launch import checked_spec, create_cells, shown
+    from .launch import checked_spec, create_cells
 
     o.check()
     spec, url = checked_spec(spec_path, storage)
@@ -217,18 +217,18 @@ def submit(spec_path: str, storage: str | None, o: SlurmOptions, dry_run: bool =
 
 def _remaining(spec, url: str) -> int:
     from .analysis import progress_frame
-    from .launch import _remaining_units
+    from .launch import remaining_units
     from .storage import open_storage
 
     df = progress_frame(open_storage(url), spec.name)
     # before its search ends a cell does not know its evaluation yet: unfinished budgets count
-    return _remaining_units(df) if not df.empty else 1
+    return remaining_units(df) if not df.empty else 1
 
 
 def finish(spec_path: str, storage: str | None) -> int:
     """What the final job runs: the exports, the summary and the report from the storage."""
     from .analysis import export
-    from .launch import resolve_url, shown, summary_text, write_report
+    from .launch import summary_text, write_report
     from .spec import load_spec
     from .storage import open_storage
 

@@ -41,6 +41,8 @@ from .redact import redact, remember
 if TYPE_CHECKING:  # optuna is imported where it is used: launch computes a URL before it
     import optuna
 
+    from .spec import StudySpec
+
 #: Lease settings (seconds); overridable by environment (tests, clusters with slow storage).
 LEASE_INTERVAL = float(os.environ.get("WDSTUDY_LEASE_INTERVAL", "10"))
 GRACE_PERIOD = float(os.environ.get("WDSTUDY_GRACE_PERIOD", "60"))
@@ -58,6 +60,36 @@ def is_rdb(url: str) -> bool:
     return "://" in url
 
 
+def shown(path) -> str:
+    """A path as a person would type it here: relative below the current folder, else absolute."""
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
+def resolve_url(spec: StudySpec, storage: str | None) -> str:
+    """``--storage``, else ``WDSTUDY_STORAGE`` (a URL kept off the command line), else the spec's
+    ``storage``, else ``OUTPUT/optuna.journal``."""
+    return storage or os.environ.get("WDSTUDY_STORAGE") or spec.storage or default_url(spec.output_dir())
+
+
+def storage_label(url: str) -> str:
+    """The storage as printed: a URL with its password hidden, or a journal path as typed."""
+    return redact(url) if is_rdb(url) else shown(url)
+
+
+class NotLaunched(WdstudyError):
+    """The storage of a study that was never launched: its journal file does not exist."""
+
+
+def open_existing(url: str) -> optuna.storages.BaseStorage:
+    """Open the storage of a study launched before (``status``, ``report``, ``dashboard``,
+    :func:`~wdstudy.results.load_results`): a database, or a journal file that exists — opening a
+    missing journal would create an empty one. Raises :class:`NotLaunched` when it does not exist."""
+    if not is_rdb(url) and not Path(url).exists():
+        raise NotLaunched(f"storage={url!r}: no such journal file (has the study been launched?)")
+    return open_storage(url)
+
+
 RDB_SCHEMES = ("postgresql", "sqlite")
 
 
@@ -73,12 +105,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     from .outage import StorageUnreachable, classify, reason, retrying
 
     remember(url)
-    shown = redact(url)
+    label = redact(url)
     if is_rdb(url):
         scheme = url.split("://", 1)[0].split("+", 1)[0]
         if scheme not in RDB_SCHEMES or url.startswith("sqlite://") and not url.startswith("sqlite:///"):
             raise WdstudyError(
-                f"storage={shown!r}: use postgresql://USER@HOST/DB (many machines), sqlite:///PATH, "
+                f"storage={label!r}: use postgresql://USER@HOST/DB (many machines), sqlite:///PATH, "
                 "or a journal file path (the default)"
             )
         try:
@@ -90,7 +122,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         except Exception as exc:  # bad URL, server down, missing driver
             kind = classify(exc)
             error = StorageUnreachable if kind == "transient" else WdstudyError
-            raise error(f"storage={shown!r}: cannot open ({reason(exc)})") from None
+            raise error(f"storage={label!r}: cannot open ({reason(exc)})") from None
     path = Path(url)
     if path.is_dir():
         raise WdstudyError(f"storage={url!r}: is a folder; give the journal file, e.g. {path / 'optuna.journal'}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .document import SECTIONS, build_document
+from .document import SECTIONS, build_document, study_header
 from .figures import render_all
 from .html import render_html
 from .pdf import render_pdf
@@ -60,6 +60,7 @@ def build_report(storage, study: str, out_dir: Path, storage_label: str) -> Repo
         (fig_dir / f"{f.key}.png").write_bytes(f.png)
         fig_paths.append(fig_dir / f"{f.key}.png")
     html_path, pdf_path = out_dir / "report.html", out_dir / "report.pdf"
-    html_path.write_text(render_html(d, sections))
-    render_pdf(d, sections, pdf_path)
+    head = study_header(d)
+    html_path.write_text(render_html(head, sections))
+    render_pdf(head, sections, pdf_path)
     return ReportPaths(html_path, pdf_path, fig_paths, tables)

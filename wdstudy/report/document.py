@@ -118,11 +118,30 @@ EMPTY = {"seeds": "No evaluation runs yet.", "curves": "No evaluation runs yet."
          "cells": "No cell yet.", "meaning": "No evaluation run with recorded mechanics yet."}
 
 
-def generated_line(d: ReportData) -> str:
-    if getattr(d, "generated", None):
-        return d.generated
-    return (f"Study {d.study}, read from the storage {d.storage_label} on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by wdstudy.")
+@dataclass(frozen=True)
+class DocumentHeader:
+    """The head of a report document, before its sections (the study report's and the claims report's)."""
+
+    #: what the document is about (a study's name): in the page title, the PDF's footer and its metadata
+    name: str
+    #: the first heading
+    title: str
+    #: the line under the heading: where the numbers come from and when the document was made
+    generated: str
+    #: a name closing the heading, set as code (the study's name)
+    code: str = ""
+
+    @property
+    def heading(self) -> str:
+        """The heading as plain text."""
+        return f"{self.title} {self.code}" if self.code else self.title
+
+
+def study_header(d: ReportData) -> DocumentHeader:
+    """The head of a study's report."""
+    return DocumentHeader(d.study, "Decoupled weight decay vs L2 regularization — study",
+                          f"Study {d.study}, read from the storage {d.storage_label} on "
+                          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by wdstudy.", code=d.study)
 
 
 def answer_intro(d: ReportData) -> str:

@@ -8,25 +8,26 @@ its task); arms keep one order and one colour everywhere (:mod:`.style`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+from .. import records as R
+from ..stats import mean_ci, tuning_curve
+from .style import arms_in, color, label, shrink
+from .tables import NEAR_LR, ReportData, search_order, top_trials
 
-from .. import records as R  # noqa: E402
-from ..stats import mean_ci, tuning_curve  # noqa: E402
-from .style import arms_in, color, label, shrink  # noqa: E402
-from .tables import NEAR_LR, ReportData, search_order, top_trials  # noqa: E402
-
-matplotlib.rcParams.update({"pdf.fonttype": 3, "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10,
-                            "legend.fontsize": 8, "axes.spines.top": False, "axes.spines.right": False})
+#: matplotlib settings of every report figure, applied while it is drawn and saved (:func:`drawing`)
+STYLE = {"pdf.fonttype": 3, "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8,
+         "axes.spines.top": False, "axes.spines.right": False}
 WIDTH = 7.4  # inches: the text width of an A4 page with 15 mm margins
 CMAP = "rocket_r"
 
@@ -43,6 +44,28 @@ class Figure:
     def __post_init__(self) -> None:
         # keys become file names and HTML ids: keep them to a safe alphabet
         self.key = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
+
+
+@contextlib.contextmanager
+def drawing() -> Iterator[None]:
+    """Where a report figure is drawn and saved: on the Agg canvas (no display needed), with
+    :data:`STYLE` (the settings of the caller's matplotlib are left as they were)."""
+    matplotlib.use("Agg")
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def panels(axes, groups: list[tuple[str, str]], arms: list[str], frame: pd.DataFrame) -> Iterator[tuple]:
+    """The panels of a grid with one row per (task, optimizer) of ``groups`` and one column per arm, each
+    with its row of ``frame`` (``task``, ``optimizer``, ``regularizer`` columns): ``(ax, row)``. A panel
+    whose arm has no row in ``frame`` is switched off."""
+    for (task, opt), line in zip(groups, axes):
+        for arm, ax in zip(arms, line):
+            rows = frame[(frame.task == task) & (frame.optimizer == opt) & (frame.regularizer == arm)]
+            if rows.empty:
+                ax.axis("off")
+                continue
+            yield ax, rows.iloc[0]
 
 
 def _fit(fig: plt.Figure, top: float = 1.0) -> None:
@@ -360,36 +383,30 @@ def fig_coupling(d: ReportData) -> Figure | None:
     groups = list(dict.fromkeys(zip(d.coupling.task, d.coupling.optimizer)))
     regs = arms_in(d.coupling.regularizer)
     fig, axes = plt.subplots(len(groups), len(regs), figsize=(WIDTH, 2.45 * len(groups) + 0.5), squeeze=False)
-    for i, (task, opt) in enumerate(groups):
-        for j, reg in enumerate(regs):
-            ax = axes[i][j]
-            row = d.coupling[(d.coupling.task == task) & (d.coupling.optimizer == opt) & (d.coupling.regularizer == reg)]
-            if row.empty:
-                ax.axis("off")
-                continue
-            r = row.iloc[0]
-            cell = d.cells[r.cell]
-            allc = d.complete(r.cell)
-            top = top_trials(d, r.cell)
-            lx, ly = np.log10(cell["lr_range"]), np.log10(cell["weight_decay_range"])
-            ax.scatter(np.log10(allc.lr.astype(float)), np.log10(allc.weight_decay.astype(float)), s=9, c="#cccccc")
-            ax.scatter(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float)), s=22, c=color(reg))
-            if len(top):
-                cx, cy = np.log10(top.lr.astype(float)).mean(), np.log10(top.weight_decay.astype(float)).mean()
-                ax.plot(lx, cy + 0 * (lx - cx), color="#777777", lw=0.8, ls=":")
-                ax.plot(lx, cy - (lx - cx), color="#777777", lw=0.8, ls="--")
-            if not math.isnan(r.slope):
-                ax.plot(lx, r.intercept + r.slope * lx, color="black", lw=1.2)
-            ax.set_xlim(*lx)
-            ax.set_ylim(*ly)
-            ax.set_title(f"{task} · {label(reg)}: slope {r.slope:.2f} [{r.slope_low:.2f}, {r.slope_high:.2f}]"
-                         if not math.isnan(r.slope) else f"{task} · {label(reg)}", fontsize=8)
-            ax.text(0.02, 0.03, r.reading, transform=ax.transAxes, fontsize=6.5, color="#333",
-                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
-            if i == len(groups) - 1:
-                ax.set_xlabel("log10 learning rate η")
-            if j == 0:
-                ax.set_ylabel("log10 λ")
+    for ax, r in panels(axes, groups, regs, d.coupling):
+        task, reg = r.task, r.regularizer
+        cell = d.cells[r.cell]
+        allc = d.complete(r.cell)
+        top = top_trials(d, r.cell)
+        lx, ly = np.log10(cell["lr_range"]), np.log10(cell["weight_decay_range"])
+        ax.scatter(np.log10(allc.lr.astype(float)), np.log10(allc.weight_decay.astype(float)), s=9, c="#cccccc")
+        ax.scatter(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float)), s=22, c=color(reg))
+        if len(top):
+            cx, cy = np.log10(top.lr.astype(float)).mean(), np.log10(top.weight_decay.astype(float)).mean()
+            ax.plot(lx, cy + 0 * (lx - cx), color="#777777", lw=0.8, ls=":")
+            ax.plot(lx, cy - (lx - cx), color="#777777", lw=0.8, ls="--")
+        if not math.isnan(r.slope):
+            ax.plot(lx, r.intercept + r.slope * lx, color="black", lw=1.2)
+        ax.set_xlim(*lx)
+        ax.set_ylim(*ly)
+        ax.set_title(f"{task} · {label(reg)}: slope {r.slope:.2f} [{r.slope_low:.2f}, {r.slope_high:.2f}]"
+                     if not math.isnan(r.slope) else f"{task} · {label(reg)}", fontsize=8)
+        ax.text(0.02, 0.03, r.reading, transform=ax.transAxes, fontsize=6.5, color="#333",
+                bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
+        if ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("log10 learning rate η")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("log10 λ")
     k = int(d.coupling.top_trials.max()) if len(d.coupling) else 0
     _fit(fig)
     return Figure("coupling", "coupling", "Coupling of λ and the learning rate", (
@@ -617,10 +634,12 @@ def figure_bytes(fig, pdf_dpi: float | str = 200) -> tuple[bytes, bytes]:
 
 
 def _render(d: ReportData, index: int) -> Rendered | None:
-    f = FIGURES[index](d)
-    if f is None:
-        return None
-    return Rendered(f.key, f.section, f.title, f.caption, f.alt, *figure_bytes(f.fig))
+    """The figure ``FIGURES[index]`` of ``d``, drawn and saved (None: nothing to draw)."""
+    with drawing():
+        f = FIGURES[index](d)
+        if f is None:
+            return None
+        return Rendered(f.key, f.section, f.title, f.caption, f.alt, *figure_bytes(f.fig))
 
 
 def warm_up() -> None:
@@ -630,17 +649,19 @@ def warm_up() -> None:
     workers train."""
     import seaborn as sns
 
-    fig, ax = plt.subplots(figsize=(3, 2))
-    points = ax.scatter([1e-3, 1e-2, 1e-1], [1e-6, 1e-4, 1e-2], c=[1, 2, 3], cmap=sns.color_palette(CMAP, as_cmap=True))
-    ax.plot([1e-3, 1e-1], [1e-6, 1e-2], "o-", label="L2 ★")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("learning rate η")
-    ax.set_ylabel("λ · η·λ (%) − ±")
-    ax.set_title("warm-up")
-    ax.legend()
-    fig.colorbar(points, ax=ax)
-    figure_bytes(fig)
+    with drawing():
+        fig, ax = plt.subplots(figsize=(3, 2))
+        points = ax.scatter([1e-3, 1e-2, 1e-1], [1e-6, 1e-4, 1e-2], c=[1, 2, 3],
+                            cmap=sns.color_palette(CMAP, as_cmap=True))
+        ax.plot([1e-3, 1e-1], [1e-6, 1e-2], "o-", label="L2 ★")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate η")
+        ax.set_ylabel("λ · η·λ (%) − ±")
+        ax.set_title("warm-up")
+        ax.legend()
+        fig.colorbar(points, ax=ax)
+        figure_bytes(fig)
 
 
 #: drawing cost, heaviest first: the two processes start on the long ones
@@ -661,25 +682,15 @@ def render_all(d: ReportData) -> list[Rendered]:
         fill_importance(d)
         out = [_render(d, i) for i in range(len(FIGURES))]
         return [r for r in out if r is not None]
+    import copy
     from concurrent.futures import ProcessPoolExecutor
 
-    global _DATA
-    _DATA = d  # inherited by the forked workers, not pickled
+    # the drawing processes get their own copy: fill_importance below rebinds d.importance meanwhile
+    shared = copy.copy(d)
     order = sorted((i for i in range(len(FIGURES)) if i != last), key=lambda i: COST.index(FIGURES[i].__name__))
-    try:
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as pool:
-            futures = {i: pool.submit(_render_inherited, i) for i in order}
-            fill_importance(d)
-            out = {last: _render(d, last)}
-            out.update({i: f.result() for i, f in futures.items()})
-    finally:
-        _DATA = None
+    with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork")) as pool:
+        futures = {i: pool.submit(_render, shared, i) for i in order}
+        fill_importance(d)
+        out = {last: _render(d, last)}
+        out.update({i: f.result() for i, f in futures.items()})
     return [out[i] for i in range(len(FIGURES)) if out[i] is not None]
-
-
-_DATA: ReportData | None = None
-
-
-def _render_inherited(index: int) -> Rendered | None:
-    assert _DATA is not None
-    return _render(_DATA, index)

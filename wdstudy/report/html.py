@@ -9,9 +9,8 @@ from __future__ import annotations
 import base64
 import html
 
-from .document import Listing, Para, Section, Table, generated_line
+from .document import DocumentHeader, Listing, Para, Section, Table
 from .figures import PNG_DPI, Rendered
-from .tables import ReportData
 
 CSS = """
 *{box-sizing:border-box}
@@ -37,14 +36,14 @@ pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.82em}
 """
 
 
-def render_html(d: ReportData, sections: list[Section]) -> str:
+def render_html(head: DocumentHeader, sections: list[Section]) -> str:
     e = html.escape
+    code = f" <code>{e(head.code)}</code>" if head.code else ""
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-             f"<title>wdstudy report: {e(d.study)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{e(d.title)}</h1>" if hasattr(d, "title") else
-             f"<h1>Decoupled weight decay vs L2 regularization — study <code>{e(d.study)}</code></h1>",
-             f"<p>{e(generated_line(d))}</p>",
+             f"<title>wdstudy report: {e(head.name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{e(head.title)}{code}</h1>",
+             f"<p>{e(head.generated)}</p>",
              "<nav>" + " ".join(f'<a href="#{e(s.key)}">{e(s.title)}</a>' for s in sections) + "</nav>"]
     for s in sections:
         parts.append(f'<h2 id="{e(s.key)}">{e(s.title)}</h2>')

@@ -126,7 +126,7 @@ def layer_curves(diag: pd.DataFrame, cell: str) -> pd.DataFrame:
 def _grid(d, value: str, ylabel: str, key: str, title: str, caption: str, alt: str):
     import matplotlib.pyplot as plt
 
-    from .figures import WIDTH, Figure, _fit
+    from .figures import WIDTH, Figure, _fit, panels
 
     diag = d.diagnostics
     if diag is None or diag.empty or not (diag.phase == "eval").any():
@@ -137,29 +137,24 @@ def _grid(d, value: str, ylabel: str, key: str, title: str, caption: str, alt: s
         return None
     fig, axes = plt.subplots(len(groups), len(arms), figsize=(WIDTH, 1.9 * len(groups) + 0.4), squeeze=False,
                              sharex="row")
-    for i, (task, opt) in enumerate(groups):
-        for j, arm in enumerate(arms):
-            ax = axes[i][j]
-            row = d.meaning[(d.meaning.task == task) & (d.meaning.optimizer == opt) & (d.meaning.regularizer == arm)]
-            if row.empty:
-                ax.axis("off")
-                continue
-            curves = layer_curves(diag, row.cell.iloc[0])
-            shades = np.linspace(0.35, 1.0, max(1, curves.layer.nunique()))
-            for shade, (layer, c) in zip(shades, curves.groupby("layer", sort=False)):
-                c = c[c[value].notna() & (c[value] > 0)]
-                ax.plot(c.epoch, c[value], "o-", ms=2.5, lw=1, color=color(arm), alpha=float(shade), label=layer)
-            if value == "angular_update":
-                pred = curves.groupby("step")[["epoch", "predicted_angular_update"]].mean().dropna()
-                if len(pred):
-                    ax.plot(pred.epoch, pred.predicted_angular_update, "k--", lw=1, label="predicted equilibrium")
-            ax.set_yscale("log")
-            ax.set_title(f"{task} · {label(arm)}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("epoch", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(ylabel, fontsize=7)
-            ax.legend(fontsize=5, loc="best")
+    for ax, row in panels(axes, groups, arms, d.meaning):
+        task, arm = row.task, row.regularizer
+        curves = layer_curves(diag, row.cell)
+        shades = np.linspace(0.35, 1.0, max(1, curves.layer.nunique()))
+        for shade, (layer, c) in zip(shades, curves.groupby("layer", sort=False)):
+            c = c[c[value].notna() & (c[value] > 0)]
+            ax.plot(c.epoch, c[value], "o-", ms=2.5, lw=1, color=color(arm), alpha=float(shade), label=layer)
+        if value == "angular_update":
+            pred = curves.groupby("step")[["epoch", "predicted_angular_update"]].mean().dropna()
+            if len(pred):
+                ax.plot(pred.epoch, pred.predicted_angular_update, "k--", lw=1, label="predicted equilibrium")
+        ax.set_yscale("log")
+        ax.set_title(f"{task} · {label(arm)}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("epoch", fontsize=7)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(ylabel, fontsize=7)
+        ax.legend(fontsize=5, loc="best")
     _fit(fig)
     return Figure(key, "meaning", title, caption, alt, fig)
 

@@ -20,9 +20,8 @@ from fpdf.fonts import FontFace
 from pypdf import PdfReader, PdfWriter
 from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, FloatObject, NameObject
 
-from .document import Listing, Para, Section, Table, generated_line
+from .document import DocumentHeader, Listing, Para, Section, Table
 from .figures import Rendered
-from .tables import ReportData
 
 MARGIN = 15.0  # mm
 PT_PER_MM = 72 / 25.4
@@ -51,16 +50,16 @@ class _Doc(FPDF):
         self.set_text_color(0)
 
 
-def render_pdf(d: ReportData, sections: list[Section], path: Path) -> None:
+def render_pdf(head: DocumentHeader, sections: list[Section], path: Path) -> None:
     pdf = _Doc(orientation="P", unit="mm", format="A4")
-    pdf.study = d.study
+    pdf.study = head.name
     pdf.set_margins(MARGIN, MARGIN, MARGIN)
     pdf.set_auto_page_break(True, margin=14)
     pdf.add_font("sans", "", str(FONT_DIR / "DejaVuSans.ttf"))
     pdf.add_font("sans", "B", str(FONT_DIR / "DejaVuSans-Bold.ttf"))
     pdf.add_font("sans", "I", str(FONT_DIR / "DejaVuSans-Oblique.ttf"))
     pdf.add_font("mono", "", str(FONT_DIR / "DejaVuSansMono.ttf"))
-    pdf.set_title(f"wdstudy report: {d.study}")
+    pdf.set_title(f"wdstudy report: {head.name}")
     pdf.set_subject("Decoupled weight decay vs L2 regularization: paired comparisons, (η, λ) landscapes, "
                     "coupling, search audits")
     pdf.set_author("wdstudy")
@@ -68,12 +67,10 @@ def render_pdf(d: ReportData, sections: list[Section], path: Path) -> None:
     pdf.set_keywords("weight decay, L2 regularization, AdamW, hyperparameter search, Optuna")
     pdf.add_page()
     pdf.set_font("sans", "B", 14)
-    title = getattr(d, "title", f"Decoupled weight decay vs L2 regularization — study {d.study}")
-    pdf.multi_cell(0, 6.5, title, align="L",
-                   new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 6.5, head.heading, align="L", new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("sans", "", 8)
     pdf.set_text_color(90)
-    pdf.multi_cell(0, 4, generated_line(d), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 4, head.generated, new_x="LMARGIN", new_y="NEXT")
     pdf.set_text_color(0)
     pdf.ln(2)
     placements: list[Placement] = []
@@ -108,7 +105,7 @@ def render_pdf(d: ReportData, sections: list[Section], path: Path) -> None:
         content.set_data(page.get_contents().get_data() + b"\n" + b"\n".join(ops) + b"\n")
         page.replace_contents(content)
         page.compress_content_streams()
-    writer.add_metadata({"/Title": f"wdstudy report: {d.study}", "/Subject": pdf.subject or "",
+    writer.add_metadata({"/Title": f"wdstudy report: {head.name}", "/Subject": pdf.subject or "",
                          "/Author": "wdstudy", "/Keywords": pdf.keywords or ""})
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
