@@ -2,8 +2,9 @@
 
 A cell (task × optimizer × regularizer) is one Optuna study; its race runs and its evaluation
 runs are two more, ``CELL/race`` and ``CELL/eval``. What each of the three phases queues and
-runs is its :mod:`~wdstudy.phases` object's; the proposals are :mod:`~wdstudy.proposals`'. Everything here runs in a worker (or the launcher) while it
-holds the :class:`~wdstudy.storage.StudyLock`, and imports no torch.
+runs is its :mod:`~wdstudy.phases` object's; the proposals are :mod:`~wdstudy.proposals`'.
+Everything here runs in a worker (or the launcher) while it holds the
+:class:`~wdstudy.storage.StudyLock`, and imports no torch.
 
 **Generations.** A cell's search proposes its trials in generations of ``search.batch``
 trials (a spec field, never derived from the number of workers). Generation ``g`` is
@@ -25,7 +26,8 @@ with another seed); a slot whose :data:`MAX_VARIANT` replacements fail too is gi
 an evaluation seed after as many failures: the study ends short of its budget, the launch
 exits 1 and the report counts what is missing, rather than retrying forever. Anything a
 crash could leave half done — a generation partly queued, a failed trial not yet re-queued,
-an evaluation study without its configuration — is repaired by :meth:`Cells.reserve` the next time it finds the cell idle.
+an evaluation study without its configuration — is repaired by :meth:`Cells.reserve` the next
+time it finds the cell idle.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def grows(stored: dict[str, Any], record: dict[str, Any]) -> bool:
     old_sel, new_sel = stored.get("selection"), record.get("selection")
     if (old_sel is None) != (new_sel is None):
         return False
-    if old_sel and (old_sel["top_k"] != new_sel["top_k"] or new_sel["seeds"][: len(old_sel["seeds"])] != old_sel["seeds"]):
+    if old_sel and new_sel and (old_sel["top_k"] != new_sel["top_k"]
+                                or new_sel["seeds"][: len(old_sel["seeds"])] != old_sel["seeds"]):
         return False
     old_ev, new_ev = stored.get("eval_seeds", []), record.get("eval_seeds", [])
     return record.get("budget", 0) >= stored.get("budget", 0) and new_ev[: len(old_ev)] == old_ev
@@ -228,6 +231,19 @@ class Cells:
             self._studies[name] = study
         return self._studies[name]
 
+    def existing_or_new(self, name: str) -> optuna.Study:
+        """The study ``name``, created if it does not exist yet."""
+        study = self.study(name, create=True)
+        assert study is not None
+        return study
+
+    def existing(self, name: str) -> optuna.Study:
+        """The study ``name``, which the engine created before asking for it."""
+        study = self.study(name)
+        if study is None:
+            raise WdstudyError(f"study {name!r} is missing from the storage (was it launched with this spec?)")
+        return study
+
     def supersede(self, name: str) -> None:
         """Keep a phase study's runs as ``NAME/superseded-K`` and remove ``NAME``, so that the phase is
         redone: a grown search changed a race's candidates, or a grown race changed the pick.
@@ -269,8 +285,7 @@ class Cells:
 
     def _reserve_in(self, cell: Cell) -> tuple[Unit | None, bool]:
         """The next unit of ``cell``'s first unfinished phase; ``(None, True)`` when it has none left."""
-        if self.study(cell.name) is None:
-            raise WdstudyError(f"study {cell.name!r} is missing from the storage (was it launched with this spec?)")
+        self.existing(cell.name)
         for phase in self.phases:
             if phase is self.search and cell.name in self._searched:
                 continue
@@ -284,7 +299,7 @@ class Cells:
                 self._searched.add(cell.name)
         state = self.rounds.next_round(self, cell)
         if state == "opened":
-            unit, _ = self._take_or_advance(cell, self.study(cell.eval_name), self.evaluation)
+            unit, _ = self._take_or_advance(cell, self.existing(cell.eval_name), self.evaluation)
             return unit, False
         return None, state == "done"
 
@@ -337,12 +352,13 @@ class Cells:
         if all(t.number != failed.number for t in same):
             same.append(failed)
         attrs = phase.retry_attrs(failed)
-        params = failed.params
+        params: dict[str, Any] = failed.params
         errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
         if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
-            params = phase.replacement(self, cell, failed, attrs, trials)
-            if params is None:
+            replacement = phase.replacement(self, cell, failed, attrs, trials)
+            if replacement is None:
                 return False  # given up (and reported): its study ends short of its budget
+            params = replacement
         if not attrs.get(R.VARIANT, 1):
             del attrs[R.VARIANT]
         study.enqueue_trial(params, user_attrs=attrs)
@@ -364,7 +380,7 @@ class Cells:
         existing = {s.study_name for s in self.storage.get_all_studies()}
         for name in self.spec.study_names():
             if name in existing:
-                study = self.study(name)
+                study = self.existing(name)
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 released += self._release_stale(study, running, dead_pids)
         return released

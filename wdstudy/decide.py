@@ -141,8 +141,8 @@ def replicate_evidence(pairs: Sequence[tuple[ArmRuns, ArmRuns]]) -> Evidence:
     with seeds nested in replicates). The test split is the same in every replicate, so its
     sampling variance (the seed- and replicate-averaged per-example difference / N) is added.
     """
-    per = [evidence(a, b) for a, b in pairs]
-    per = [(ev, a, b) for ev, (a, b) in zip(per, pairs) if ev.n >= 1 and _finite(ev.diff)]
+    per = [(ev, a, b) for ev, (a, b) in ((evidence(a, b), (a, b)) for a, b in pairs)
+           if ev.n >= 1 and _finite(ev.diff)]
     n = len(per)
     if n == 0:
         return Evidence(0, math.nan, math.nan, math.nan, math.nan, unit="replicates")
@@ -255,8 +255,8 @@ class Decision:
 
 def seeds_needed(ev: Evidence, margin: float, alpha: float, *, power: float = 0.8, confidence: float = 0.8,
                  stronger_than: str | None = None) -> float:
-    """Seeds (replicates, for replicate evidence) in total at which a decision would come out with probability ``power`` if the true
-    difference were the observed one: the fewest over "better" (two-sided), "equivalent" (two
+    """Seeds (replicates, for replicate evidence) in total at which a decision would come out with
+    probability ``power`` if the true difference were the observed one: the fewest over "better" (two-sided), "equivalent" (two
     one-sided tests) and "no worse" (one-sided). The per-seed spread (seed and test parts) is
     taken at an upper ``confidence`` bound (a spread from 5 seeds is itself uncertain; 0.5 gives
     the point estimate) and shrinks as 1/n; the pick's luck (the selection part) does not, so a

@@ -212,7 +212,7 @@ class RacePhase(Phase):
         race = cells.study(cell.race_name)
         if race is not None and R.CANDIDATES in race.user_attrs and cell.race_name in cells.checked:
             return race
-        top = ranked(cells.study(cell.name).get_trials(deepcopy=False))[: self.spec.selection.top_k]
+        top = ranked(cells.existing(cell.name).get_trials(deepcopy=False))[: self.spec.selection.top_k]
         if race is not None and R.CANDIDATES in race.user_attrs:
             cells.checked.add(cell.race_name)  # once per view: a spec grows only between launches
             if [c["trial"] for c in race.user_attrs[R.CANDIDATES]] == [t.number for t in top]:
@@ -224,7 +224,7 @@ class RacePhase(Phase):
         if not top:
             return None  # nothing to race: no search trial completed
         if race is None:
-            race = cells.study(cell.race_name, create=True)
+            race = cells.existing_or_new(cell.race_name)
             metric_names(race, self.spec.search.objective, cell)
         race.set_user_attr(R.CANDIDATES, [{"trial": t.number, "params": t.params, "value": t.value} for t in top])
         cells.checked.add(cell.race_name)
@@ -274,7 +274,7 @@ class EvalPhase(Phase):
         race_mean = None
         survivors: list[int] = []
         if self.spec.selection.races:
-            race = cells.study(cell.race_name)
+            race = cells.existing(cell.race_name)
             race_trials = race.get_trials(deepcopy=False)
             standings = race_standings(race.user_attrs[R.CANDIDATES], race_trials)
             pick = next((c for c in standings if c["chosen"]), None)
@@ -284,12 +284,12 @@ class EvalPhase(Phase):
             race_mean = pick["race_mean"]
             survivors = self.survivors(cell, standings, pick["rank"] - 1, race_trials)
         else:
-            best = best_trial(cells.study(cell.name).get_trials(deepcopy=False))
+            best = best_trial(cells.existing(cell.name).get_trials(deepcopy=False))
             if best is None:
                 return None  # nothing to evaluate: no search trial completed
             best_number, best_value, best_params = best.number, best.value, best.params
         if ev is None:
-            ev = cells.study(cell.eval_name, create=True)
+            ev = cells.existing_or_new(cell.eval_name)
             metric_names(ev, "test_error", cell)
         ev.set_user_attr(R.BEST_TRIAL, best_number)
         ev.set_user_attr(R.BEST_VALUE, best_value)
@@ -307,7 +307,7 @@ class EvalPhase(Phase):
         seeds to a grown fixed number of evaluation seeds."""
         attrs = ev.user_attrs
         if self.spec.selection.races:
-            race = cells.study(cell.race_name)
+            race = cells.existing(cell.race_name)
             race_trials = race.get_trials(deepcopy=False)
             standings = race_standings(race.user_attrs[R.CANDIDATES], race_trials)
             pick = next((c for c in standings if c["chosen"]), None)
@@ -317,7 +317,7 @@ class EvalPhase(Phase):
                                                                              race_trials):
                 return False
         else:
-            best = best_trial(cells.study(cell.name).get_trials(deepcopy=False))
+            best = best_trial(cells.existing(cell.name).get_trials(deepcopy=False))
             if best is None or best.number != attrs.get(R.BEST_TRIAL):
                 return False
         looks = self.spec.evaluation.looks()
@@ -339,8 +339,8 @@ class EvalPhase(Phase):
         sizes = []
         for t in race_trials:
             c, s = t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED)
-            if t.state == TrialState.COMPLETE and t.value is not None and s in seeds:
-                race[c][seeds.index(s)] = t.value
+            if t.state == TrialState.COMPLETE and t.value is not None and c is not None and s in seeds:
+                race[int(c)][seeds.index(s)] = t.value
                 sizes.append(t.user_attrs.get("val_size") or 0)
         is_rate = task_metric(cell.task.name).is_rate
         resolution = 1.0 / max(sizes) if is_rate and sizes and max(sizes) > 0 else 0.0
@@ -356,7 +356,7 @@ class EvalPhase(Phase):
         survivors = attrs.get(R.SURVIVORS)
         params = {None: attrs[R.BEST_PARAMS]}
         if survivors:
-            cands = cells.study(cell.race_name).user_attrs[R.CANDIDATES]
+            cands = cells.existing(cell.race_name).user_attrs[R.CANDIDATES]
             params = {c: cands[c]["params"] for c in survivors}
         queued = False
         for seed in self.seeds(cell).evaluation.seed_list(attrs.get(R.SEEDS_OPEN, self.spec.evaluation.max_seeds)):
@@ -418,7 +418,7 @@ class Rounds:
             return "done"
         nxt = next(n for n in looks if n > n_open)
         for c in group:  # every cell of the group moves on at once, its runs queued in this locked block
-            ev = cells.study(c.eval_name)
+            ev = cells.existing(c.eval_name)
             ev.set_user_attr(R.SEEDS_OPEN, nxt)
             self.evaluation.advance(cells, c, ev, ev.get_trials(deepcopy=False))
         return "opened"
@@ -442,13 +442,13 @@ class Rounds:
             trials = ev.get_trials(deepcopy=False)
             if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
                 return None, None
-            if self.evaluation.advance(cells, c, ev, trials):  # its open rounds are not all queued yet (or a run failed)
+            if self.evaluation.advance(cells, c, ev, trials):  # open rounds not all queued yet (or a run failed)
                 return None, None
             opened = ev.user_attrs.get(R.SEEDS_OPEN, looks[0])
             if n_open is not None and opened != n_open:
                 return None, None  # the group is being moved to the next round (repaired on the next call)
             n_open = opened
-            race = cells.study(c.race_name).get_trials(deepcopy=False) if self.spec.selection.races else None
+            race = cells.existing(c.race_name).get_trials(deepcopy=False) if self.spec.selection.races else None
             arms[c.regularizer] = arm_runs(self.spec.replica(c.replicate).selection.seed_list(), race, ev.user_attrs,
                                            trials)
         return arms, n_open

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from . import records as R
@@ -22,10 +23,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # -- the searched parameters ---------------------------------------------------------------------
 
-def distributions(spec: StudySpec, cell: Cell) -> dict[str, FloatDistribution]:
+def distributions(spec: StudySpec, cell: Cell) -> dict[str, BaseDistribution]:
     """The searched parameters of a cell: ``lr`` and (unless the arm is ``none``) the strength on
     its axis: ``weight_decay`` (λ), ``shrink`` or ``timescale`` (see ``records.DECAY_AXES``)."""
-    out = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
+    out: dict[str, BaseDistribution] = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
     wd = spec.weight_decay_range(cell.regularizer)
     if wd is not None:
         out[R.DECAY_AXES[wd.axis]] = FloatDistribution(wd.low, wd.high, log=True)
@@ -56,10 +57,12 @@ def grid_order(spec: StudySpec, cell: Cell) -> list[dict[str, float]]:
     import numpy as np
 
     s = spec.search
-    lrs = spec.search.lr.grid(s.grid_points)
+    n = s.grid_points
+    assert n is not None, "a grid search has grid_points (the spec validates it)"
+    lrs = spec.search.lr.grid(n)
     wd = spec.weight_decay_range(cell.regularizer)
-    key = R.DECAY_AXES[wd.axis] if wd else None
-    points = [{"lr": a, key: b} for a in lrs for b in wd.grid(s.grid_points)] if wd else [{"lr": a} for a in lrs]
+    points = ([{"lr": a, R.DECAY_AXES[wd.axis]: b} for a in lrs for b in wd.grid(n)] if wd
+              else [{"lr": a} for a in lrs])
     order = np.random.default_rng(s.seed).permutation(len(points))
     return [points[i] for i in order]
 
@@ -80,7 +83,7 @@ def propose(spec: StudySpec, cell: Cell, history: list[FrozenTrial], generation:
     if s.sampler == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        startup = s.startup_trials or min(10, max(1, s.trials // 3))
+        startup = s.startup_trials or min(10, max(1, (s.trials or 0) // 3))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
@@ -143,7 +146,9 @@ class GenerationPruner(optuna.pruners.BasePruner):
         self.inner = inner
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        return self.inner.prune(_EarlierGenerations(study, trial.user_attrs.get(R.GENERATION, 0)), trial)
+        # the pruners read a study's direction and trials only: a view of the earlier generations is one
+        view = cast(optuna.Study, _EarlierGenerations(study, trial.user_attrs.get(R.GENERATION, 0)))
+        return self.inner.prune(view, trial)
 
 
 class _EarlierGenerations:

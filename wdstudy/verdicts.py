@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
 from . import decide as D
@@ -34,7 +35,7 @@ def arm_runs(race_seeds: Sequence[int], race_trials: Sequence[FrozenTrial] | Non
         if t.state == TrialState.COMPLETE and t.value is not None:
             row[race_seeds.index(s)] = float(t.value)
     evals: dict[int, dict[int, float]] = {}
-    outcomes: dict[int, dict[int, object]] = {}
+    outcomes: dict[int, dict[int, np.ndarray]] = {}
     for t in ev_trials:
         if t.state != TrialState.COMPLETE or t.value is None:
             continue
@@ -82,7 +83,7 @@ def group_verdicts(arms: Mapping[str, D.ArmRuns | Sequence[D.ArmRuns]], pairs: S
     """Decisions for one task × optimizer: the primary pairs as one Holm family, the rest as another,
     at the level the α-spending gives the look ``n_open``. An arm given as a sequence holds its
     replicates' runs (the same order in every arm): its comparisons rest on the replicates' spread."""
-    primary = [tuple(p) for p in primary]
+    primary = [(p[0], p[1]) for p in primary]
     k = look_index(looks, n_open)
     level = D.look_alphas(alpha, list(looks))[k]
     out = []
