@@ -1,0 +1,49 @@
+"""Stored studies keep loading: a journal written by wdstudy 0.1.0, read by the current code.
+
+``tests/fixtures/journal-v0.1.0.log`` is the storage of ``tests/fixtures/study-v0.1.0.yaml``
+(one task, the arms none, L2, decoupled searched over its shrink η·λ, and L1; a race; two
+evaluation seeds), launched with wdstudy 0.1.0. Its ``summary`` and ``comparison`` tables, as
+that release computed them, are ``journal-v0.1.0-summary.csv`` and ``-comparison.csv``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import wdstudy
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """The 0.1.0 journal, copied (opening a journal may add a lock file next to it)."""
+    path = tmp_path_factory.mktemp("stored") / "optuna.journal"
+    shutil.copy(FIXTURES / "journal-v0.1.0.log", path)
+    return wdstudy.load_results(path)
+
+
+def test_stored_study_loads(stored):
+    assert stored.study == "fixture"
+    assert sorted(stored.trials.regularizer.unique()) == ["decoupled", "l1", "l2", "none"]
+    assert len(stored.trials) == 8 and (stored.trials.state == "COMPLETE").all()
+    assert len(stored.evaluations) == 8  # 4 cells x 2 seeds
+
+
+def test_stored_tables_are_those_of_the_release_that_wrote_them(stored):
+    assert stored.summary.to_csv(index=False) == (FIXTURES / "journal-v0.1.0-summary.csv").read_text()
+    assert stored.comparison.to_csv(index=False) == (FIXTURES / "journal-v0.1.0-comparison.csv").read_text()
+
+
+def test_stored_values(stored):
+    s = stored.summary.set_index("regularizer")
+    assert s.loc["decoupled", "decay_axis"] == "shrink"
+    assert s.loc["decoupled", "best_val"] == pytest.approx(0.7725)
+    assert s.loc["l2", "weight_decay"] == pytest.approx(0.0007257005721594283)
+    assert s.loc["none", "test_error"] == pytest.approx(0.837)
+    first = stored.comparison.iloc[0]
+    assert (first.arm, first.reference, first.family) == ("decoupled", "l2", "primary")
+    assert first.test_error_diff == pytest.approx(-0.016)
