@@ -90,7 +90,7 @@ def add_evaluation(spec: StudySpec, cell: Cell, storage, seeds: int, epochs: int
     ev.set_user_attr(R.BEST_VALUE, best.value)
     ev.set_user_attr(R.BEST_PARAMS, best.params)
     dists = distributions(spec, cell)
-    for s in cell_record(spec, cell)["eval_seeds"][:seeds]:
+    for s in cell_record(spec, cell).eval_seeds[:seeds]:
         m = _metrics(best.value, s, True, rng)
         ev.add_trial(create_trial(state=TrialState.COMPLETE, params=best.params, distributions=dists,
                                   value=m["test_error"],

@@ -47,3 +47,29 @@ def test_stored_values(stored):
     first = stored.comparison.iloc[0]
     assert (first.arm, first.reference, first.family) == ("decoupled", "l2", "primary")
     assert first.test_error_diff == pytest.approx(-0.016)
+
+
+def test_cell_records_read_as_stored_and_older_records_still_decode(tmp_path):
+    from wdstudy import records as R
+    from wdstudy.cells import cell_record
+    from wdstudy.spec import load_spec
+    from wdstudy.storage import open_storage
+
+    path = tmp_path / "optuna.journal"
+    shutil.copy(FIXTURES / "journal-v0.1.0.log", path)
+    stored = {s.study_name: s.user_attrs[R.CELL] for s in open_storage(str(path)).get_all_studies()
+              if R.CELL in s.user_attrs}
+    spec = load_spec(FIXTURES / "study-v0.1.0.yaml")
+    for cell in spec.cells():
+        record = R.CellRecord.from_dict(stored[cell.name])
+        assert record == cell_record(spec, cell)  # the spec still defines the cells it defined
+        assert record.to_dict() == stored[cell.name]  # and writes them as they were stored
+    shrink = R.CellRecord.from_dict(stored["fixture/mlp-mnist1d/adam/decoupled"])
+    assert shrink.searched_decay == ("shrink", (1e-5, 1e-1)) and shrink.task_name == "mlp-mnist1d"
+    assert shrink.selection == R.Race(2, (2000,)) and shrink.looks == (2,) and shrink.budget == 2
+    assert R.CellRecord.from_dict(stored["fixture/mlp-mnist1d/adam/none"]).searched_decay is None
+    # a record from before generations, rounds and races: no batch, eval_rounds, selection, decay_axis
+    old = {k: v for k, v in stored["fixture/mlp-mnist1d/adam/l2"].items() if k not in ("batch", "selection")}
+    record = R.CellRecord.from_dict(old)
+    assert record.batch is None and record.selection is None and record.race_seeds == ()
+    assert record.searched_decay == ("lambda", (1e-6, 1e-2)) and record.to_dict() == {**old, "batch": None}

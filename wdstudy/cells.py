@@ -55,8 +55,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # -- what a cell is ---------------------------------------------------------------------------
 
-def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
-    """What defines a cell; stored with its study, and checked again on resume.
+def cell_record(spec: StudySpec, cell: Cell) -> R.CellRecord:
+    """What defines a cell; stored with its study (:meth:`~wdstudy.records.CellRecord.to_dict`),
+    and checked again on resume.
 
     The task's ``precision`` is left out while it is the default (``32``), and so are the
     factory-task fields (``factory``, ``options``, ``accumulate_grad_batches``) while unset, so
@@ -72,29 +73,29 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     for key, default in {**FACTORY_ONLY, **LATER_FIELDS}.items():
         if task.get(key) == default:
             del task[key]
-    return {
-        "study": spec.name,
-        "task": task,
-        "optimizer": cell.optimizer.model_dump(mode="json"),
-        "regularizer": cell.regularizer,
-        "schedule": spec.schedule,
-        "decay_all": spec.decay_all,
-        "lr_range": [spec.search.lr.low, spec.search.lr.high],
-        "weight_decay_range": list(wd.lambda_range(spec.search.lr)) if wd else None,
+    looks = spec.evaluation.looks()
+    return R.CellRecord(
+        study=spec.name,
+        task=task,
+        optimizer=cell.optimizer.model_dump(mode="json"),
+        regularizer=cell.regularizer,
+        schedule=spec.schedule,
+        decay_all=spec.decay_all,
+        lr_range=(spec.search.lr.low, spec.search.lr.high),
+        weight_decay_range=wd.lambda_range(spec.search.lr) if wd else None,
         # only when λ is not the searched axis, so records of λ-searched studies stay as they were
-        **({R.DECAY_AXIS: {"axis": wd.axis, "range": [wd.low, wd.high]}} if wd and wd.axis != "lambda" else {}),
-        "sampler": spec.search.sampler,
-        "budget": spec.budget(cell.regularizer),
-        "batch": spec.search.batch,
-        "pruner": spec.search.pruner,
-        "seed": spec.search.seed,
-        "objective": spec.search.objective,
-        "eval_seeds": eval_seeds(spec),
+        decay_axis=(wd.axis, (wd.low, wd.high)) if wd and wd.axis != "lambda" else None,
+        sampler=spec.search.sampler,
+        budget=spec.budget(cell.regularizer),
+        batch=spec.search.batch,
+        pruner=spec.search.pruner,
+        seed=spec.search.seed,
+        objective=spec.search.objective,
+        eval_seeds=tuple(eval_seeds(spec)),
         # only with rounds, so records of studies with a fixed number of seeds stay as they were
-        **({"eval_rounds": spec.evaluation.looks()} if len(spec.evaluation.looks()) > 1 else {}),
-        **({"selection": {"top_k": spec.selection.top_k, "seeds": spec.selection.seed_list()}}
-           if spec.selection.races else {}),
-    }
+        eval_rounds=tuple(looks) if len(looks) > 1 else None,
+        selection=R.Race(spec.selection.top_k, tuple(spec.selection.seed_list())) if spec.selection.races else None,
+    )
 
 
 def eval_seeds(spec: StudySpec) -> list[int]:
@@ -129,7 +130,7 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> No
     versions = R.package_versions()
     for cell in spec.cells():
         study = optuna.create_study(study_name=cell.name, storage=storage, direction="minimize", load_if_exists=True)
-        record = cell_record(spec, cell)
+        record = cell_record(spec, cell).to_dict()
         stored = study.user_attrs.get(R.CELL)
         if stored is None:
             _metric_names(study, spec.search.objective, cell)
