@@ -629,3 +629,24 @@ def test_apply_refuses_gradients_the_scaler_has_not_unscaled():
     assert torch.equal(model.weight, w1)
     reg.apply(opt2, torch.amp.GradScaler("cpu", enabled=False))  # a disabled scaler is no scaler
     assert torch.equal(model.weight, w1 * (1 - 0.1 * 0.1))
+
+
+def test_each_arm_of_the_registry_has_one_callback_that_acts_as_its_kind_says():
+    from wdstudy.arms import ARMS, NAMES, PAIRS
+    from wdstudy.regularizers import REGULARIZERS, Regularizer
+    from wdstudy.report.style import ARMS as REPORT_ORDER
+    from wdstudy.spec import REGULARIZER_NAMES
+
+    assert tuple(REGULARIZERS) == NAMES == REGULARIZER_NAMES == REPORT_ORDER
+    with pytest.raises(TypeError):
+        Regularizer()  # abstract: an arm is one of its subclasses
+    model = nn.Linear(3, 2)
+    for arm in ARMS:
+        reg = REGULARIZERS[arm.name](0.0 if arm.kind == "none" else 0.1)
+        reg.attach(model, [])
+        assert reg.name == arm.name
+        assert reg.changes_weights == (arm.kind != "penalty"), arm.name
+        assert (reg.penalty() is not None) == (arm.kind == "penalty"), arm.name
+    # every regularized arm is compared with the baseline; decays with the penalty of their norm
+    assert {(a.name, "none") for a in ARMS if a.kind != "none"} <= set(PAIRS)
+    assert {("decoupled", "l2"), ("l1-decoupled", "l1"), ("independent", "decoupled")} <= set(PAIRS)

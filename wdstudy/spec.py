@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .arms import NAMES
 from .config import did_you_mean, validate
 from .errors import WdstudyError
 from .tasks import TRAINING_FIELDS, TaskConfig
@@ -31,8 +32,9 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
-#: The regularizer arms by registry name (``wdstudy.regularizers.REGULARIZERS`` has one class each).
-REGULARIZER_NAMES = ("none", "l2", "decoupled", "independent", "l1", "l1-decoupled")
+#: The regularizer arms by registry name (:mod:`wdstudy.arms`; ``wdstudy.regularizers.REGULARIZERS``
+#: has one class each).
+REGULARIZER_NAMES = NAMES
 #: Trials per generation when a spec does not say (never derived from the number of workers).
 DEFAULT_BATCH = 4
 

@@ -15,6 +15,8 @@ import optuna
 import pandas as pd
 
 from .. import records as R
+from ..arms import BY_NAME, PAIRS
+from ..cells import MAX_RETRY
 from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..stats import binomial_se, coupling, mean_ci, paired
 from ..tasks.names import Metric, task_metric
@@ -247,10 +249,6 @@ def survivor_range(d: ReportData, cell: str) -> tuple[float, float] | None:
 
 # -- comparisons -----------------------------------------------------------------------------
 
-#: (arm, reference) pairs compared where a study has both, as arm − reference
-PAIRS = [("decoupled", "l2"), ("independent", "l2"), ("independent", "decoupled"), ("l1-decoupled", "l1"),
-         ("l2", "none"), ("decoupled", "none"), ("independent", "none"), ("l1", "none"), ("l1-decoupled", "none")]
-
 
 def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
     if d.evals.empty:
@@ -473,15 +471,6 @@ def top_trials(d: ReportData, cell: str) -> pd.DataFrame:
     return t.nsmallest(k, "value")
 
 
-#: what a slope of log λ on log η means, per convention
-EXPECTED = {
-    "decoupled": "PyTorch's convention shrinks by η·λ per step: if that shrink is what matters, slope −1",
-    "l1-decoupled": "shrinks by η·λ per step: if that shrink is what matters, slope −1",
-    "independent": "shrinks by λ per step (times the schedule): the AdamW paper expects slope 0 (separable)",
-    "l2": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
-    "l1": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
-}
-
 
 def read_slope(n: int, slope: float, low: float, high: float) -> str:
     """What an interval on the coupling slope says: only what it excludes."""
@@ -497,6 +486,11 @@ def read_slope(n: int, slope: float, low: float, high: float) -> str:
     return f"neither 0 nor −1 (slope {slope:.2f})"
 
 
+def _convention(reg: str) -> str:
+    """What a slope of log λ on log η means under the arm's convention."""
+    return BY_NAME[reg].convention if reg in BY_NAME else ""
+
+
 def _coupling(d: ReportData) -> pd.DataFrame:
     rows = []
     for name, cell in d.cells.items():
@@ -510,7 +504,7 @@ def _coupling(d: ReportData) -> pd.DataFrame:
                      "slope": c.slope, "slope_low": c.slope_low, "slope_high": c.slope_high,
                      "spearman_rho": c.rho, "rho_low": c.rho_low, "rho_high": c.rho_high,
                      "intercept": c.intercept, "reading": read_slope(c.n, c.slope, c.slope_low, c.slope_high),
-                     "convention": EXPECTED.get(cell.regularizer, "")})
+                     "convention": _convention(cell.regularizer)})
     out = pd.DataFrame(rows)
     return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
 
@@ -570,8 +564,8 @@ def _status(d: ReportData) -> list[str]:
         )
     if failed:
         lines.append(f"{failed} run(s) failed (a worker was lost, or the run raised); each was queued again "
-                     "with the same parameters, a configuration failing 4 times was replaced by a new proposal, "
-                     "and the reasons are in trials.csv (reason, fail_kind).")
+                     f"with the same parameters, a configuration failing {MAX_RETRY + 1} times was replaced by a new "
+                     "proposal, and the reasons are in trials.csv (reason, fail_kind).")
     for r in (d.pruning.itertuples() if len(d.pruning) else []):
         if r.warning:
             lines.append(f"Cell {r.cell}: {r.warning}.")
