@@ -73,3 +73,15 @@ def test_cell_records_read_as_stored_and_older_records_still_decode(tmp_path):
     record = R.CellRecord.from_dict(old)
     assert record.batch is None and record.selection is None and record.race_seeds == ()
     assert record.searched_decay == ("lambda", (1e-6, 1e-2)) and record.to_dict() == {**old, "batch": None}
+
+
+def test_the_penalty_stored_under_its_old_name_is_read(stored):
+    """0.1.0 stored each run's penalty as ``l2_penalty`` (L2's or L1's; None for the decays)."""
+    t = stored.trials.set_index(["regularizer", "trial"])
+    assert "l2_penalty" not in stored.trials and "penalty" in stored.evaluations
+    assert t.loc[("l1", 0), "penalty"] == pytest.approx(0.007621, rel=1e-3)
+    assert t.loc[("l2", 0), "penalty"] == pytest.approx(0.005430, rel=1e-3)
+    assert stored.trials.penalty.notna().tolist() == stored.trials.regularizer.isin(["l2", "l1"]).tolist()
+    from wdstudy import records as R
+
+    assert R.history_row({"epoch": 0, "l2_penalty": 0.5}) == {"epoch": 0, "penalty": 0.5}

@@ -444,7 +444,7 @@ def test_every_arm_records_weight_norm_and_penalty_per_epoch(task, data, name):
     assert [row["epoch"] for row in reg.history] == list(range(EPOCHS))
     norms = [row["weight_norm"] for row in reg.history]
     assert all(math.isfinite(n) and n > 0 for n in norms)
-    assert norms[-1] == reg.weight_norm() and reg.history[-1]["l2_penalty"] == reg.penalty()
+    assert norms[-1] == reg.weight_norm() and reg.history[-1]["penalty"] == reg.penalty()
     assert (reg.penalty() is not None) == (name in ("l2", "l1"))
     if name in ("decoupled", "independent", "l1-decoupled"):
         assert norms[-1] < norms[0]  # strong decay shrinks the weights

@@ -180,7 +180,7 @@ def test_brought_module_is_measured_and_logs_its_curves():
     r = train_run(task, "adam", "l1-decoupled", 1e-2, 0.05, with_test=True, accelerator="cpu")
     assert r.metrics["steps"] == 2 * 6 and np.isfinite(r.metrics["gap_error"])
     assert [sorted(row) for row in r.history] == [
-        ["epoch", "l2_penalty", "lr", "train_loss_running", "val_error", "val_loss", "weight_norm"]] * 2
+        ["epoch", "lr", "penalty", "train_loss_running", "val_error", "val_loss", "weight_norm"]] * 2
     assert r.history[1]["lr"] < r.history[0]["lr"]  # the module followed the spec's cosine schedule
     assert 0 <= r.metrics["zero_fraction"] <= 1
 

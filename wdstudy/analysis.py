@@ -57,7 +57,7 @@ def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
             "end": t.datetime_complete,
         }
         for k in R.METRIC_KEYS:
-            row[k] = t.user_attrs.get(k)
+            row[k] = R.metric_of(t.user_attrs, k)
         if kind == "eval":
             if row["seed"] is None:
                 row["seed"] = t.user_attrs.get(R.SEED)

@@ -72,9 +72,30 @@ MECHANICS_KEYS = (
 )
 METRIC_KEYS = (
     "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
-    "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
+    "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "penalty",
     "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", DEVICE, "precision", "seed",
 ) + MECHANICS_KEYS
+
+#: metric and history keys that earlier releases stored under another name: {key: its old name}
+#: (``penalty``, the term an arm adds to the objective — L2's or L1's, None for the decays — was
+#: stored as ``l2_penalty``)
+OLD_NAMES = {"penalty": "l2_penalty"}
+
+
+def metric_of(attrs: dict[str, Any], key: str) -> Any:
+    """A trial's metric ``key`` from its user attributes, also from a trial an earlier release
+    stored under the key's old name (:data:`OLD_NAMES`)."""
+    value = attrs.get(key)
+    if value is None and key in OLD_NAMES:
+        value = attrs.get(OLD_NAMES[key])
+    return value
+
+
+def history_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One epoch of a stored :data:`HISTORY`, its keys under their current names."""
+    old = {v: k for k, v in OLD_NAMES.items()}
+    return {old.get(k, k): v for k, v in row.items()}
+
 
 # -- trials: system attributes ---------------------------------------------------------------
 OWNER = "owner"

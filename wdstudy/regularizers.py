@@ -118,7 +118,7 @@ class Regularizer(Callback, ABC):
         # optimizer id -> [(param_group, regularized params of that group)]
         self._groups: dict[int, list[tuple[dict, list[nn.Parameter]]]] = {}
         #: One row per finished training epoch: ``epoch``, ``weight_norm`` and
-        #: ``l2_penalty`` (the value of :meth:`penalty`, whichever norm the arm penalizes).
+        #: ``penalty`` (the value of :meth:`penalty`, whichever norm the arm penalizes).
         self.history: list[dict[str, float | int | None]] = []
 
     def __repr__(self) -> str:
@@ -163,9 +163,9 @@ class Regularizer(Callback, ABC):
         self.apply(optimizer, scaler=getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        squared = self.squared_norm()  # once per epoch: the norm and the L2 penalty both come from it
+        squared = self.squared_norm()  # once per epoch: the norm and an L2 penalty both come from it
         self.history.append({"epoch": trainer.current_epoch, "weight_norm": math.sqrt(squared),
-                             "l2_penalty": self.penalty(squared)})
+                             "penalty": self.penalty(squared)})
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:

@@ -14,7 +14,7 @@ unchanged.
   of the regularized weights;
 * at the end: train loss and error from a full pass over the training split in eval
   mode, validation (and, if asked, test) loss and error, the generalization gaps,
-  the L2 penalty (separately: all losses are the data loss alone) and wall time.
+  the penalty of the L2 or L1 arm (separately: all losses are the data loss alone) and wall time.
 
 Devices are honest: a run asked for the GPU accelerator trains on a GPU or raises
 :class:`DeviceUnavailable` (never a silent fall-back to the CPU); the final
@@ -703,7 +703,7 @@ def _train_run(
         m["gap_error"] = m["test_error"] - m["train_error"]
     squared = reg.squared_norm()
     m["weight_norm"] = math.sqrt(squared)
-    m["l2_penalty"] = reg.penalty(squared)
+    m["penalty"] = reg.penalty(squared)
     m["zero_fraction"] = reg.zero_fraction()
     m["val_size"] = len(data.val)
     m["epochs"] = trainer.current_epoch

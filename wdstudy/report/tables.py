@@ -147,7 +147,7 @@ def _histories(storage, studies) -> pd.DataFrame:
         for t in storage.get_all_trials(ev._study_id, deepcopy=False):
             if t.state != optuna.trial.TrialState.COMPLETE:
                 continue
-            for h in t.user_attrs.get(R.HISTORY, []):
+            for h in map(R.history_row, t.user_attrs.get(R.HISTORY, [])):
                 rows.append({"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
                              "regularizer": cell.regularizer, "seed": t.user_attrs.get(R.SEED), **h})
     return pd.DataFrame(rows)
