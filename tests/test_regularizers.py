@@ -36,7 +36,7 @@ from wdstudy.regularizers import (
     split_parameters,
 )
 from wdstudy.tasks import task_config
-from wdstudy.train import Classifier, OptimizerConfig, make_trainer
+from wdstudy.train import OptimizerConfig, SupervisedModule, make_trainer
 
 LAM = 0.05
 LR = 3e-3
@@ -58,7 +58,7 @@ def data(task):
     return task.load_data()
 
 
-class RefClassifier(Classifier):
+class RefClassifier(SupervisedModule):
     """The same module, with an optimizer built by a test-supplied factory."""
 
     opt_factory = None
