@@ -89,12 +89,6 @@ class LogRange(BaseModel):
         inner = [min(max(10 ** (a + (b - a) * i / (points - 1)), self.low), self.high) for i in range(1, points - 1)]
         return [self.low, *inner, self.high]
 
-    def at_edge(self, value: float, fraction: float = 0.05) -> bool:
-        """True if ``value`` lies within ``fraction`` of the range's width (in log) of an edge."""
-        span = math.log10(self.high) - math.log10(self.low)
-        x = (math.log10(value) - math.log10(self.low)) / span
-        return x <= fraction or x >= 1 - fraction
-
 
 class DecayRange(LogRange):
     """A λ range; for the decoupled arm it may instead range over the per-step shrink η·λ
@@ -394,6 +388,3 @@ def load_spec(path: str | Path) -> StudySpec:
         raise WdstudyError(f"{p}: (top level)={data!r}: a study spec is a mapping of keys")
     return validate(StudySpec, data, where=str(p))
 
-
-def spec_text(path: str | Path) -> str:
-    return Path(path).read_text()

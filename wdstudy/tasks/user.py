@@ -204,7 +204,7 @@ def build_user_task(path: str, options: dict[str, Any], *, lr: float, schedule: 
     """
     factory = resolve_factory(path)
     kwargs = dict(options)
-    for key, value in (("lr", lr), ("schedule", schedule)):
+    for key, value in zip(STUDY_KEYWORDS, (lr, schedule), strict=True):
         if _accepts(factory, key):
             if key in kwargs:
                 raise bad_value("factory", path, f"{key!r} is set by the study, not by an option of the task")
