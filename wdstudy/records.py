@@ -7,7 +7,7 @@ spells a key itself. Plain data only (no torch), so reading a study stays fast.
 Per study (user attributes):
 
 * search study ``STUDY/TASK/OPT/REG``: :data:`CELL` (what defines the cell, checked on
-  resume), :data:`VERSIONS`, :data:`SPEC_YAML`;
+  resume: a :class:`CellRecord`, read back with :func:`cell_of`), :data:`VERSIONS`, :data:`SPEC_YAML`;
 * race study ``.../race`` (where the spec races): :data:`CANDIDATES`, the search's best
   configurations re-run on new seeds;
 * evaluation study ``.../eval``: :data:`BEST_TRIAL`, :data:`BEST_VALUE`, :data:`RACE_MEAN`
@@ -21,7 +21,8 @@ Per trial:
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
   it too), the metrics :data:`METRIC_KEYS` (with the run's mechanics scalars,
-  :data:`MECHANICS_KEYS`), :data:`HISTORY` and :data:`MECHANICS` (per layer and checkpoint);
+  :data:`MECHANICS_KEYS`; read with :func:`metric_of`, which knows their older names),
+  :data:`HISTORY` (read with :func:`history_row`) and :data:`MECHANICS` (per layer and checkpoint);
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
