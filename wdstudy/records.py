@@ -232,14 +232,19 @@ class CellRecord:
         return cls(
             study=d.get("study", ""), task=d["task"], optimizer=d["optimizer"], regularizer=d["regularizer"],
             schedule=d.get("schedule", "cosine"), decay_all=bool(d.get("decay_all", False)),
-            lr_range=tuple(d["lr_range"]), weight_decay_range=None if wd is None else tuple(wd),
+            lr_range=_pair(d["lr_range"]), weight_decay_range=None if wd is None else _pair(wd),
             sampler=d.get("sampler", "tpe"), budget=int(d["budget"]), batch=d.get("batch"),
             pruner=d.get("pruner", "none"), seed=d.get("seed", 0), objective=d.get("objective", "val_error"),
             eval_seeds=tuple(d.get("eval_seeds") or ()),
-            decay_axis=(axis["axis"], tuple(axis["range"])) if axis else None,
+            decay_axis=(axis["axis"], _pair(axis["range"])) if axis else None,
             eval_rounds=tuple(rounds) if rounds else None,
             selection=Race(int(race["top_k"]), tuple(race["seeds"])) if race else None,
         )
+
+
+def _pair(values) -> tuple[float, float]:
+    low, high = values
+    return low, high
 
 
 def cell_of(attrs: dict[str, Any]) -> CellRecord | None:
