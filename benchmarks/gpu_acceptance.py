@@ -131,7 +131,7 @@ def main() -> int:
             where = f"{task.name} {reg} {task.precision}"
             if not str(m["device"]).startswith(dev):
                 raise RuntimeError(f"{where}: trained on {m['device']}")
-            bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v) and k != "l2_penalty"]
+            bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v) and k != "penalty"]
             if bad:
                 raise RuntimeError(f"{where}: not finite: {bad}")
             if m["steps"] != expected_steps(task):

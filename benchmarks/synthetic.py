@@ -36,7 +36,7 @@ def _history(epochs: int, final_val: float, rng) -> list[dict]:
         f = math.exp(-3 * (e + 1) / epochs)
         rows.append({"epoch": e, "lr": 1e-3, "val_loss": 2.3 * f + final_val, "val_error": min(0.9, final_val + 0.8 * f),
                      "train_loss_running": 2.3 * f + final_val * 0.5, "train_error_running": min(0.9, final_val * 0.5 + 0.8 * f),
-                     "weight_norm": 10 + 5 * (1 - f) + rng.normal(0, 0.1), "l2_penalty": None})
+                     "weight_norm": 10 + 5 * (1 - f) + rng.normal(0, 0.1), "penalty": None})
     return rows
 
 
@@ -44,7 +44,7 @@ def _metrics(value: float, seed: int, with_test: bool, rng) -> dict:
     train = max(0.0, value - 0.03 + rng.normal(0, 0.005))
     m = {"train_loss": train * 2, "train_error": train, "val_loss": value * 2, "val_error": value,
          "val_gap_loss": (value - train) * 2, "val_gap_error": value - train, "weight_norm": 12.0,
-         "l2_penalty": None, "epochs": 10, "steps": 290, "wall_time_s": 1.0, "device": "cpu", "seed": seed}
+         "penalty": None, "epochs": 10, "steps": 290, "wall_time_s": 1.0, "device": "cpu", "seed": seed}
     if with_test:
         test = value + rng.normal(0, 0.01)
         m.update(test_loss=test * 2, test_error=test, gap_loss=(test - train) * 2, gap_error=test - train)
@@ -90,7 +90,7 @@ def add_evaluation(spec: StudySpec, cell: Cell, storage, seeds: int, epochs: int
     ev.set_user_attr(R.BEST_VALUE, best.value)
     ev.set_user_attr(R.BEST_PARAMS, best.params)
     dists = distributions(spec, cell)
-    for s in cell_record(spec, cell)["eval_seeds"][:seeds]:
+    for s in cell_record(spec, cell).eval_seeds[:seeds]:
         m = _metrics(best.value, s, True, rng)
         ev.add_trial(create_trial(state=TrialState.COMPLETE, params=best.params, distributions=dists,
                                   value=m["test_error"],

@@ -34,7 +34,7 @@ def test_train_json_is_machine_readable():
     assert r.returncode == 0, r.stderr
     payload = json.loads(r.stdout)
     assert payload["task"]["width"] == 8
-    assert payload["metrics"]["l2_penalty"] > 0
+    assert payload["metrics"]["penalty"] > 0
     assert len(payload["history"]) == 1
 
 

@@ -217,9 +217,9 @@ def test_a_default_precision_leaves_the_cell_record_of_older_studies_unchanged(t
     from wdstudy.cells import cell_record
 
     spec = load_spec(write_spec(tmp_path))
-    assert "precision" not in cell_record(spec, spec.cells()[0])["task"]  # studies started before still resume
+    assert "precision" not in cell_record(spec, spec.cells()[0]).task  # studies started before still resume
     mixed = load_spec(write_spec(tmp_path, task_defaults={"epochs": 2, "precision": "16-mixed"}))
-    assert cell_record(mixed, mixed.cells()[0])["task"]["precision"] == "16-mixed"
+    assert cell_record(mixed, mixed.cells()[0]).task["precision"] == "16-mixed"
 
 
 # -- on a CUDA machine only ------------------------------------------------------------------------

@@ -297,9 +297,9 @@ def test_the_gpu_switches_are_spec_fields_that_leave_older_cell_records_unchange
     switched = load_spec(write_spec(tmp_path, name="sw", task_defaults={"epochs": 2, "deterministic": False,
                                                                           "tf32": True}))
     rec = cell_record(plain, plain.cells()[0])
-    assert "deterministic" not in rec["task"] and "tf32" not in rec["task"]
+    assert "deterministic" not in rec.task and "tf32" not in rec.task
     rec = cell_record(switched, switched.cells()[0])
-    assert rec["task"]["deterministic"] is False and rec["task"]["tf32"] is True
+    assert rec.task["deterministic"] is False and rec.task["tf32"] is True
     bad = write_spec(tmp_path, name="bad", task_defaults={"tf32": "sometimes"})
     r = cli("launch", str(bad), "--dry-run")
     assert r.returncode == 2 and "tf32" in r.stderr and "Traceback" not in r.stderr

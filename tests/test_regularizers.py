@@ -36,7 +36,7 @@ from wdstudy.regularizers import (
     split_parameters,
 )
 from wdstudy.tasks import task_config
-from wdstudy.train import Classifier, OptimizerConfig, make_trainer
+from wdstudy.train import OptimizerConfig, SupervisedModule, make_trainer
 
 LAM = 0.05
 LR = 3e-3
@@ -58,7 +58,7 @@ def data(task):
     return task.load_data()
 
 
-class RefClassifier(Classifier):
+class RefClassifier(SupervisedModule):
     """The same module, with an optimizer built by a test-supplied factory."""
 
     opt_factory = None
@@ -444,7 +444,7 @@ def test_every_arm_records_weight_norm_and_penalty_per_epoch(task, data, name):
     assert [row["epoch"] for row in reg.history] == list(range(EPOCHS))
     norms = [row["weight_norm"] for row in reg.history]
     assert all(math.isfinite(n) and n > 0 for n in norms)
-    assert norms[-1] == reg.weight_norm() and reg.history[-1]["l2_penalty"] == reg.penalty()
+    assert norms[-1] == reg.weight_norm() and reg.history[-1]["penalty"] == reg.penalty()
     assert (reg.penalty() is not None) == (name in ("l2", "l1"))
     if name in ("decoupled", "independent", "l1-decoupled"):
         assert norms[-1] < norms[0]  # strong decay shrinks the weights
@@ -666,3 +666,24 @@ def test_under_a_grad_scaler_no_regularizer_reads_a_tensor_on_the_host(name, mon
             assert torch.equal(model.weight, expect)
         else:  # a penalty adds to the gradient either way: the scaler then skips the step if it must
             assert not torch.equal(model.weight.grad, g0) or found_nan
+
+
+def test_each_arm_of_the_registry_has_one_callback_that_acts_as_its_kind_says():
+    from wdstudy.arms import ARMS, NAMES, PAIRS
+    from wdstudy.regularizers import REGULARIZERS, Regularizer
+    from wdstudy.report.style import ARMS as REPORT_ORDER
+    from wdstudy.spec import REGULARIZER_NAMES
+
+    assert set(REGULARIZERS) == set(NAMES) and NAMES == REGULARIZER_NAMES == REPORT_ORDER
+    with pytest.raises(TypeError):
+        Regularizer()  # abstract: an arm is one of its subclasses
+    model = nn.Linear(3, 2)
+    for arm in ARMS:
+        reg = REGULARIZERS[arm.name](0.0 if arm.kind == "none" else 0.1)
+        reg.attach(model, [])
+        assert reg.name == arm.name
+        assert reg.changes_weights == (arm.kind != "penalty"), arm.name
+        assert (reg.penalty() is not None) == (arm.kind == "penalty"), arm.name
+    # every regularized arm is compared with the baseline; decays with the penalty of their norm
+    assert {(a.name, "none") for a in ARMS if a.kind != "none"} <= set(PAIRS)
+    assert {("decoupled", "l2"), ("l1-decoupled", "l1"), ("independent", "decoupled")} <= set(PAIRS)

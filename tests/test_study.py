@@ -130,7 +130,7 @@ def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
     for col in ("train_loss", "train_error", "val_loss", "val_error", "val_gap_error", "weight_norm",
                 "wall_time_s", "device", "seed"):
         assert done[col].notna().all(), col
-    assert (done.l2_penalty.notna() == (done.regularizer == "l2")).all()
+    assert (done.penalty.notna() == (done.regularizer == "l2")).all()
     # λ stays inside each regularizer's own range
     l2 = done[done.regularizer == "l2"].weight_decay
     dec = done[done.regularizer == "decoupled"].weight_decay

@@ -251,12 +251,12 @@ def test_metrics_and_determinism():
         assert m[key] >= 0
     assert m["gap_error"] == pytest.approx(m["test_error"] - m["train_error"])
     assert m["gap_loss"] == pytest.approx(m["test_loss"] - m["train_loss"])
-    assert m["l2_penalty"] == pytest.approx(0.5 * 1e-3 * m["weight_norm"] ** 2)
+    assert m["penalty"] == pytest.approx(0.5 * 1e-3 * m["weight_norm"] ** 2)
     assert m["steps"] == 3 * 29 and m["epochs"] == 3 and m["device"] == "cpu"
     assert [row["epoch"] for row in a.history] == [0, 1, 2]
     for row in a.history:
         assert {"val_loss", "val_error", "train_loss_running", "train_error_running", "lr", "weight_norm",
-                "l2_penalty"} <= set(row)
+                "penalty"} <= set(row)
         assert 0 <= row["train_error_running"] <= 1
     # the final validation metrics are the last epoch's validation pass
     assert a.history[-1]["val_error"] == pytest.approx(m["val_error"])
@@ -270,7 +270,7 @@ def test_train_metrics_are_a_full_eval_pass_not_the_running_average():
     r = train_run(task, "adam", "none", 1e-3, 0.0, accelerator="cpu")
     # with dropout on during training, the running minibatch loss is worse than the eval pass
     assert r.metrics["train_loss"] < r.history[-1]["train_loss_running"]
-    assert r.metrics["l2_penalty"] is None
+    assert r.metrics["penalty"] is None
 
 
 def test_divergence_raises():

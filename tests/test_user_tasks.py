@@ -180,7 +180,7 @@ def test_brought_module_is_measured_and_logs_its_curves():
     r = train_run(task, "adam", "l1-decoupled", 1e-2, 0.05, with_test=True, accelerator="cpu")
     assert r.metrics["steps"] == 2 * 6 and np.isfinite(r.metrics["gap_error"])
     assert [sorted(row) for row in r.history] == [
-        ["epoch", "l2_penalty", "lr", "train_loss_running", "val_error", "val_loss", "weight_norm"]] * 2
+        ["epoch", "lr", "penalty", "train_loss_running", "val_error", "val_loss", "weight_norm"]] * 2
     assert r.history[1]["lr"] < r.history[0]["lr"]  # the module followed the spec's cosine schedule
     assert 0 <= r.metrics["zero_fraction"] <= 1
 
@@ -224,10 +224,10 @@ def test_cell_records_factory_and_options_and_refuses_a_changed_option(tmp_path)
     task = {"name": "mine", "factory": f"{EXAMPLE}:build", "hidden": 8, "epochs": 1}
     spec = load_spec(write(tmp_path, spec_dict(tmp_path, [task], task_defaults={"epochs": 3, "width": 64})))
     rec = cell_record(spec, spec.cells()[0])
-    assert rec["task"]["factory"] == f"{EXAMPLE}:build" and rec["task"]["options"] == {"hidden": 8}
-    assert rec["task"]["epochs"] == 1  # task_defaults give a factory task their training fields only
+    assert rec.task["factory"] == f"{EXAMPLE}:build" and rec.task["options"] == {"hidden": 8}
+    assert rec.task["epochs"] == 1  # task_defaults give a factory task their training fields only
     builtin = load_spec(write(tmp_path, spec_dict(tmp_path, ["mlp-mnist1d"]), "b.yaml"))
-    assert not {"factory", "options", "accumulate_grad_batches"} & set(cell_record(builtin, builtin.cells()[0])["task"])
+    assert not {"factory", "options", "accumulate_grad_batches"} & set(cell_record(builtin, builtin.cells()[0]).task)
     storage = open_storage(str(tmp_path / "j.journal"))
     ensure_studies(spec, storage)
     ensure_studies(spec, storage)  # unchanged: fine

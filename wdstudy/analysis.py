@@ -31,15 +31,15 @@ def cell_studies(storage, study: str) -> dict[str, tuple[optuna.study.StudySumma
     return dict(sorted(out.items()))
 
 
-def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
+def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
     rows = []
     for t in storage.get_all_trials(summary._study_id, deepcopy=False):
         row = {
             "cell": summary.study_name[: -len("/eval")] if kind == "eval" else summary.study_name,
-            "task": cell["task"]["name"],
-            "optimizer": cell["optimizer"]["name"],
-            "regularizer": cell["regularizer"],
-            "metric": task_metric(cell["task"]["name"]).key,  # what the *_error columns hold: error or mse
+            "task": cell.task_name,
+            "optimizer": cell.optimizer_name,
+            "regularizer": cell.regularizer,
+            "metric": task_metric(cell.task_name).key,  # what the *_error columns hold: error or mse
             "trial": t.number,
             "state": t.state.name,
             "value": t.value,
@@ -57,7 +57,7 @@ def _rows(storage, summary, cell: dict, kind: str) -> list[dict]:
             "end": t.datetime_complete,
         }
         for k in R.METRIC_KEYS:
-            row[k] = t.user_attrs.get(k)
+            row[k] = R.metric_of(t.user_attrs, k)
         if kind == "eval":
             if row["seed"] is None:
                 row["seed"] = t.user_attrs.get(R.SEED)
@@ -74,7 +74,7 @@ def trials_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
         chosen = ev.user_attrs.get(R.BEST_TRIAL) if ev is not None else None
-        cell_rows = _rows(storage, s, s.user_attrs[R.CELL], "search")
+        cell_rows = _rows(storage, s, R.cell_of(s.user_attrs), "search")
         for row in cell_rows:
             row["chosen"] = row["trial"] == chosen  # the configuration its evaluation retrains
         rows += cell_rows
@@ -122,7 +122,7 @@ def evaluations_frame(storage, study: str, survivors: bool = False) -> pd.DataFr
     rows = []
     for name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
-            rows += _rows(storage, ev, s.user_attrs[R.CELL], "eval")
+            rows += _rows(storage, ev, R.cell_of(s.user_attrs), "eval")
     out = pd.DataFrame(rows)
     if not survivors and len(out):
         out = out[out["pick"]].reset_index(drop=True)
@@ -159,7 +159,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     races = race_studies(storage, study)
     for name, (s, ev) in cell_studies(storage, study).items():
-        cell = s.user_attrs[R.CELL]
+        cell = R.cell_of(s.user_attrs)
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
         counts = {st: 0 for st in STATES}
         best = math.inf
@@ -168,19 +168,18 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
             if t.state == TrialState.COMPLETE and t.value is not None:
                 best = min(best, t.value)
         ev_done = 0
-        looks = cell.get("eval_rounds") or [len(cell["eval_seeds"])]
-        ev_total = looks[0]  # runs of the first round; survivors and later rounds add to it once known
+        ev_total = cell.looks[0]  # runs of the first round; survivors and later rounds add to it once known
         if ev is not None:
             ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
             if R.BEST_PARAMS in ev.user_attrs:
                 ev_total = (len(ev.user_attrs.get(R.SURVIVORS) or [0])
-                            * ev.user_attrs.get(R.SEEDS_OPEN, len(cell["eval_seeds"])))
-        searched = counts["COMPLETE"] + counts["PRUNED"] >= cell["budget"] and not counts["RUNNING"]
-        selection = cell.get("selection")
+                            * ev.user_attrs.get(R.SEEDS_OPEN, len(cell.eval_seeds)))
+        searched = counts["COMPLETE"] + counts["PRUNED"] >= cell.budget and not counts["RUNNING"]
+        selection = cell.selection
         # the race runs the search's best top_k completed trials: as many as there are, once it is searched
-        pool = counts["COMPLETE"] if searched else cell["budget"]
-        race_total = min(selection["top_k"], pool) * len(selection["seeds"]) if selection else 0
+        pool = counts["COMPLETE"] if searched else cell.budget
+        race_total = min(selection.top_k, pool) * len(selection.seeds) if selection else 0
         race_done = 0
         if name in races:
             race_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -189,7 +188,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
             ev_total = race_total = 0  # nothing to race or evaluate: every search trial was pruned
         rows.append({
             "cell": name[len(study) + 1 :],
-            "budget": cell["budget"],
+            "budget": cell.budget,
             "done": counts["COMPLETE"] + counts["PRUNED"],
             **{st.lower(): counts[st] for st in STATES},
             "best": None if best == math.inf else best,
@@ -211,7 +210,7 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     summaries = {s.study_name: s for s in storage.get_all_studies()}
     for name, (s, _) in cell_studies(storage, study).items():
-        cell = s.user_attrs[R.CELL]
+        cell = R.cell_of(s.user_attrs)
         for phase, key in (("search", name), ("race", f"{name}/race"), ("eval", f"{name}/eval")):
             if key not in summaries:
                 continue
@@ -220,8 +219,8 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
                 if not table or not t.params:
                     continue
                 pick = summaries[key].user_attrs.get(R.PICK) if phase == "eval" else None
-                head = {"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
-                        "regularizer": cell["regularizer"], "phase": phase, "trial": t.number,
+                head = {"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
+                        "regularizer": cell.regularizer, "phase": phase, "trial": t.number,
                         # an evaluation run of the race's pick (survivors are evaluated too)
                         "pick": phase == "eval" and t.user_attrs.get(R.CANDIDATE, pick) == pick,
                         "state": t.state.name, "seed": t.user_attrs.get(R.SEED, t.user_attrs.get("seed")),

@@ -54,8 +54,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # -- what a cell is ---------------------------------------------------------------------------
 
-def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
-    """What defines a cell; stored with its study, and checked again on resume.
+def cell_record(spec: StudySpec, cell: Cell) -> R.CellRecord:
+    """What defines a cell; stored with its study (:meth:`~wdstudy.records.CellRecord.to_dict`),
+    and checked again on resume.
 
     The task's ``precision`` is left out while it is the default (``32``), and so are the
     factory-task fields (``factory``, ``options``, ``accumulate_grad_batches``) while unset, so
@@ -72,30 +73,30 @@ def cell_record(spec: StudySpec, cell: Cell) -> dict[str, Any]:
     for key, default in {**FACTORY_ONLY, **LATER_FIELDS}.items():
         if task.get(key) == default:
             del task[key]
-    return {
-        "study": spec.name,
-        "task": task,
-        "optimizer": cell.optimizer.model_dump(mode="json"),
-        "regularizer": cell.regularizer,
-        "schedule": spec.schedule,
-        "decay_all": spec.decay_all,
-        "lr_range": [spec.search.lr.low, spec.search.lr.high],
-        "weight_decay_range": list(wd.lambda_range(spec.search.lr)) if wd else None,
+    looks = spec.evaluation.looks()
+    return R.CellRecord(
+        study=spec.name,
+        task=task,
+        optimizer=cell.optimizer.model_dump(mode="json"),
+        regularizer=cell.regularizer,
+        schedule=spec.schedule,
+        decay_all=spec.decay_all,
+        lr_range=(spec.search.lr.low, spec.search.lr.high),
+        weight_decay_range=wd.lambda_range(spec.search.lr) if wd else None,
         # only when λ is not the searched axis, so records of λ-searched studies stay as they were
-        **({R.DECAY_AXIS: {"axis": wd.axis, "range": [wd.low, wd.high]}} if wd and wd.axis != "lambda" else {}),
-        "sampler": spec.search.sampler,
-        "budget": spec.budget(cell.regularizer),
-        "batch": spec.search.batch,
-        "pruner": spec.search.pruner,
-        "seed": spec.search.seed,
-        "objective": spec.search.objective,
-        "eval_seeds": eval_seeds(spec),
+        decay_axis=(wd.axis, (wd.low, wd.high)) if wd and wd.axis != "lambda" else None,
+        sampler=spec.search.sampler,
+        budget=spec.budget(cell.regularizer),
+        batch=spec.search.batch,
+        pruner=spec.search.pruner,
+        seed=spec.search.seed,
+        objective=spec.search.objective,
+        eval_seeds=tuple(eval_seeds(spec)),
         # only with rounds, so records of studies with a fixed number of seeds stay as they were
-        **({"eval_rounds": spec.evaluation.looks()} if len(spec.evaluation.looks()) > 1 else {}),
-        **({"selection": {"top_k": spec.selection.top_k, "seeds": spec.selection.seed_list()}}
-           if spec.selection.races else {}),
-        **({"replicate": cell.replicate} if cell.replicate else {}),
-    }
+        eval_rounds=tuple(looks) if len(looks) > 1 else None,
+        selection=R.Race(spec.selection.top_k, tuple(spec.selection.seed_list())) if spec.selection.races else None,
+        replicate=cell.replicate,
+    )
 
 
 def eval_seeds(spec: StudySpec) -> list[int]:
@@ -108,19 +109,18 @@ GROWABLE = ("budget", "selection", "eval_seeds", "eval_rounds")
 
 
 def grows(stored: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether ``record`` only grows ``stored``: more search trials, race seeds or evaluation seeds
-    (each stored seed kept, in its place), nothing else changed."""
+    """Whether ``record`` only grows ``stored`` (both stored mappings): more search trials, race
+    seeds or evaluation seeds (each stored seed kept, in its place), nothing else changed."""
     changed = {k for k in set(stored) | set(record) if stored.get(k) != record.get(k)}
     if not changed or not changed <= set(GROWABLE):
         return False
-    old_sel, new_sel = stored.get("selection"), record.get("selection")
-    if (old_sel is None) != (new_sel is None):
+    old, new = R.CellRecord.from_dict(stored), R.CellRecord.from_dict(record)
+    if (old.selection is None) != (new.selection is None):
         return False
-    if old_sel and new_sel and (old_sel["top_k"] != new_sel["top_k"]
-                                or new_sel["seeds"][: len(old_sel["seeds"])] != old_sel["seeds"]):
+    if old.selection and new.selection and (old.selection.top_k != new.selection.top_k
+                                            or new.selection.seeds[: len(old.selection.seeds)] != old.selection.seeds):
         return False
-    old_ev, new_ev = stored.get("eval_seeds", []), record.get("eval_seeds", [])
-    return record.get("budget", 0) >= stored.get("budget", 0) and new_ev[: len(old_ev)] == old_ev
+    return new.budget >= old.budget and new.eval_seeds[: len(old.eval_seeds)] == old.eval_seeds
 
 
 def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> list[str]:
@@ -135,7 +135,7 @@ def ensure_studies(spec: StudySpec, storage, spec_yaml: str | None = None) -> li
     grown = []
     for cell in spec.cells():
         study = optuna.create_study(study_name=cell.name, storage=storage, direction="minimize", load_if_exists=True)
-        record = cell_record(spec, cell)
+        record = cell_record(spec, cell).to_dict()
         stored = study.user_attrs.get(R.CELL)
         if stored is None:
             metric_names(study, spec.search.objective, cell)
@@ -169,7 +169,7 @@ def spec_drift(spec: StudySpec, storage) -> str | None:
     cells = [c for c in spec.cells() if stored.get(c.name) is not None]
     growing = True
     for cell in cells:
-        old, new = stored[cell.name], cell_record(spec, cell)
+        old, new = stored[cell.name], cell_record(spec, cell).to_dict()
         if old != new:
             changed |= {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
             growing &= grows(old, new)

@@ -40,6 +40,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .arms import BY_NAME
     from .tasks import task_config
     from .train import DivergedError, optimizer_config, train_run
 
@@ -93,9 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  gap ({ref} − train): loss {m[prefix + 'gap_loss']:+.4f}, "
         + (f"error {100 * gap:+.2f} points" if metric.is_rate else f"MSE {gap:+.4f}")
     )
+    arm = BY_NAME[args.regularizer]
+    penalty = f"{arm.norm} penalty" if arm.kind == "penalty" else "penalty"  # L2's or L1's; none for the decays
     print(
-        f"  regularized-weight norm {m['weight_norm']:.4f} · L2 penalty "
-        f"{_fmt(m['l2_penalty'], 6)} · {m['steps']} steps in {m['wall_time_s']:.1f} s"
+        f"  regularized-weight norm {m['weight_norm']:.4f} · {penalty} "
+        f"{_fmt(m['penalty'], 6)} · {m['steps']} steps in {m['wall_time_s']:.1f} s"
     )
     return 0
 

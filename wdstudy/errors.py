@@ -20,6 +20,15 @@ def bad_value(field: str, value: object, why: str, where: str | None = None) -> 
     return WdstudyError(f"{prefix}{field}={value!r}: {why}")
 
 
+def one_line(exc: BaseException, kind: bool = True) -> str:
+    """An exception in one line: ``Type: the first line of its message`` (with ``kind=False``
+    the first line alone), or its type's name when it has no message."""
+    text = str(exc).strip().splitlines()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text[0]}" if kind else text[0]
+
+
 def check_number(value: object, field: str, *, positive: bool = False) -> float:
     """``value`` as a float if it is finite and >= 0 (> 0 with ``positive``), else a clear error."""
     try:

@@ -41,11 +41,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from .arms import WEIGHT_DECAYS
 from .records import MECHANICS_KEYS
 from .regularizers import NORM_LAYERS, split_parameters
 
 #: arms whose shrink is a multiple of the weights, outside the optimizer (decoupled decay)
-DECOUPLED = ("decoupled", "independent")
+DECOUPLED = WEIGHT_DECAYS
 #: the angle is measured on at most one step in this many (the cost of a measurement is a few
 #: optimizer steps' worth of small operations on the regularized tensors)
 MIN_EVERY = 8

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import WdstudyError
+from .errors import WdstudyError, one_line
 from .tasks.names import DATASETS
 
 #: Files a dataset read by torchvision needs under ``data_dir`` (torchvision's own on-disk layout).
@@ -143,7 +143,7 @@ def check_storage(url: str) -> None:
         try:
             psycopg.connect(dsn, connect_timeout=10).close()
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = one_line(exc, kind=False)
             raise WdstudyError(f"storage={redact(url)!r}: cannot connect ({redact(first)})") from None
 
 

@@ -7,7 +7,7 @@ spells a key itself. Plain data only (no torch), so reading a study stays fast.
 Per study (user attributes):
 
 * search study ``STUDY/TASK/OPT/REG``: :data:`CELL` (what defines the cell, checked on
-  resume), :data:`VERSIONS`, :data:`SPEC_YAML`;
+  resume: a :class:`CellRecord`, read back with :func:`cell_of`), :data:`VERSIONS`, :data:`SPEC_YAML`;
 * race study ``.../race`` (where the spec races): :data:`CANDIDATES`, the search's best
   configurations re-run on new seeds;
 * evaluation study ``.../eval``: :data:`BEST_TRIAL`, :data:`BEST_VALUE`, :data:`RACE_MEAN`
@@ -21,7 +21,8 @@ Per trial:
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
   it too), the metrics :data:`METRIC_KEYS` (with the run's mechanics scalars,
-  :data:`MECHANICS_KEYS`), :data:`HISTORY` and :data:`MECHANICS` (per layer and checkpoint);
+  :data:`MECHANICS_KEYS`; read with :func:`metric_of`, which knows their older names),
+  :data:`HISTORY` (read with :func:`history_row`) and :data:`MECHANICS` (per layer and checkpoint);
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 # -- studies ---------------------------------------------------------------------------------
 CELL = "cell"
@@ -70,9 +73,30 @@ MECHANICS_KEYS = (
 )
 METRIC_KEYS = (
     "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error",
-    "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "l2_penalty",
+    "val_gap_loss", "val_gap_error", "gap_loss", "gap_error", "weight_norm", "penalty",
     "zero_fraction", "val_size", "epochs", "steps", "wall_time_s", DEVICE, "precision", "seed",
 ) + MECHANICS_KEYS
+
+#: metric and history keys that earlier releases stored under another name: {key: its old name}
+#: (``penalty``, the term an arm adds to the objective — L2's or L1's, None for the decays — was
+#: stored as ``l2_penalty``)
+OLD_NAMES = {"penalty": "l2_penalty"}
+
+
+def metric_of(attrs: dict[str, Any], key: str) -> Any:
+    """A trial's metric ``key`` from its user attributes, also from a trial an earlier release
+    stored under the key's old name (:data:`OLD_NAMES`)."""
+    value = attrs.get(key)
+    if value is None and key in OLD_NAMES:
+        value = attrs.get(OLD_NAMES[key])
+    return value
+
+
+def history_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One epoch of a stored :data:`HISTORY`, its keys under their current names."""
+    old = {v: k for k, v in OLD_NAMES.items()}
+    return {old.get(k, k): v for k, v in row.items()}
+
 
 # -- trials: system attributes ---------------------------------------------------------------
 OWNER = "owner"
@@ -106,12 +130,132 @@ def axis_value(axis: str, lr: float, wd: float) -> float:
     return {"lambda": wd, "shrink": lr * wd, "timescale": 1.0 / (lr * wd) if lr * wd else float("inf")}[axis]
 
 
-def searched_decay(cell: dict) -> tuple[str, list[float]] | None:
-    """A cell record's searched strength axis and its range (None for the ``none`` arm)."""
-    if cell.get("weight_decay_range") is None:
-        return None
-    extra = cell.get(DECAY_AXIS)
-    return (extra["axis"], extra["range"]) if extra else ("lambda", cell["weight_decay_range"])
+# -- the cell record ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Race:
+    """A cell record's race: its ``top_k`` candidates re-run on the race ``seeds``."""
+
+    top_k: int
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """What defines a cell (:data:`CELL`, written by ``wdstudy.cells.cell_record``), checked
+    again on resume and read by the analysis and the report.
+
+    Stored as a plain mapping (:meth:`to_dict`) in the search study's user attributes;
+    :meth:`from_dict` reads it back, also from studies stored by earlier releases. ``task`` and
+    ``optimizer`` are the task's and optimizer's fields as stored (``task["name"]``,
+    ``task["epochs"]``, a factory task's ``factory`` and ``options``, ...): read them, never
+    change them.
+    """
+
+    study: str
+    task: dict[str, Any] = field(hash=False)
+    optimizer: dict[str, Any] = field(hash=False)
+    regularizer: str
+    schedule: str
+    decay_all: bool
+    lr_range: tuple[float, float]
+    #: every λ the search can reach (None for the ``none`` arm)
+    weight_decay_range: tuple[float, float] | None
+    sampler: str
+    budget: int
+    #: trials per generation (None in records of studies started before generations)
+    batch: int | None
+    pruner: str
+    seed: int
+    objective: str
+    #: every evaluation seed a cell may run (with rounds: up to their ``max``)
+    eval_seeds: tuple[int, ...]
+    #: the searched strength axis and its range, when it is not λ (``shrink`` or ``timescale``)
+    decay_axis: tuple[str, tuple[float, float]] | None = None
+    #: the seed counts after which a decision is taken, when the evaluation runs in rounds
+    eval_rounds: tuple[int, ...] | None = None
+    #: the race, when the spec races
+    selection: Race | None = None
+    #: which repeat of the cell's pipeline (the spec's ``replicates``); 0, the first, is not stored
+    replicate: int = 0
+
+    @property
+    def task_name(self) -> str:
+        return self.task["name"]
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer["name"]
+
+    @property
+    def looks(self) -> tuple[int, ...]:
+        """The seed counts after which a decision is taken (one look without rounds)."""
+        return self.eval_rounds or (len(self.eval_seeds),)
+
+    @property
+    def race_seeds(self) -> tuple[int, ...]:
+        """The race's seeds (none without a race)."""
+        return self.selection.seeds if self.selection else ()
+
+    @property
+    def searched_decay(self) -> tuple[str, tuple[float, float]] | None:
+        """The searched strength axis and its range (None for the ``none`` arm)."""
+        if self.weight_decay_range is None:
+            return None
+        return self.decay_axis or ("lambda", self.weight_decay_range)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: JSON-ready, and the optional keys only when set, so the records of
+        studies that never used them stay as those studies stored them."""
+        out = {
+            "study": self.study, "task": self.task, "optimizer": self.optimizer, "regularizer": self.regularizer,
+            "schedule": self.schedule, "decay_all": self.decay_all, "lr_range": list(self.lr_range),
+            "weight_decay_range": None if self.weight_decay_range is None else list(self.weight_decay_range),
+        }
+        if self.decay_axis is not None:
+            out[DECAY_AXIS] = {"axis": self.decay_axis[0], "range": list(self.decay_axis[1])}
+        out.update({"sampler": self.sampler, "budget": self.budget, "batch": self.batch, "pruner": self.pruner,
+                    "seed": self.seed, "objective": self.objective, "eval_seeds": list(self.eval_seeds)})
+        if self.eval_rounds is not None:
+            out["eval_rounds"] = list(self.eval_rounds)
+        if self.selection is not None:
+            out["selection"] = {"top_k": self.selection.top_k, "seeds": list(self.selection.seeds)}
+        if self.replicate:
+            out["replicate"] = self.replicate
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellRecord:
+        """A stored record (:meth:`to_dict`), also one an earlier release stored: keys added
+        since (``batch``, ``eval_rounds``, ``selection``, ``decay_axis``) may be missing."""
+        wd = d.get("weight_decay_range")
+        axis = d.get(DECAY_AXIS)
+        rounds = d.get("eval_rounds")
+        race = d.get("selection")
+        return cls(
+            study=d.get("study", ""), task=d["task"], optimizer=d["optimizer"], regularizer=d["regularizer"],
+            schedule=d.get("schedule", "cosine"), decay_all=bool(d.get("decay_all", False)),
+            lr_range=_pair(d["lr_range"]), weight_decay_range=None if wd is None else _pair(wd),
+            sampler=d.get("sampler", "tpe"), budget=int(d["budget"]), batch=d.get("batch"),
+            pruner=d.get("pruner", "none"), seed=d.get("seed", 0), objective=d.get("objective", "val_error"),
+            eval_seeds=tuple(d.get("eval_seeds") or ()),
+            decay_axis=(axis["axis"], _pair(axis["range"])) if axis else None,
+            eval_rounds=tuple(rounds) if rounds else None,
+            selection=Race(int(race["top_k"]), tuple(race["seeds"])) if race else None,
+            replicate=int(d.get("replicate", 0)),
+        )
+
+
+def _pair(values) -> tuple[float, float]:
+    low, high = values
+    return low, high
+
+
+def cell_of(attrs: dict[str, Any]) -> CellRecord | None:
+    """The cell record in a study's user attributes (None for a study that is no cell's search)."""
+    stored = attrs.get(CELL)
+    return None if stored is None else CellRecord.from_dict(stored)
 
 
 PACKAGES = ("wdstudy", "torch", "torchvision", "lightning", "optuna", "optuna-integration", "pandas", "numpy")

@@ -52,6 +52,7 @@ with an optimizer that regularizes on its own, since that would regularize twice
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -59,6 +60,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.amp.grad_scaler import OptState
 
+from .arms import NAMES
 from .errors import WdstudyError, bad_value, check_number
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
@@ -99,10 +101,13 @@ def _scalar(value: float | torch.Tensor) -> float:
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
-class _Regularizer(Callback):
-    """Shared machinery: parameter selection, optimizer checks, skipped steps, norms, history."""
+class Regularizer(Callback, ABC):
+    """The base of every regularizer callback: parameter selection, optimizer checks, skipped
+    steps, norms, history. A subclass names its arm (:attr:`name`, a name of
+    :data:`wdstudy.arms.NAMES`) and implements :meth:`_apply_group`, what it does to one
+    optimizer group's regularized parameters before the optimizer step."""
 
-    #: Name used in study specs and storage.
+    #: Name used in study specs and storage (the arm's name in :mod:`wdstudy.arms`).
     name: str = ""
 
     def __init__(self, weight_decay: float = 0.0, decay_all: bool = False) -> None:
@@ -113,7 +118,7 @@ class _Regularizer(Callback):
         # optimizer id -> [(param_group, regularized params of that group)]
         self._groups: dict[int, list[tuple[dict, list[nn.Parameter]]]] = {}
         #: One row per finished training epoch: ``epoch``, ``weight_norm`` and
-        #: ``l2_penalty`` (the value of :meth:`penalty`, whichever norm the arm penalizes).
+        #: ``penalty`` (the value of :meth:`penalty`, whichever norm the arm penalizes).
         self.history: list[dict[str, float | int | None]] = []
 
     def __repr__(self) -> str:
@@ -158,9 +163,9 @@ class _Regularizer(Callback):
         self.apply(optimizer, scaler=getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        squared = self.squared_norm()  # once per epoch: the norm and the L2 penalty both come from it
+        squared = self.squared_norm()  # once per epoch: the norm and an L2 penalty both come from it
         self.history.append({"epoch": trainer.current_epoch, "weight_norm": math.sqrt(squared),
-                             "l2_penalty": self.penalty(squared)})
+                             "penalty": self.penalty(squared)})
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -212,10 +217,11 @@ class _Regularizer(Callback):
         found = sum(scaler._found_inf_per_device(optimizer).values())
         return (found == 0).to(torch.float32)
 
+    @abstractmethod
     def _apply_group(self, group: dict, params: list[nn.Parameter], keep: torch.Tensor | None = None) -> None:
-        """Regularize one parameter group; ``keep`` (a device tensor, see :meth:`_scaler_keep`)
-        turns a weight change into none on a step the scaler skips, without a host sync."""
-        raise NotImplementedError
+        """Regularize one optimizer ``group``'s regularized ``params`` that have a gradient; ``keep``
+        (a device tensor, see :meth:`_scaler_keep`) turns a weight change into none on a step the
+        scaler skips, without a host sync."""
 
     # -- what gets logged -----------------------------------------------------------
 
@@ -266,7 +272,7 @@ class _Regularizer(Callback):
         return None
 
 
-class L2Regularization(_Regularizer):
+class L2Regularization(Regularizer):
     """L2 regularization: ``g <- g + weight_decay * w`` before the optimizer sees ``g``.
 
     Equivalent to adding ``weight_decay / 2 * ||w||_2^2`` to the loss, including its
@@ -285,7 +291,7 @@ class L2Regularization(_Regularizer):
         return 0.5 * self.weight_decay * (self.squared_norm() if squared_norm is None else squared_norm)
 
 
-class L1Regularization(_Regularizer):
+class L1Regularization(Regularizer):
     """L1 regularization: ``g <- g + weight_decay * sign(w)`` before the optimizer sees ``g``.
 
     Equivalent, bit for bit, to adding ``weight_decay * ||w||_1`` to the loss and
@@ -306,7 +312,7 @@ class L1Regularization(_Regularizer):
         return self.weight_decay * self.l1_norm()
 
 
-class DecoupledWeightDecay(_Regularizer):
+class DecoupledWeightDecay(Regularizer):
     """Decoupled weight decay: ``w <- (1 - lr_t * weight_decay) * w`` before the step.
 
     ``lr_t`` is the parameter group's current learning rate, read at every step, so a
@@ -321,7 +327,7 @@ class DecoupledWeightDecay(_Regularizer):
         _shrink(params, 1 - _scalar(group["lr"]) * self.weight_decay, keep)
 
 
-class IndependentWeightDecay(_Regularizer):
+class IndependentWeightDecay(Regularizer):
     """Learning-rate-independent weight decay: ``w <- (1 - s_t * weight_decay) * w`` before the step.
 
     ``s_t = lr_t / lr_0`` is the schedule multiplier: ``lr_t`` is the parameter
@@ -367,7 +373,7 @@ class IndependentWeightDecay(_Regularizer):
         _shrink(params, 1 - multiplier * self.weight_decay, keep)
 
 
-class DecoupledL1(_Regularizer):
+class DecoupledL1(Regularizer):
     """Decoupled L1 (soft thresholding): ``w <- sign(w) * max(|w| - lr_t * weight_decay, 0)``.
 
     Applied before the step, like :class:`DecoupledWeightDecay`, with ``lr_t`` the
@@ -392,7 +398,7 @@ class DecoupledL1(_Regularizer):
         torch._foreach_sub_(params, inside)
 
 
-class NoRegularization(_Regularizer):
+class NoRegularization(Regularizer):
     """The baseline arm: no regularization. Still records the weight norm per epoch."""
 
     name = "none"
@@ -417,22 +423,16 @@ def _shrink(params: list[nn.Parameter], factor: float, keep: torch.Tensor | None
         torch._foreach_mul_(params, torch.where(keep > 0, factor, 1.0).to(params[0].dtype))
 
 
-REGULARIZERS: dict[str, type[_Regularizer]] = {
-    cls.name: cls
-    for cls in (
-        L2Regularization,
-        DecoupledWeightDecay,
-        NoRegularization,
-        IndependentWeightDecay,
-        L1Regularization,
-        DecoupledL1,
-    )
-}
+#: One callback class per arm of :mod:`wdstudy.arms`, by its name (the order of the registry's
+#: first release, which users' code may rely on).
+REGULARIZERS: dict[str, type[Regularizer]] = {cls.name: cls for cls in (
+    L2Regularization, DecoupledWeightDecay, NoRegularization, IndependentWeightDecay, L1Regularization, DecoupledL1)}
+assert set(REGULARIZERS) == set(NAMES), "every arm of wdstudy.arms has its callback class"
 
 
-def make_regularizer(name: str, weight_decay: float = 0.0, decay_all: bool = False) -> _Regularizer:
+def make_regularizer(name: str, weight_decay: float = 0.0, decay_all: bool = False) -> Regularizer:
     """Build a regularizer callback by its registry name (a key of :data:`REGULARIZERS`):
-    ``l2``, ``decoupled``, ``none``, ``independent``, ``l1`` or ``l1-decoupled``."""
+    ``none``, ``l2``, ``decoupled``, ``independent``, ``l1`` or ``l1-decoupled``."""
     try:
         cls = REGULARIZERS[name]
     except KeyError:

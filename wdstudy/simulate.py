@@ -242,19 +242,19 @@ def fit_landscape(storage, study: str) -> dict[str, dict]:
     trial sits in its ranges."""
     from .analysis import cell_studies, evaluations_frame, race_frame, trials_frame
 
-    cells = {n: s.user_attrs[R.CELL] for n, (s, _) in cell_studies(storage, study).items()}
+    cells = {n: R.cell_of(s.user_attrs) for n, (s, _) in cell_studies(storage, study).items()}
     if not cells:
         raise WdstudyError(f"study={study!r}: no cells in this storage")
     ev, tr, race = evaluations_frame(storage, study), trials_frame(storage, study), race_frame(storage, study)
     out = {}
-    for task in sorted({c["task"]["name"] for c in cells.values()}):
+    for task in sorted({c.task_name for c in cells.values()}):
         e = ev[(ev.task == task) & (ev.state == "COMPLETE")]
         by_cell = e.pivot_table(index="seed", columns="cell", values="test_error")
         own = float(np.nanmean(by_cell.std(ddof=1))) if len(by_cell) > 1 else 0.01
         diffs = [by_cell[a] - by_cell[b] for i, a in enumerate(by_cell) for b in list(by_cell)[i + 1:]]
         own_part = float(np.nanmean([d.std(ddof=1) for d in diffs])) / math.sqrt(2) if diffs else own
         shared = math.sqrt(max(own**2 - own_part**2, 0.0))
-        r = race[race.cell.map(lambda n: cells[n]["task"]["name"]) == task] if len(race) else race
+        r = race[race.cell.map(lambda n: cells[n].task_name) == task] if len(race) else race
         val_sd = []
         for _, g in (r.groupby("cell") if len(r) else []):
             table = np.array([v for v in g.race_values if len(v) == len(g.race_values.iloc[0])], dtype=float)
@@ -264,8 +264,8 @@ def fit_landscape(storage, study: str) -> dict[str, dict]:
         t = tr[(tr.task == task) & (tr.state == "COMPLETE") & (tr.regularizer != "none")]
         best = t.loc[t.value.idxmin()]
         cell = cells[best.cell]
-        lo, hi = np.log10(cell["lr_range"])
-        axis, rng = R.searched_decay(cell)
+        lo, hi = np.log10(cell.lr_range)
+        axis, rng = cell.searched_decay
         a, b = np.log10(rng)
         x = R.axis_value(axis, best.lr, best.weight_decay)
         opt = [float((math.log10(best.lr) - lo) / (hi - lo)), float((math.log10(x) - a) / (b - a))]

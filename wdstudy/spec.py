@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .arms import NAMES
 from .config import did_you_mean, validate
 from .errors import WdstudyError
 from .tasks import TRAINING_FIELDS, TaskConfig
@@ -31,8 +32,9 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
-#: The regularizer arms by registry name (``wdstudy.regularizers.REGULARIZERS`` has one class each).
-REGULARIZER_NAMES = ("none", "l2", "decoupled", "independent", "l1", "l1-decoupled")
+#: The regularizer arms by registry name (:mod:`wdstudy.arms`; ``wdstudy.regularizers.REGULARIZERS``
+#: has one class each).
+REGULARIZER_NAMES = NAMES
 #: Trials per generation when a spec does not say (never derived from the number of workers).
 DEFAULT_BATCH = 4
 
@@ -86,12 +88,6 @@ class LogRange(BaseModel):
         a, b = math.log10(self.low), math.log10(self.high)
         inner = [min(max(10 ** (a + (b - a) * i / (points - 1)), self.low), self.high) for i in range(1, points - 1)]
         return [self.low, *inner, self.high]
-
-    def at_edge(self, value: float, fraction: float = 0.05) -> bool:
-        """True if ``value`` lies within ``fraction`` of the range's width (in log) of an edge."""
-        span = math.log10(self.high) - math.log10(self.low)
-        x = (math.log10(value) - math.log10(self.low)) / span
-        return x <= fraction or x >= 1 - fraction
 
 
 class DecayRange(LogRange):
@@ -422,6 +418,3 @@ def load_spec(path: str | Path) -> StudySpec:
         raise WdstudyError(f"{p}: (top level)={data!r}: a study spec is a mapping of keys")
     return validate(StudySpec, data, where=str(p))
 
-
-def spec_text(path: str | Path) -> str:
-    return Path(path).read_text()

@@ -1,7 +1,7 @@
-"""The statistics a report states: intervals, the L2-vs-decoupled test, and coupling.
+"""The statistics a report states: intervals, paired comparisons of two arms, and coupling
+(the decisions themselves are :mod:`wdstudy.decide`'s).
 
 * :func:`mean_ci`: mean and two-sided Student-t interval of a small sample (seeds).
-* :func:`welch_test`: Welch's unequal-variance t-test of two samples, two-sided.
 * :func:`paired`: two arms on the same seeds: mean difference and interval, paired t,
   Wilcoxon and sign-flip checks, effect size and the smallest detectable difference.
 * :func:`holm`: Holm's correction across the comparisons of one report.
@@ -28,10 +28,6 @@ class Interval:
     high: float
     n: int
 
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
-
 
 def mean_ci(values, confidence: float = 0.95) -> Interval:
     """Mean of ``values`` with a two-sided Student-t interval; NaN bounds for n < 2."""
@@ -45,32 +41,6 @@ def mean_ci(values, confidence: float = 0.95) -> Interval:
     sem = float(x.std(ddof=1)) / math.sqrt(n)
     q = float(st.t.ppf(0.5 + confidence / 2, df=n - 1))
     return Interval(mean, mean - q * sem, mean + q * sem, n)
-
-
-@dataclass(frozen=True)
-class TestResult:
-    statistic: float
-    df: float
-    p_value: float
-    difference: float  # mean(a) - mean(b)
-
-
-def welch_test(a, b) -> TestResult:
-    """Welch's two-sided t-test of mean(a) = mean(b) (unequal variances)."""
-    x = np.asarray(a, dtype=float)
-    y = np.asarray(b, dtype=float)
-    diff = float(x.mean() - y.mean()) if len(x) and len(y) else math.nan
-    if len(x) < 2 or len(y) < 2:
-        return TestResult(math.nan, math.nan, math.nan, diff)
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    se2 = vx + vy
-    if se2 == 0:
-        p = 1.0 if diff == 0 else 0.0
-        return TestResult(math.copysign(math.inf, diff) if diff else 0.0, math.nan, p, diff)
-    t = diff / math.sqrt(se2)
-    df = se2**2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    p = float(2 * st.t.sf(abs(t), df))
-    return TestResult(float(t), float(df), p, diff)
 
 
 @dataclass(frozen=True)

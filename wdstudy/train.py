@@ -14,7 +14,7 @@ unchanged.
   of the regularized weights;
 * at the end: train loss and error from a full pass over the training split in eval
   mode, validation (and, if asked, test) loss and error, the generalization gaps,
-  the L2 penalty (separately: all losses are the data loss alone) and wall time.
+  the penalty of the L2 or L1 arm (separately: all losses are the data loss alone) and wall time.
 
 Devices are honest: a run asked for the GPU accelerator trains on a GPU or raises
 :class:`DeviceUnavailable` (never a silent fall-back to the CPU); the final
@@ -44,7 +44,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from .config import validate
-from .errors import WdstudyError, bad_value, check_number
+from .errors import WdstudyError, bad_value, check_number, one_line
 from .mechanics import Mechanics
 from .regularizers import make_regularizer
 from .spec import SCHEDULES, OptimizerConfig
@@ -155,10 +155,9 @@ def check_accelerator(accelerator: str) -> None:
         torch.cuda.synchronize()
         del probe
     except Exception as exc:  # busy (exclusive process), faulted, driver problem
-        text = str(exc).strip().splitlines()
         raise DeviceUnavailable(
             f"accelerator={accelerator!r}: the CUDA device of this process{pinned} cannot run a kernel "
-            f"({text[0] if text else type(exc).__name__}); refusing to train on the CPU instead"
+            f"({one_line(exc, kind=False)}); refusing to train on the CPU instead"
         ) from None
 
 
@@ -201,11 +200,13 @@ def error_sum(out: Tensor, y: Tensor, metric: str = "error") -> Tensor:
     return (out.argmax(1) != y).sum()
 
 
-class Classifier(LightningModule):
-    """Cross-entropy classification of in-memory tensors with any backbone.
+class SupervisedModule(LightningModule):
+    """Supervised training on in-memory tensors with any backbone: cross-entropy classification
+    by default.
 
-    :attr:`metric` names the loss and error (:func:`data_loss`, :func:`error_sum`);
-    :class:`Regressor` is the same module with a mean-squared-error loss.
+    :attr:`metric` names the loss and error (:func:`data_loss`, :func:`error_sum`): ``error``,
+    the classification error rate; :class:`Regressor` is the same module with a
+    mean-squared-error loss (``mse``).
 
     Training batches are sliced from the training split on the training device;
     nothing is logged per step (only accumulated), and the optimizer is stepped by
@@ -347,7 +348,7 @@ class Classifier(LightningModule):
         self.history.append({"epoch": self.current_epoch, "val_loss": loss, "val_error": err})
 
 
-class Regressor(Classifier):
+class Regressor(SupervisedModule):
     """Regression with a mean-squared-error loss: the model returns one number per example, and
     the "error" logged and measured (``val_error``, ``train_error_running``) is the MSE."""
 
@@ -661,7 +662,7 @@ def _train_run(
         if task.grad_clip:
             extra.update(gradient_clip_val=task.grad_clip, gradient_clip_algorithm="norm")
     else:
-        module = (Regressor if task.metric.key == "mse" else Classifier)(
+        module = (Regressor if task.metric.key == "mse" else SupervisedModule)(
             model,
             data,
             optimizer=optimizer,
@@ -703,7 +704,7 @@ def _train_run(
         m["gap_error"] = m["test_error"] - m["train_error"]
     squared = reg.squared_norm()
     m["weight_norm"] = math.sqrt(squared)
-    m["l2_penalty"] = reg.penalty(squared)
+    m["penalty"] = reg.penalty(squared)
     m["zero_fraction"] = reg.zero_fraction()
     m["val_size"] = len(data.val)
     m["epochs"] = trainer.current_epoch

@@ -119,13 +119,13 @@ def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
         ev = summaries.get(f"{name}/eval")
         if not name.startswith(f"{study}/") or R.CELL not in s.user_attrs or ev is None:
             continue
-        cell = s.user_attrs[R.CELL]
+        cell = R.cell_of(s.user_attrs)
         race = summaries.get(f"{name}/race")
         race_trials = storage.get_all_trials(race._study_id, deepcopy=False) if race is not None else None
-        runs = arm_runs((cell.get("selection") or {}).get("seeds", []), race_trials, ev.user_attrs,
+        runs = arm_runs(list(cell.race_seeds), race_trials, ev.user_attrs,
                         storage.get_all_trials(ev._study_id, deepcopy=False))
         if runs is not None:
-            out[name] = (runs, int(ev.user_attrs.get(R.SEEDS_OPEN, len(cell["eval_seeds"]))))
+            out[name] = (runs, int(ev.user_attrs.get(R.SEEDS_OPEN, len(cell.eval_seeds))))
     return out
 
 

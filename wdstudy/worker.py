@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from . import records as R
 from .cells import Cells
+from .errors import one_line
 from .outage import StorageFault, classify, retry_block, unwritable
 from .phases import RunPlan, Unit
 from .redact import scrub
@@ -42,11 +43,6 @@ from .storage import Lease, StudyLock, open_storage, owner_tag
 #: ``test_error``), ``history`` and optionally ``test_outcomes``; it may raise
 #: :class:`~wdstudy.train.DivergedError`.
 TrainFn = Callable[..., object]
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class Worker:

@@ -133,8 +133,9 @@ API = [
     ("wdstudy.results", ["load_results", "Results"]),
     ("wdstudy.spec", ["load_spec", "StudySpec"]),
     ("wdstudy.tasks.user", ["UserTask"]),
-    ("wdstudy.regularizers", ["NoRegularization", "L2Regularization", "DecoupledWeightDecay", "IndependentWeightDecay",
-                              "L1Regularization", "DecoupledL1", "split_parameters", "make_regularizer"]),
+    ("wdstudy.regularizers", ["Regularizer", "NoRegularization", "L2Regularization", "DecoupledWeightDecay",
+                              "IndependentWeightDecay", "L1Regularization", "DecoupledL1", "split_parameters",
+                              "make_regularizer"]),
     ("wdstudy.train", ["train_run", "cosine_factor"]),
     ("wdstudy.analysis", ["compute_hours"]),
 ]

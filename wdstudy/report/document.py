@@ -15,7 +15,6 @@ from .meaning import meaning_blocks
 from .style import arm_rank, arms_in, err, err_ci, err_head, err_pm, label, missing, num, pct, pm
 from ..analysis import compute_hours
 from .tables import ReportData, range_text
-from .. import records as R
 
 #: (id, title) of every section, in order; each appears even when it has nothing to show yet
 SECTIONS = [
@@ -176,36 +175,36 @@ def answer_table(d: ReportData) -> Table:
 
 def design_lines(d: ReportData) -> list[str]:
     cells = list(d.cells.values())
-    tasks = sorted({c["task"]["name"] for c in cells})
-    opts = sorted({c["optimizer"]["name"] for c in cells})
-    regs = arms_in(c["regularizer"] for c in cells)
+    tasks = sorted({c.task_name for c in cells})
+    opts = sorted({c.optimizer_name for c in cells})
+    regs = arms_in(c.regularizer for c in cells)
     c0 = cells[0]
-    per_reg = {label(c["regularizer"]): c["budget"] for c in cells}
-    budgets = (str(c0["budget"]) if len(set(per_reg.values())) == 1
+    per_reg = {label(c.regularizer): c.budget for c in cells}
+    budgets = (str(c0.budget) if len(set(per_reg.values())) == 1
                else ", ".join(f"{b} ({r})" for r, b in per_reg.items()))
-    ranges = "; ".join(f"{label(c['regularizer'])} {range_text(*R.searched_decay(c))}"
-                       for c in sorted({c["regularizer"]: c for c in cells}.values(),
-                                       key=lambda c: regs.index(c["regularizer"])) if c["weight_decay_range"])
+    ranges = "; ".join(f"{label(c.regularizer)} {range_text(*c.searched_decay)}"
+                       for c in sorted({c.regularizer: c for c in cells}.values(),
+                                       key=lambda c: regs.index(c.regularizer)) if c.weight_decay_range)
     hours = compute_hours(d.trials, d.evals)
     compute = f"{hours['gpu_hours']:.2f} GPU-hours and {hours['cpu_hours']:.2f} CPU-hours"
-    gen = f" in generations of {c0['batch']}" if c0.get("batch") else ""
+    gen = f" in generations of {c0.batch}" if c0.batch else ""
     return [
         f"Tasks {', '.join(tasks)}; optimizers {', '.join(opts)}; arms {', '.join(label(r) for r in regs)} "
         "(the arm is the only difference between the cells of a task).",
-        f"Search: {c0['sampler']} sampler (seed {c0['seed']}), {budgets} trials per cell{gen}, pruner "
-        f"{c0['pruner']}, objective {c0['objective']} on a validation split carved out of the training data. "
-        f"Learning rate {c0['lr_range'][0]:.3g}–{c0['lr_range'][1]:.3g} (log); λ {ranges} (log), each arm in "
+        f"Search: {c0.sampler} sampler (seed {c0.seed}), {budgets} trials per cell{gen}, pruner "
+        f"{c0.pruner}, objective {c0.objective} on a validation split carved out of the training data. "
+        f"Learning rate {c0.lr_range[0]:.3g}–{c0.lr_range[1]:.3g} (log); λ {ranges} (log), each arm in "
         "its own convention.",
-        f"Training: {c0['schedule']} schedule; "
-        f"{'all parameters regularized' if c0['decay_all'] else 'biases and normalization parameters not regularized'}.",
-        (f"Selection: a race — each cell's best {c0['selection']['top_k']} search configurations re-run on seeds "
-         f"{', '.join(map(str, c0['selection']['seeds']))} (validation split only); the lowest mean is the "
-         "cell's pick." if c0.get("selection") else
+        f"Training: {c0.schedule} schedule; "
+        f"{'all parameters regularized' if c0.decay_all else 'biases and normalization parameters not regularized'}.",
+        (f"Selection: a race — each cell's best {c0.selection.top_k} search configurations re-run on seeds "
+         f"{', '.join(map(str, c0.selection.seeds))} (validation split only); the lowest mean is the "
+         "cell's pick." if c0.selection else
          "Selection: each cell's best search trial is its pick (one validation run; no race)."),
         f"Evaluation: each cell's chosen configuration (and, for the primary comparisons' arms, every race "
-        f"survivor) retrained on seeds from {c0['eval_seeds'][0]} "
-        + (f"in rounds of {', '.join(map(str, c0['eval_rounds']))} seeds, stopped once decided"
-           if c0.get("eval_rounds") else f"to {c0['eval_seeds'][-1]}")
+        f"survivor) retrained on seeds from {c0.eval_seeds[0]} "
+        + (f"in rounds of {', '.join(map(str, c0.eval_rounds))} seeds, stopped once decided"
+           if c0.eval_rounds else f"to {c0.eval_seeds[-1]}")
         + " (the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
         "is test − train. Intervals are 95%." + (f" {d.regression_note()}" if d.regression_note() else ""),
@@ -261,7 +260,7 @@ def race_table(d: ReportData) -> Table:
 def evaluation_table(d: ReportData) -> Table:
     rows = []
     for r in d.summary.itertuples():
-        seeds = d.arms[r.cell][1] if r.cell in d.arms else len(d.cells[r.cell]["eval_seeds"])
+        seeds = d.arms[r.cell][1] if r.cell in d.arms else len(d.cells[r.cell].eval_seeds)
         bad = f"{r.diverged_seeds} diverged" if r.diverged_seeds else ""
         m = d.metric(r.task)
         rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer),

@@ -268,7 +268,7 @@ def fig_landscapes(d: ReportData) -> Figure | None:
         return None
     rows = []
     for task, opt in d.groups():
-        cells = {r: c for r, c in _cells_of(d, task, opt).items() if d.cells[c]["weight_decay_range"]}
+        cells = {r: c for r, c in _cells_of(d, task, opt).items() if d.cells[c].weight_decay_range}
         regs = arms_in(cells)
         done = {r: d.complete(cells[r]) for r in regs}
         values = pd.concat([x.value for x in done.values()]) if regs else pd.Series(dtype=float)
@@ -296,7 +296,7 @@ def fig_landscapes(d: ReportData) -> Figure | None:
             reg = regs[j]
             allt = d.trials[d.trials.cell == cells[reg]]
             mappable = _landscape_panel(ax, done[reg], allt, d.cells[cells[reg]], vmin, vmax, sc) or mappable
-            lo, hi = d.cells[cells[reg]]["weight_decay_range"]
+            lo, hi = d.cells[cells[reg]].weight_decay_range
             ax.set_title(f"{task} · {opt} · {label(reg)}", fontsize=8.5)
             if i == len(rows) - 1:
                 ax.set_xlabel("learning rate η")
@@ -307,7 +307,7 @@ def fig_landscapes(d: ReportData) -> Figure | None:
                          fontsize=8)
         else:
             grid[i][-1].axis("off")
-    grid = next(iter(d.cells.values()))["sampler"] == "grid"
+    grid = next(iter(d.cells.values())).sampler == "grid"
     how = ("Heatmap of the grid (mean over repeated points)." if grid else
            "Each dot is one completed search trial, coloured by its validation result; × pruned or diverged; "
            "★ the chosen configuration. No surface is interpolated between the trials.")
@@ -318,31 +318,31 @@ def fig_landscapes(d: ReportData) -> Figure | None:
         "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."
         + (" An arm searched over its per-step shrink η·λ (or its timescale) covers the band between the "
            "dashed lines, the λ = shrink/η of the range's two ends." if any(
-               c.get(R.DECAY_AXIS) for c in d.cells.values()) else ""))),
+               c.decay_axis for c in d.cells.values()) else ""))),
         "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
 
 
-def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: dict, vmin: float, vmax: float,
+def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: R.CellRecord, vmin: float, vmax: float,
                      sc: float):
     import seaborn as sns
 
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(*_padded(cell["lr_range"]))
-    ax.set_ylim(*_padded(cell["weight_decay_range"]))
+    ax.set_xlim(*_padded(cell.lr_range))
+    ax.set_ylim(*_padded(cell.weight_decay_range))
     if done.empty:
         ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
         return None
-    searched = R.searched_decay(cell)
+    searched = cell.searched_decay
     if searched is not None and searched[0] != "lambda":  # the band of (η, λ) that the searched axis covers
-        lrs = np.geomspace(*cell["lr_range"], 50)
+        lrs = np.geomspace(*cell.lr_range, 50)
         for bound in searched[1]:
             ax.plot(lrs, [R.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs],
                     color="#999999", lw=0.8, ls="--", zorder=1)
     cmap = sns.color_palette(CMAP, as_cmap=True)
     x, y, v = done.lr.to_numpy(float), done.weight_decay.to_numpy(float), sc * done.value.to_numpy(float)
     mappable = None
-    if cell["sampler"] == "grid":
+    if cell.sampler == "grid":
         grid = done.assign(x=np.log10(x), y=np.log10(y), v=v).groupby(["y", "x"]).v.mean().unstack()
         ex, ey = _edges(grid.columns.to_numpy()), _edges(grid.index.to_numpy())
         mappable = ax.pcolormesh(10 ** ex, 10 ** ey, grid.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
@@ -388,7 +388,7 @@ def fig_coupling(d: ReportData) -> Figure | None:
         cell = d.cells[r.cell]
         allc = d.complete(r.cell)
         top = top_trials(d, r.cell)
-        lx, ly = np.log10(cell["lr_range"]), np.log10(cell["weight_decay_range"])
+        lx, ly = np.log10(cell.lr_range), np.log10(cell.weight_decay_range)
         ax.scatter(np.log10(allc.lr.astype(float)), np.log10(allc.weight_decay.astype(float)), s=9, c="#cccccc")
         ax.scatter(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float)), s=22, c=color(reg))
         if len(top):
@@ -436,8 +436,8 @@ def fig_best_so_far(d: ReportData) -> Figure | None:
                 continue
             v = t.value.where(t.state == "COMPLETE").astype(float).cummin() * sc
             ax.step(np.arange(1, len(v) + 1), v, where="post", color=color(reg), label=label(reg))
-        budget = max(c["budget"] for c in d.cells.values())
-        batch = next(iter(d.cells.values())).get("batch")
+        budget = max(c.budget for c in d.cells.values())
+        batch = next(iter(d.cells.values())).batch
         if batch:
             for g in range(batch, budget, batch):
                 ax.axvline(g + 0.5, color="#dddddd", lw=0.6, zorder=0)
@@ -458,7 +458,7 @@ def fig_best_so_far(d: ReportData) -> Figure | None:
 
 def fig_tuning(d: ReportData) -> Figure | None:
     """Per task: each arm's median best validation result after n random trials, with its band."""
-    sampler = next(iter(d.cells.values()))["sampler"]
+    sampler = next(iter(d.cells.values())).sampler
     if d.trials.empty or sampler not in ("random", "grid"):
         return None
     groups = d.groups()

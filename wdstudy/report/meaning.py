@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..arms import WEIGHT_DECAYS
 from .style import arm_rank, arms_in, color, label, missing, num
 
 #: a layer is "at equilibrium" when its measured angular update is within this factor of the prediction
@@ -103,7 +104,7 @@ def transfer_lines(m: pd.DataFrame) -> list[str]:
     """The timescale rule's suggestion for λ at k× the data and the same epochs (λ/k at the same η)."""
     out = []
     for r in m.itertuples():
-        if missing(r.tau_epoch) or r.regularizer not in ("decoupled", "independent"):
+        if missing(r.tau_epoch) or r.regularizer not in WEIGHT_DECAYS:
             continue
         lams = ", ".join(f"λ = {num(r.weight_decay / k, '.2g')} at {k}×" for k in TRANSFER)
         out.append(f"{r.task} · {r.optimizer} · {label(r.regularizer)}: to keep τ = {num(r.tau_epoch, '.3g')} "

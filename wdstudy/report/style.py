@@ -1,5 +1,5 @@
-"""One order, one colour and one name per regularizer arm, and the number formats, for every
-table and figure of the report."""
+"""One order, one colour and one name per regularizer arm (from :mod:`wdstudy.arms`), and the
+number formats, for every table and figure of the report."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import math
 
 import pandas as pd
 
+from ..arms import ARMS as _ARMS
+from ..arms import arm
+
 #: the arms in the order every table, legend and axis uses: the baseline first
-ARMS = ("none", "l2", "decoupled", "independent", "l1", "l1-decoupled")
-PALETTE = {"none": "#8d8d8d", "l2": "#d1495b", "decoupled": "#00798c", "independent": "#edae49",
-           "l1": "#66a182", "l1-decoupled": "#2e4057"}
-LABEL = {"none": "none", "l2": "L2", "decoupled": "decoupled", "independent": "independent",
-         "l1": "L1", "l1-decoupled": "L1 decoupled"}
+ARMS = tuple(a.name for a in _ARMS)
+PALETTE = {a.name: a.colour for a in _ARMS}
+LABEL = {a.name: a.label for a in _ARMS}
 
 
 def arms_in(regs) -> list[str]:
@@ -43,7 +44,8 @@ def shrink(reg: str, lr: float, wd: float) -> float:
     applies; Adam rescales their gradient term)."""
     if wd is None or lr is None:
         return math.nan
-    return float(wd) if reg == "independent" else float(lr) * float(wd)
+    a = arm(reg)
+    return float(wd) if a is not None and not a.shrink_scales_with_lr else float(lr) * float(wd)
 
 
 def missing(x) -> bool:

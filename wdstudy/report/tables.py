@@ -15,6 +15,8 @@ import optuna
 import pandas as pd
 
 from .. import records as R
+from ..arms import BY_NAME, PAIRS
+from ..cells import MAX_RETRY
 from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..stats import binomial_se, coupling, mean_ci, paired
 from ..tasks.names import Metric, task_metric
@@ -31,7 +33,7 @@ NEAR_LR = 0.5  # decades around the chosen learning rate for the λ slices
 class ReportData:
     study: str
     storage_label: str
-    cells: dict[str, dict]
+    cells: dict[str, R.CellRecord]
     trials: pd.DataFrame
     evals: pd.DataFrame
     progress: pd.DataFrame
@@ -71,7 +73,7 @@ class ReportData:
 
     def metrics(self) -> list[Metric]:
         """The metrics of the study's tasks, classification's first."""
-        found = {task_metric(c["task"]["name"]).key: task_metric(c["task"]["name"]) for c in self.cells.values()}
+        found = {task_metric(c.task_name).key: task_metric(c.task_name) for c in self.cells.values()}
         return sorted(found.values(), key=lambda m: not m.is_rate)
 
     def rate(self, task: str) -> bool:
@@ -87,7 +89,7 @@ class ReportData:
 
     def regression_note(self) -> str:
         """A sentence naming the study's regression tasks, whose error is the MSE ('' without any)."""
-        tasks = sorted({c["task"]["name"] for c in self.cells.values() if not task_metric(c["task"]["name"]).is_rate})
+        tasks = sorted({c.task_name for c in self.cells.values() if not task_metric(c.task_name).is_rate})
         if not tasks:
             return ""
         return (f"For {', '.join(tasks)} (regression) the error is the mean squared error (MSE): validation and "
@@ -103,9 +105,9 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
         from ..errors import WdstudyError
 
         raise WdstudyError(f"study={study!r}: no cells of this study in storage {storage_label}")
-    cells = {name: s.user_attrs[R.CELL] for name, (s, _) in studies.items()}
+    cells = {name: R.cell_of(s.user_attrs) for name, (s, _) in studies.items()}
     first = next(iter(studies.values()))[0].user_attrs
-    objective = next(iter(cells.values()))["objective"]
+    objective = next(iter(cells.values())).objective
     from ..verdicts import decision_settings, study_arms
 
     arms = study_arms(storage, study)
@@ -141,13 +143,13 @@ def _histories(storage, studies) -> pd.DataFrame:
     for name, (s, ev) in studies.items():
         if ev is None:
             continue
-        cell = s.user_attrs[R.CELL]
+        cell = R.cell_of(s.user_attrs)
         for t in storage.get_all_trials(ev._study_id, deepcopy=False):
             if t.state != optuna.trial.TrialState.COMPLETE:
                 continue
-            for h in t.user_attrs.get(R.HISTORY, []):
-                rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
-                             "regularizer": cell["regularizer"], "seed": t.user_attrs.get(R.SEED), **h})
+            for h in map(R.history_row, t.user_attrs.get(R.HISTORY, [])):
+                rows.append({"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
+                             "regularizer": cell.regularizer, "seed": t.user_attrs.get(R.SEED), **h})
     return pd.DataFrame(rows)
 
 
@@ -190,9 +192,9 @@ def _summary(d: ReportData) -> pd.DataFrame:
         e_all = d.evals[d.evals.cell == name] if not d.evals.empty else d.evals
         e = e_all[e_all.state == "COMPLETE"] if len(e_all) else e_all
         best = chosen_trial(comp)
-        lr_lo, lr_hi = cell["lr_range"]
-        wd_range = cell["weight_decay_range"]
-        searched = R.searched_decay(cell)  # (axis, range): where the search looked for the strength
+        lr_lo, lr_hi = cell.lr_range
+        wd_range = cell.weight_decay_range
+        searched = cell.searched_decay  # (axis, range): where the search looked for the strength
         sizes = comp.val_size.dropna() if len(comp) and "val_size" in comp else []
         val_size = int(sizes.iloc[0]) if len(sizes) else 0
         ci = {c: mean_ci(e[c].dropna()) if len(e) and c in e else mean_ci([])
@@ -201,11 +203,11 @@ def _summary(d: ReportData) -> pd.DataFrame:
         order = search_order(t[t.state.isin(["COMPLETE", "PRUNED"])]) if len(t) else t
         found_at = (int(np.flatnonzero(order.trial.to_numpy() == best.trial)[0]) + 1
                     if best is not None and len(order) else None)
-        reg = cell["regularizer"]
+        reg = cell.regularizer
         wd = None if best is None or wd_range is None else best.weight_decay
         rows.append({
-            "cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"], "regularizer": reg,
-            "metric": task_metric(cell["task"]["name"]).key,
+            "cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name, "regularizer": reg,
+            "metric": task_metric(cell.task_name).key,
             "best_val": None if best is None else best.value,
             "lr": None if best is None else best.lr,
             "weight_decay": wd,
@@ -220,7 +222,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "seeds": ci["test_error"].n,
             "diverged_seeds": int((e_all.state == "PRUNED").sum()) if len(e_all) else 0,
             "val_size": val_size,
-            "val_se": binomial_se(None if best is None else best.value, val_size) if d.rate(cell["task"]["name"])
+            "val_se": binomial_se(None if best is None else best.value, val_size) if d.rate(cell.task_name)
             else math.nan,
             "top5_spread": float(comp.nsmallest(5, "value").value.std(ddof=1)) if len(comp) >= 2 else math.nan,
             **{k: v for c, m in ci.items() for k, v in ((c, m.mean), (f"{c}_low", m.low), (f"{c}_high", m.high))},
@@ -247,10 +249,6 @@ def survivor_range(d: ReportData, cell: str) -> tuple[float, float] | None:
 
 # -- comparisons -----------------------------------------------------------------------------
 
-#: (arm, reference) pairs compared where a study has both, as arm − reference
-PAIRS = [("decoupled", "l2"), ("independent", "l2"), ("independent", "decoupled"), ("l1-decoupled", "l1"),
-         ("l2", "none"), ("decoupled", "none"), ("independent", "none"), ("l1", "none"), ("l1-decoupled", "none")]
-
 
 def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
     if d.evals.empty:
@@ -261,12 +259,12 @@ def _seed_values(d: ReportData, cell: str, col: str) -> dict[int, float]:
 
 def seed_problems(d: ReportData, cell: str) -> str:
     """'diverged on 1 of 5 seeds', 'failed on ...', or '' — every seed the arm did not complete."""
-    seeds = d.cells[cell]["eval_seeds"][: d.arms[cell][1]] if cell in d.arms else d.cells[cell]["eval_seeds"]
+    seeds = d.cells[cell].eval_seeds[: d.arms[cell][1]] if cell in d.arms else d.cells[cell].eval_seeds
     e = d.evals[d.evals.cell == cell] if not d.evals.empty else d.evals
     done = set(e[e.state == "COMPLETE"].seed.astype(int)) if len(e) else set()
     diverged = set(e[e.state == "PRUNED"].seed.astype(int)) if len(e) else set()
     failed = (set(e[e.state == "FAIL"].seed.astype(int)) if len(e) else set()) - done - diverged
-    name = label(d.cells[cell]["regularizer"])
+    name = label(d.cells[cell].regularizer)
     out = []
     if diverged:
         out.append(f"{name} diverged on {len(diverged)} of {len(seeds)} seeds")
@@ -441,7 +439,7 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
     from scipy.stats import mannwhitneyu
 
     for name, cell in d.cells.items():
-        searched = R.searched_decay(cell)
+        searched = cell.searched_decay
         t = d.trials[d.trials.cell == name]
         pruned = t[(t.state == "PRUNED") & (t.outcome == "pruned")]
         if searched is None or pruned.empty:
@@ -473,15 +471,6 @@ def top_trials(d: ReportData, cell: str) -> pd.DataFrame:
     return t.nsmallest(k, "value")
 
 
-#: what a slope of log λ on log η means, per convention
-EXPECTED = {
-    "decoupled": "PyTorch's convention shrinks by η·λ per step: if that shrink is what matters, slope −1",
-    "l1-decoupled": "shrinks by η·λ per step: if that shrink is what matters, slope −1",
-    "independent": "shrinks by λ per step (times the schedule): the AdamW paper expects slope 0 (separable)",
-    "l2": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
-    "l1": "a gradient term: with plain SGD the shrink is η·λ (slope −1 if it matters); Adam rescales it",
-}
-
 
 def read_slope(n: int, slope: float, low: float, high: float) -> str:
     """What an interval on the coupling slope says: only what it excludes."""
@@ -497,20 +486,25 @@ def read_slope(n: int, slope: float, low: float, high: float) -> str:
     return f"neither 0 nor −1 (slope {slope:.2f})"
 
 
+def _convention(reg: str) -> str:
+    """What a slope of log λ on log η means under the arm's convention."""
+    return BY_NAME[reg].convention if reg in BY_NAME else ""
+
+
 def _coupling(d: ReportData) -> pd.DataFrame:
     rows = []
     for name, cell in d.cells.items():
-        if cell["weight_decay_range"] is None:
+        if cell.weight_decay_range is None:
             continue
         top = top_trials(d, name)
         c = coupling(np.log10(top.lr.astype(float)), np.log10(top.weight_decay.astype(float))) if len(top) \
             else coupling([], [])
-        rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
-                     "regularizer": cell["regularizer"], "top_trials": c.n, "of_trials": len(d.complete(name)),
+        rows.append({"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
+                     "regularizer": cell.regularizer, "top_trials": c.n, "of_trials": len(d.complete(name)),
                      "slope": c.slope, "slope_low": c.slope_low, "slope_high": c.slope_high,
                      "spearman_rho": c.rho, "rho_low": c.rho_low, "rho_high": c.rho_high,
                      "intercept": c.intercept, "reading": read_slope(c.n, c.slope, c.slope_low, c.slope_high),
-                     "convention": EXPECTED.get(cell["regularizer"], "")})
+                     "convention": _convention(cell.regularizer)})
     out = pd.DataFrame(rows)
     return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
 
@@ -522,13 +516,13 @@ def fill_importance(d: ReportData) -> None:
 def _importances(d: ReportData) -> pd.DataFrame:
     rows = []
     for name, cell in d.cells.items():
-        if cell["weight_decay_range"] is None or d.trials.empty:
+        if cell.weight_decay_range is None or d.trials.empty:
             continue
         t = d.complete(name)
         if len(t) < 4:
             continue
-        rows.append({"cell": name, "task": cell["task"]["name"], "optimizer": cell["optimizer"]["name"],
-                     "regularizer": cell["regularizer"], **_importance(t)})
+        rows.append({"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
+                     "regularizer": cell.regularizer, **_importance(t)})
     out = pd.DataFrame(rows, columns=["cell", "task", "optimizer", "regularizer", "lr", "weight_decay"])
     return out.sort_values(["task", "optimizer", "regularizer"], key=arm_rank, ignore_index=True) if len(out) else out
 
@@ -570,8 +564,8 @@ def _status(d: ReportData) -> list[str]:
         )
     if failed:
         lines.append(f"{failed} run(s) failed (a worker was lost, or the run raised); each was queued again "
-                     "with the same parameters, a configuration failing 4 times was replaced by a new proposal, "
-                     "and the reasons are in trials.csv (reason, fail_kind).")
+                     f"with the same parameters, a configuration failing {MAX_RETRY + 1} times was replaced by a new "
+                     "proposal, and the reasons are in trials.csv (reason, fail_kind).")
     for r in (d.pruning.itertuples() if len(d.pruning) else []):
         if r.warning:
             lines.append(f"Cell {r.cell}: {r.warning}.")

@@ -98,7 +98,6 @@ class Metric:
 
 ERROR = Metric("error", "error", "cross-entropy (nats)", 100.0, "%", "pts", 2)
 MSE = Metric("mse", "MSE", "MSE", 1.0, "", "", 4)
-METRICS = {m.key: m for m in (ERROR, MSE)}
 
 
 def task_metric(name: str) -> Metric:

@@ -86,7 +86,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..errors import WdstudyError, bad_value
+from ..errors import WdstudyError, bad_value, one_line
 from .data import Split
 
 #: The study's own keywords for a factory, passed when its signature names them.
@@ -143,7 +143,7 @@ def resolve_factory(path: str) -> Callable[..., Any]:
         else:
             module = importlib.import_module(module_part)
     except Exception as exc:
-        raise bad_value("factory", path, f"cannot import {module_part!r} ({_one_line(exc)})") from None
+        raise bad_value("factory", path, f"cannot import {module_part!r} ({one_line(exc)})") from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -152,11 +152,6 @@ def resolve_factory(path: str) -> Callable[..., Any]:
     if not callable(target):
         raise bad_value("factory", path, f"{attr!r} is a {type(target).__name__}, not a callable")
     return target
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -209,7 +204,7 @@ def build_user_task(path: str, options: dict[str, Any], *, lr: float, schedule: 
     """
     factory = resolve_factory(path)
     kwargs = dict(options)
-    for key, value in (("lr", lr), ("schedule", schedule)):
+    for key, value in zip(STUDY_KEYWORDS, (lr, schedule), strict=True):
         if _accepts(factory, key):
             if key in kwargs:
                 raise bad_value("factory", path, f"{key!r} is set by the study, not by an option of the task")
@@ -219,7 +214,7 @@ def build_user_task(path: str, options: dict[str, Any], *, lr: float, schedule: 
     except WdstudyError:
         raise
     except Exception as exc:
-        raise bad_value("factory", path, f"raised {_one_line(exc)}") from None
+        raise bad_value("factory", path, f"raised {one_line(exc)}") from None
     if isinstance(out, tuple) and len(out) == 4:
         out = UserTask(*out)
     if not isinstance(out, UserTask):
