@@ -26,7 +26,7 @@ from wdstudy.spec import load_spec
 from wdstudy.tasks import task_config
 from wdstudy.train import DeviceUnavailable, train_run
 
-from .test_study import cli, journal, write_spec
+from .conftest import cli, journal, write_spec
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -28,18 +28,19 @@ from wdstudy.spec import LogRange, load_spec
 from wdstudy.storage import HOST, StudyLock, open_storage
 from wdstudy.worker import Worker
 
-from .test_study import PG_URL, assert_exact, cli, journal, popen, running_trials, wait_for, write_spec
-
-
-def _worker(spec, url) -> Worker:
-    return Worker(spec, url, poll=0.05, log=lambda m: None)
-
-
-def _setup(tmp_path, **over):
-    spec = load_spec(write_spec(tmp_path, **over))
-    url = str((tmp_path / "out" / "optuna.journal").resolve())
-    ensure_studies(spec, open_storage(url))
-    return spec, url
+from .conftest import (
+    PG_URL,
+    assert_exact,
+    cli,
+    journal,
+    popen,
+    quiet_worker,
+    real_training,
+    running_trials,
+    setup_study,
+    wait_for,
+    write_spec,
+)
 
 
 def _search_key(df: pd.DataFrame) -> pd.DataFrame:
@@ -118,20 +119,19 @@ def test_grid_order_is_fixed_and_covers_each_point_once(tmp_path):
 # -- faults inside a trial -----------------------------------------------------------------------
 
 
-def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path, monkeypatch):
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path):
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
-    real = Worker._train
+    real = real_training(spec)
     calls = {"n": 0}
 
-    def flaky(self, cell, lr, wd, seed, callbacks, with_test):
+    def flaky(cell, lr, wd, seed, callbacks, with_test):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(self, cell, lr, wd, seed, callbacks, with_test)
+        return real(cell, lr, wd, seed, callbacks, with_test)
 
-    monkeypatch.setattr(Worker, "_train", flaky)
-    ran = _worker(spec, url).run()
+    ran = quiet_worker(spec, url, train=flaky).run()
     assert ran == 5  # 3 trials + 1 retry + 1 evaluation seed
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
@@ -143,20 +143,19 @@ def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path, monke
     assert len(retry) == 1 and retry.lr.iloc[0] == failed.lr.iloc[0]
 
 
-def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path, monkeypatch):
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path):
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
-    real = Worker._train
+    real = real_training(spec)
     cursed = {}
 
-    def poisoned(self, cell, lr, wd, seed, callbacks, with_test):
+    def poisoned(cell, lr, wd, seed, callbacks, with_test):
         cursed.setdefault("lr", lr)  # the first configuration always raises
         if lr == cursed["lr"]:
             raise ValueError("bad configuration")
-        return real(self, cell, lr, wd, seed, callbacks, with_test)
+        return real(cell, lr, wd, seed, callbacks, with_test)
 
-    monkeypatch.setattr(Worker, "_train", poisoned)
-    _worker(spec, url).run()
+    quiet_worker(spec, url, train=poisoned).run()
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
     df = trials_frame(storage, "tiny")
@@ -192,7 +191,7 @@ def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, bac
         tid = unit.trial._trial_id
         storage.set_trial_system_attr(tid, R.OWNER, owner)
         storage.set_trial_system_attr(tid, R.LEASE, time.time() - 3600)  # its owner stopped renewing
-        _worker(spec, url).run()
+        quiet_worker(spec, url).run()
         assert_exact(storage, name, budget=2, seeds=1, cells=1)
         df = trials_frame(storage, name)
         failed = df[df.state == "FAIL"]
@@ -206,15 +205,15 @@ def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, bac
 
 
 def test_a_half_created_evaluation_study_is_repaired(tmp_path):
-    from benchmarks.synthetic import add_trials
+    from wdstudy.synthetic import add_trials
 
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 4}, evaluation={"seeds": 2})
     storage = open_storage(url)
     (cell,) = spec.cells()
     add_trials(spec, cell, storage, 4, 2, np.random.default_rng(0))  # a finished search
     optuna.create_study(study_name=cell.eval_name, storage=storage)  # killed before its configuration was recorded
-    _worker(spec, url).run()
+    quiet_worker(spec, url).run()
     assert_exact(storage, "tiny", budget=4, seeds=2, cells=1)
     ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
     best = optuna.load_study(study_name=cell.name, storage=storage).best_trial
@@ -224,13 +223,13 @@ def test_a_half_created_evaluation_study_is_repaired(tmp_path):
 
 def test_a_failed_trial_that_was_never_requeued_is_requeued(tmp_path):
     """Its worker died between failing it and queuing the retry: the slot is repaired."""
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2}, evaluation={"seeds": 1})
     storage = open_storage(url)
     with StudyLock(url, spec.name):
         unit, _ = Cells(spec, storage).reserve()
     storage.set_trial_state_values(unit.trial._trial_id, TrialState.FAIL)  # no retry queued
-    _worker(spec, url).run()
+    quiet_worker(spec, url).run()
     assert_exact(storage, "tiny", budget=2, seeds=1, cells=1)
 
 
@@ -307,7 +306,7 @@ def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp
     stored; the trial it reserved must not stay RUNNING: it is failed and re-queued."""
     from wdstudy.signals import STOP, WorkerStopped
 
-    spec, url = _setup(tmp_path, regularizers=["l2"], search={"trials": 2, "weight_decay": {"low": 1e-5, "high": 1e-2}})
+    spec, url = setup_study(tmp_path, regularizers=["l2"], search={"trials": 2, "weight_decay": {"low": 1e-5, "high": 1e-2}})
     worker = Worker(spec, url, poll=0.1, log=lambda m: None)
     reserve = worker.cells.reserve
 
@@ -386,18 +385,17 @@ def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
     assert (tmp_path / "out" / "logs" / "worker-0.log").read_text().count("SystemExit: broken worker environment") == 8
 
 
-def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path, monkeypatch):
+def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path):
     from wdstudy.cells import MAX_VARIANT
 
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
                        evaluation={"seeds": 1})
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("this model cannot be built")
 
-    monkeypatch.setattr(Worker, "_train", broken)
-    _worker(spec, url).run()  # returns: nothing left that could run
+    quiet_worker(spec, url, train=broken).run()  # returns: nothing left that could run
     df = trials_frame(open_storage(url), "tiny")
     assert (df.state == "FAIL").all() and (df.reason == "RuntimeError: this model cannot be built").all()
     assert len(df) == 2 * (MAX_VARIANT + 1) * (MAX_RETRY + 1)  # per slot: 3 proposals, 4 attempts each

@@ -24,7 +24,7 @@ from wdstudy.redact import redact
 from wdstudy.storage import open_storage
 
 from .pgproxy import PgProxy
-from .test_study import PG_URL, assert_exact, cli, journal, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, cli, journal, wait_for, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

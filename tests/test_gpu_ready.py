@@ -31,7 +31,7 @@ from wdstudy.storage import open_storage
 from wdstudy.tasks import task_config
 from wdstudy.train import DeviceUnavailable, check_accelerator, data_loss, gpu_numerics, make_trainer, train_run
 
-from .test_study import assert_exact, cli, journal, write_spec
+from .conftest import assert_exact, cli, journal, write_spec
 
 SLURM_ENV = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "wdstudy-x", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "1",

@@ -21,7 +21,7 @@ from wdstudy.worker import Worker
 from wdstudy.spec import StudySpec
 from wdstudy.stats import coupling, mean_ci, welch_test
 from wdstudy.storage import open_storage
-from benchmarks.synthetic import add_evaluation, add_trials, fill
+from wdstudy.synthetic import add_evaluation, add_trials, fill
 
 # -- statistics against scipy ---------------------------------------------------------------
 

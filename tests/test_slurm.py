@@ -18,7 +18,7 @@ import pytest
 from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.storage import open_storage
 
-from .test_study import PG_URL, assert_exact, cli, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, cli, wait_for, write_spec
 
 
 def slurm_state(job: str) -> tuple[str, str]:
