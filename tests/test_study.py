@@ -83,10 +83,21 @@ def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
     assert len(trials_frame(journal(tmp_path), "tiny")) == before
 
 
-def test_status_shows_each_cell(finished_study):
+def test_status_shows_each_cell(finished_study, capsys):
     tmp_path, spec, _ = finished_study
     code = main(["status", str(spec)])
     assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("study tiny · storage ")
+    assert lines[1].split() == ["cell", "trials", "run", "fail", "pruned", "best", "eval"]
+    trials = trials_frame(journal(tmp_path), "tiny")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    expected = {}
+    for arm in ("l2", "decoupled"):  # each cell finished: its 3 trials, none running or failed, both seeds
+        g = trials[trials.cell == f"tiny/mlp-mnist1d/adam/{arm}"]
+        pruned, best = int((g.state == "PRUNED").sum()), g[g.state == "COMPLETE"].value.min()
+        expected[f"mlp-mnist1d/adam/{arm}"] = ["3/3", "0", "0", str(pruned), f"{best:.4f}", "2/2"]
+    assert rows == expected
 
 
 def test_status_table_text(finished_study, capsys):
@@ -352,7 +363,7 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
                 optuna.delete_study(study_name=s.study_name, storage=storage)
 
 
-def test_slot_planning_and_progress_text():
+def test_slot_planning_and_progress_text(monkeypatch):
     from wdstudy.errors import WdstudyError
     from wdstudy.launch import format_progress, plan_slots, progress_line
 
@@ -360,7 +371,10 @@ def test_slot_planning_and_progress_text():
     assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
     cpu = plan_slots("cpu", 3)
     assert len(cpu) == 3 and all(s["CUDA_VISIBLE_DEVICES"] == "" and s["WDSTUDY_ACCELERATOR"] == "cpu" for s in cpu)
-    assert plan_slots("auto", None)  # no GPU here: one CPU worker per core
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: one CPU worker per core, one thread each
+    cores = os.cpu_count() or 1
+    assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": "", "WDSTUDY_THREADS": "1",
+                                        "WDSTUDY_ACCELERATOR": "cpu"}] * cores
     with pytest.raises(WdstudyError, match="--devices='0,0'"):
         plan_slots("0,0", None)
     with pytest.raises(WdstudyError, match="--workers=0"):
@@ -448,8 +462,10 @@ def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
     points = {(r.lr, r.weight_decay) for r in l2.itertuples()}
     assert points == {(a, b) for a in (1e-3, 1e-2) for b in (1e-5, 1e-3)}  # endpoints exactly
     paths = build_report(storage, "tiny", tmp_path / "out", url)
-    assert "Heatmap of the grid" in paths.html.read_text()
-    assert "4 (L2)" in paths.html.read_text() or "2 (none)" in paths.html.read_text()
+    html = paths.html.read_text()
+    assert "Heatmap of the grid" in html
+    # each arm's budget is its number of grid points: 2 × 2 (η, λ) for L2, 2 (η) for none
+    assert "Search: grid sampler (seed 0), 4 (L2), 2 (none) trials per cell in generations of 4," in html
 
 
 def test_spec_names_every_regularizer_arm_and_nothing_else():
