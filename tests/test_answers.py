@@ -194,6 +194,7 @@ def test_pruning_audit_is_quiet_when_pruning_is_even(tmp_path):
 # -- the decoupled arm searched over its per-step shrink η·λ ------------------------------------
 
 
+@pytest.mark.integration
 def test_decoupled_searched_over_the_shrink_trains_with_lambda_equal_shrink_over_lr(tmp_path):
     from wdstudy.analysis import evaluations_frame, trials_frame
     from wdstudy.spec import load_spec

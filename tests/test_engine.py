@@ -52,6 +52,7 @@ def _search_key(df: pd.DataFrame) -> pd.DataFrame:
 # -- reproducibility -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_path):
     over = dict(
         regularizers=["l2", "decoupled"],
@@ -119,6 +120,7 @@ def test_grid_order_is_fixed_and_covers_each_point_once(tmp_path):
 # -- faults inside a trial -----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path):
     spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
@@ -143,6 +145,7 @@ def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path):
     assert len(retry) == 1 and retry.lr.iloc[0] == failed.lr.iloc[0]
 
 
+@pytest.mark.integration
 def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path):
     spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
@@ -173,6 +176,7 @@ def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tm
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
 @pytest.mark.parametrize("owner", ["node-b:4242", "SELF"])
+@pytest.mark.integration
 def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, backend, owner):
     """A trial left RUNNING by another host (journal or PostgreSQL), or by a pid of this host
     that has been reused by a live process: its lease expires and any worker retries it."""
@@ -204,6 +208,7 @@ def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, bac
                     optuna.delete_study(study_name=s.study_name, storage=storage)
 
 
+@pytest.mark.integration
 def test_a_half_created_evaluation_study_is_repaired(tmp_path):
     from wdstudy.synthetic import add_trials
 
@@ -221,6 +226,7 @@ def test_a_half_created_evaluation_study_is_repaired(tmp_path):
     assert all(t.params == best.params for t in ev.trials)
 
 
+@pytest.mark.integration
 def test_a_failed_trial_that_was_never_requeued_is_requeued(tmp_path):
     """Its worker died between failing it and queuing the retry: the slot is repaired."""
     spec, url = setup_study(tmp_path, regularizers=["decoupled"],
@@ -249,6 +255,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.integration
 def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 60, "batch": 4}, task_defaults={"epochs": 12},
                       evaluation={"seeds": 2})
@@ -291,6 +298,7 @@ def kill_launch_when(spec: Path, ready, timeout: float, what: str, interval: flo
             launcher.kill()
 
 
+@pytest.mark.integration
 def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 20})
     kill_launch_when(spec, lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
@@ -334,6 +342,7 @@ def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp
     assert {"lr": failed.lr.iloc[0], "weight_decay": failed.weight_decay.iloc[0]} in queued  # its retry
 
 
+@pytest.mark.integration
 def test_the_pool_returns_only_after_its_warm_up_thread_has_finished(tmp_path):
     """The report forks its drawing processes right after the pool: a warm-up thread still running
     then (holding an import or font-cache lock) would leave a forked child waiting forever."""
@@ -361,6 +370,7 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+@pytest.mark.integration
 def test_status_and_analysis_do_not_import_torch(tmp_path):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "wdstudy", "status", str(spec)],
@@ -370,6 +380,7 @@ def test_status_and_analysis_do_not_import_torch(tmp_path):
     assert "optuna" in imported and not {"torch", "lightning"} & imported
 
 
+@pytest.mark.integration
 def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
     """Workers that die at start-up, every time: launch gives the slots up and exits 1."""
     site = tmp_path / "site"
@@ -409,6 +420,7 @@ def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path)
     ("MIG-GPU-8f2c1d3e/1/0,MIG-GPU-8f2c1d3e/2/0,MIG-GPU-8f2c1d3e/3/0", "0,2",
      ["MIG-GPU-8f2c1d3e/1/0", "MIG-GPU-8f2c1d3e/3/0"]),
 ])
+@pytest.mark.integration
 def test_dry_run_pins_workers_to_the_devices_the_job_was_given(tmp_path, visible, devices, expected):
     spec = write_spec(tmp_path)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
@@ -421,6 +433,7 @@ def test_dry_run_pins_workers_to_the_devices_the_job_was_given(tmp_path, visible
     assert not (tmp_path / "out").exists()  # the plan touched no storage
 
 
+@pytest.mark.integration
 def test_dry_run_refuses_a_device_index_outside_the_job(tmp_path):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--devices", "0,2", "--dry-run"],

@@ -337,6 +337,7 @@ def test_a_spec_file_error_names_the_file(tmp_path):
 # -- the front door ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_version_is_the_installed_packages():
     r = subprocess.run([sys.executable, "-m", "wdstudy", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f"wdstudy {importlib.metadata.version('wdstudy')}"
@@ -351,6 +352,7 @@ def test_top_level_help_says_what_the_tool_is_for(capsys):
     assert "launch examples/my_study.yaml" in out
 
 
+@pytest.mark.integration
 def test_train_without_a_regularizer_names_what_ran(capsys):
     assert main(["train", "--task", "mlp-mnist1d", "--epochs", "1", "--set", "width=8"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -359,6 +361,7 @@ def test_train_without_a_regularizer_names_what_ran(capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("mlp-mnist1d · adam · decoupled (λ=0.1,")
 
 
+@pytest.mark.integration
 def test_status_names_a_database_without_its_password(tmp_path, capsys):
     """The test server trusts local connections, so a URL with a password opens it: the password must not show."""
     from .conftest import PG_URL

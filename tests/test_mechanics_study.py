@@ -26,6 +26,7 @@ def resumed(tmp_path_factory):
     return tmp_path, url, before
 
 
+@pytest.mark.integration
 def test_mechanics_are_stored_survive_a_resume_and_are_exported(resumed):
     tmp_path, url, before = resumed
 
@@ -59,6 +60,7 @@ def test_mechanics_are_stored_survive_a_resume_and_are_exported(resumed):
 
 
 
+@pytest.mark.integration
 def test_report_says_what_the_optimum_means(resumed):
     from wdstudy.report import SECTIONS, build_report
     from wdstudy.report.meaning import band_of

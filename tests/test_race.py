@@ -182,6 +182,7 @@ def _comparison(storage) -> pd.Series:
     return d.comparison.set_index(["arm", "reference"]).loc[("decoupled", "l2")]
 
 
+@pytest.mark.integration
 def test_every_survivor_is_evaluated_and_a_clear_difference_is_decided(tmp_path):
     spec, url, storage = _run(tmp_path, **ARMS)
     every = evaluations_frame(storage, "tiny", survivors=True)
@@ -196,6 +197,7 @@ def test_every_survivor_is_evaluated_and_a_clear_difference_is_decided(tmp_path)
     assert r.decision_code == "A better" and r.decision == "decoupled better"  # 10 pts on every seed
 
 
+@pytest.mark.integration
 def test_the_luck_of_the_pick_widens_the_interval_and_weakens_the_decision(tmp_path):
     # decoupled's survivors differ by up to 15 pts on test: every seed favours its pick over L2 by
     # 25 pts and the one-pick t-test is sure of it, but which survivor was picked is luck (a
@@ -232,6 +234,7 @@ def test_tuning_curve_bands_against_opda_on_fixed_inputs():
     assert hi[-1] - lo[-1] > 0  # twelve draws leave real uncertainty
 
 
+@pytest.mark.integration
 def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
     """Real processes: the launcher is killed (its workers follow it) while race runs are in
     flight; a second launch finishes with every (candidate, seed) run exactly once."""

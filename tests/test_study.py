@@ -36,6 +36,7 @@ def finished_study(tmp_path_factory):
     return tmp_path, spec, r
 
 
+@pytest.mark.integration
 def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
     tmp_path, spec, r = finished_study
     storage = journal(tmp_path)
@@ -75,6 +76,7 @@ def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
     assert "mlp-mnist1d/adam/l2" in r.stdout and "test error" in r.stdout
 
 
+@pytest.mark.integration
 def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
     tmp_path, spec, _ = finished_study
     before = len(trials_frame(journal(tmp_path), "tiny"))
@@ -83,6 +85,7 @@ def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
     assert len(trials_frame(journal(tmp_path), "tiny")) == before
 
 
+@pytest.mark.integration
 def test_status_shows_each_cell(finished_study, capsys):
     tmp_path, spec, _ = finished_study
     code = main(["status", str(spec)])
@@ -100,6 +103,7 @@ def test_status_shows_each_cell(finished_study, capsys):
     assert rows == expected
 
 
+@pytest.mark.integration
 def test_status_table_text(finished_study, capsys):
     tmp_path, spec, _ = finished_study
     main(["status", str(spec)])
@@ -107,6 +111,7 @@ def test_status_table_text(finished_study, capsys):
     assert "mlp-mnist1d/adam/l2" in out and "3/3" in out and "2/2" in out
 
 
+@pytest.mark.integration
 def test_dashboard_serves_every_cell(finished_study):
     tmp_path, spec, _ = finished_study
     with socket.socket() as s:
@@ -134,6 +139,7 @@ def test_dashboard_serves_every_cell(finished_study):
 # -- devices, faults, resume, concurrency --------------------------------------------------
 
 
+@pytest.mark.integration
 def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     spec = write_spec(tmp_path, regularizers=["decoupled"],
                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},
@@ -160,6 +166,7 @@ def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     assert retry.lr.iloc[0] == victim["lr"] and retry.weight_decay.iloc[0] == victim["weight_decay"]
 
 
+@pytest.mark.integration
 def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 15})
     launcher = subprocess.Popen([sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "2", "--quiet"],
@@ -187,6 +194,7 @@ def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
         assert len(retry) == 1 and retry.lr.iloc[0] == t.lr
 
 
+@pytest.mark.integration
 def test_eight_workers_share_the_embedded_storage(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 8}, task_defaults={"epochs": 1},
                       evaluation={"seeds": 2})
@@ -201,6 +209,7 @@ def test_eight_workers_share_the_embedded_storage(tmp_path):
     assert df.worker.nunique() >= 2
 
 
+@pytest.mark.integration
 def test_divergence_ends_the_trial_and_the_study_goes_on(tmp_path):
     spec = write_spec(tmp_path, optimizers=[{"name": "sgd", "momentum": 0.9}], regularizers=["none", "l2"],
                       search={"lr": {"low": 1e4, "high": 1e6}, "weight_decay": {"low": 1e-5, "high": 1e-3},
@@ -214,6 +223,7 @@ def test_divergence_ends_the_trial_and_the_study_goes_on(tmp_path):
     assert (prog.eval_total == 0).all()
 
 
+@pytest.mark.integration
 def test_postgresql_two_workers_on_one_study(tmp_path):
     name = f"pg-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path, name=name, storage=PG_URL, search={"trials": 3})
@@ -279,6 +289,7 @@ def test_bad_yaml_and_missing_file(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_changed_spec_is_refused_on_resume(finished_study, tmp_path, capsys):
     src_tmp, spec, _ = finished_study
     changed = yaml.safe_load(spec.read_text())
@@ -325,6 +336,7 @@ def test_the_committed_quickstart_answer_has_no_choice_at_an_edge():
     assert (summary.seeds == 5).all() and (summary.diverged_seeds == 0).all()
 
 
+@pytest.mark.integration
 def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
     """A worker on 'another machine' dies mid-trial: its heartbeat stops, the next worker
     (here on this machine) fails that trial and retries the same parameters."""
@@ -396,6 +408,7 @@ def test_slot_planning_and_progress_text(monkeypatch):
         assert needle in shown, needle
 
 
+@pytest.mark.integration
 def test_launch_on_a_terminal_shows_a_live_table(tmp_path):
     """launch under a pseudo-terminal draws rich's live table and leaves the final one on screen."""
     import os
@@ -442,6 +455,7 @@ def test_negative_seed_in_a_spec_is_refused(tmp_path, capsys):
     assert "search.seed=-1" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
     from wdstudy.cells import ensure_studies
     from wdstudy.report import build_report

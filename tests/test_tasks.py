@@ -197,6 +197,7 @@ def test_unknown_names_and_fields_are_errors():
 # -- a run's metrics -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_metrics_and_determinism():
     task = task_config("mlp-mnist1d", epochs=3, width=64)
     a = train_run(task, "adam", "l2", 2e-3, 1e-3, seed=7, with_test=True, accelerator="cpu")
@@ -239,6 +240,7 @@ def test_divergence_raises():
         train_run(task, "sgd", "none", 1e6, 0.0, schedule="constant", accelerator="cpu")
 
 
+@pytest.mark.integration
 def test_bad_run_arguments():
     task = task_config("mlp-mnist1d", epochs=1)
     with pytest.raises(WdstudyError, match="lr=-0.1"):
@@ -251,6 +253,7 @@ def test_bad_run_arguments():
         train_run(task, "adam", "l2", 0.1, 1e-3, schedule="linear")
 
 
+@pytest.mark.integration
 def test_gradient_clipping_option():
     with pytest.raises(WdstudyError, match="grad_clip=-1"):
         task_config("gru-mnist1d", grad_clip=-1)
@@ -260,6 +263,7 @@ def test_gradient_clipping_option():
     assert clipped.metrics["train_loss"] != plain.metrics["train_loss"]
 
 
+@pytest.mark.integration
 def test_logistic_regression_is_one_linear_layer_and_trains():
     import subprocess
     import sys
@@ -276,6 +280,7 @@ def test_logistic_regression_is_one_linear_layer_and_trains():
     assert "logreg-mnist1d" in help_text
 
 
+@pytest.mark.integration
 def test_linear_regression_trains_with_its_mse_as_the_error():
     from lightning.pytorch import Callback
 
