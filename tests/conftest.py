@@ -17,7 +17,7 @@ generated trials, without training, come from :mod:`wdstudy.synthetic`.
 
 **Markers.** ``integration`` marks the tests that start processes (the CLI, workers,
 PostgreSQL, Slurm, a pty) or otherwise take long; ``python -m pytest -q -m "not integration"``
-runs the others in about a minute (docs/how-to/tests.md).
+runs the others in about a minute and a half on 2 idle cores (docs/how-to/tests.md).
 """
 
 from __future__ import annotations
