@@ -11,19 +11,16 @@ the trials into a DataFrame, which every report has to do.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.synthetic
-
-from wdstudy.analysis import trials_frame  # noqa: E402
+from wdstudy.analysis import trials_frame
 from wdstudy.config import validate
 from wdstudy.report import build_report
 from wdstudy.spec import StudySpec
 from wdstudy.storage import open_storage
-from benchmarks.synthetic import fill  # noqa: E402
+from wdstudy.synthetic import fill
 
 
 def main() -> None:

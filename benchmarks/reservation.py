@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.synthetic
+import numpy as np
+import optuna
 
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-
-from benchmarks.synthetic import add_trials  # noqa: E402
-from wdstudy.cells import Cells, distributions, ensure_studies  # noqa: E402
-from wdstudy.config import validate  # noqa: E402
-from wdstudy.spec import StudySpec  # noqa: E402
-from wdstudy.storage import StudyLock, open_storage  # noqa: E402
+from wdstudy.cells import Cells, distributions, ensure_studies
+from wdstudy.config import validate
+from wdstudy.spec import StudySpec
+from wdstudy.storage import StudyLock, open_storage
+from wdstudy.synthetic import add_trials
 
 
 def make_spec(name: str, budget: int) -> StudySpec:

@@ -14,7 +14,6 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from scipy import stats as st
 
-from benchmarks.synthetic import add_evaluation, add_trials, fill
 from wdstudy import records as R
 from wdstudy.cells import distributions, ensure_studies
 from wdstudy.config import validate
@@ -22,6 +21,9 @@ from wdstudy.report import compute_tables, load_report_data
 from wdstudy.spec import StudySpec
 from wdstudy.stats import detectable_difference, holm, paired
 from wdstudy.storage import open_storage
+from wdstudy.synthetic import add_evaluation, add_trials, fill
+
+from .conftest import write_spec
 
 A = [0.312, 0.334, 0.301, 0.351, 0.322, 0.309]
 B = [0.331, 0.342, 0.330, 0.362, 0.318, 0.329]
@@ -192,8 +194,8 @@ def test_pruning_audit_is_quiet_when_pruning_is_even(tmp_path):
 # -- the decoupled arm searched over its per-step shrink η·λ ------------------------------------
 
 
+@pytest.mark.integration
 def test_decoupled_searched_over_the_shrink_trains_with_lambda_equal_shrink_over_lr(tmp_path):
-    from tests.test_study import write_spec
     from wdstudy.analysis import evaluations_frame, trials_frame
     from wdstudy.spec import load_spec
     from wdstudy.tasks import task_config

@@ -22,6 +22,7 @@ def quick(tmp_path_factory):
     return out, pd.read_csv(out / "claims.csv")
 
 
+@pytest.mark.integration
 def test_every_claim_has_a_verdict_recomputable_from_its_numbers(quick):
     out, df = quick
     assert list(df.key) == ["sgd_equal", "momentum_adam_differ", "rule_098", "norm_vs_lambda", "gap_vs_lambda",
@@ -34,6 +35,7 @@ def test_every_claim_has_a_verdict_recomputable_from_its_numbers(quick):
     assert all(html.escape(c) in page for c in df.claim) and (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+@pytest.mark.integration
 def test_sgd_equivalence_and_the_corrected_098_rule_hold_to_rounding(quick):
     _, df = quick
     n = {r.key: json.loads(r.numbers) for r in df.itertuples()}
@@ -65,6 +67,7 @@ def test_verdict_rules_on_fixed_numbers():
     assert verdict("converge_faster", {"steps_none": 100.0, "steps_decoupled": 120.0}) == "does not hold"
 
 
+@pytest.mark.integration
 def test_the_linear_tasks_are_measured_and_the_fitted_curves_drawn(quick):
     out, df = quick
     n = {r.key: json.loads(r.numbers) for r in df.itertuples()}
@@ -84,6 +87,7 @@ def test_the_linear_tasks_are_measured_and_the_fitted_curves_drawn(quick):
     assert "A linear regression with a rich feature expansion" in PdfReader(str(out / "report.pdf")).pages[-1].extract_text()
 
 
+@pytest.mark.integration
 def test_the_fitted_curves_follow_the_noise_at_small_lambda():
     """The figure's data: the quick setup's weak fit is wigglier than its strong one, for both arms."""
     from dataclasses import replace
@@ -105,6 +109,7 @@ def test_the_fitted_curves_follow_the_noise_at_small_lambda():
         assert g.train_error[weak] < g.train_error[strong] and g.gap_error[weak] > g.gap_error[strong]
 
 
+@pytest.mark.integration
 def test_the_sweeps_give_the_same_numbers_in_two_processes_as_in_one():
     """The λ sweeps' runs are independent: shared by two spawned processes (one torch thread each)
     they give exactly the numbers and fitted curves one process with one thread gives."""

@@ -18,6 +18,7 @@ def run(*args: str, timeout: float = 300):
     )
 
 
+@pytest.mark.integration
 def test_train_prints_metrics():
     r = run("train", "--task", "mlp-mnist1d", "--regularizer", "decoupled", "--weight-decay", "1e-3",
             "--lr", "1e-3", "--epochs", "2", "--test")
@@ -28,6 +29,7 @@ def test_train_prints_metrics():
         assert word in out
 
 
+@pytest.mark.integration
 def test_train_json_is_machine_readable():
     r = run("train", "--task", "cnn-mnist1d", "--regularizer", "l2", "--weight-decay", "1e-4",
             "--epochs", "1", "--json", "--set", "width=8", "--optimizer", "sgd", "--optimizer-set", "momentum=0.5")
@@ -67,23 +69,27 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert lines[0].startswith("wdstudy: error: ") and needle in lines[0], lines[0]
 
 
+@pytest.mark.integration
 def test_bad_input_from_a_real_process_has_no_traceback():
     r = run("train", "--task", "mlp-mnist1d", "--weight-decay=-1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "wdstudy: error: weight_decay=-1.0: must be a finite number >= 0"
 
 
+@pytest.mark.integration
 def test_unknown_choice_is_rejected_by_argparse():
     r = run("train", "--task", "mlp-mnist1d", "--optimizer", "rmsprop")
     assert r.returncode == 2 and "invalid choice: 'rmsprop'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_divergence_exits_1_with_message():
     r = run("train", "--task", "mlp-mnist1d", "--optimizer", "sgd", "--lr", "1e6", "--epochs", "1",
             "--regularizer", "none", "--schedule", "constant")
     assert r.returncode == 1 and "diverged" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_train_help_lists_both_linear_tasks():
     r = run("train", "--help")
     assert r.returncode == 0, r.stderr

@@ -26,7 +26,7 @@ from wdstudy.spec import load_spec
 from wdstudy.tasks import task_config
 from wdstudy.train import DeviceUnavailable, train_run
 
-from .test_study import cli, journal, write_spec
+from .conftest import cli, journal, write_spec
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,6 +41,7 @@ def tiny(**over):
 # -- honest devices ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_gpu_slot_without_its_gpu_fails_its_trial_and_trains_nothing_on_the_cpu(tmp_path):
     """launch plans one GPU worker per device the job was given; neither exists, so each worker
     fails the trial it took with the reason, exits, and is not restarted; launch exits 1."""
@@ -62,6 +63,7 @@ def test_a_gpu_slot_without_its_gpu_fails_its_trial_and_trains_nothing_on_the_cp
     assert (df[df.state == "WAITING"].worker.isna()).all() and (df.state == "WAITING").any()  # re-queued
 
 
+@pytest.mark.integration
 def test_the_gpu_accelerator_is_refused_rather_than_replaced(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
@@ -72,6 +74,7 @@ def test_the_gpu_accelerator_is_refused_rather_than_replaced(monkeypatch, capsys
     assert err.startswith("wdstudy: error: accelerator='gpu': no usable CUDA device") and "\n" not in err
 
 
+@pytest.mark.integration
 def test_the_final_measurement_runs_before_lightning_moves_the_model_to_the_cpu(monkeypatch):
     """Lightning's teardown at the end of fit moves the model to the CPU; measuring after it
     would measure (and record) the CPU on a GPU run. Every final pass must come before it."""
@@ -94,6 +97,7 @@ def test_the_final_measurement_runs_before_lightning_moves_the_model_to_the_cpu(
     assert r.metrics["device"] == "cpu" and seen == ["cpu"]
 
 
+@pytest.mark.integration
 def test_every_run_records_the_device_it_trained_on_and_compute_is_summed_by_kind(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 2}, evaluation={"seeds": 1})
     r = cli("launch", str(spec), "--workers", "1", "--quiet")
@@ -134,6 +138,7 @@ def test_per_device_packs_k_workers_on_each_gpu_with_the_gpu_accelerator(monkeyp
     assert len(plan_slots("auto", None)) == 2  # one per GPU by default
 
 
+@pytest.mark.integration
 def test_dry_run_shows_the_packed_slots(tmp_path):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--per-device", "2", "--threads", "1",
@@ -156,6 +161,7 @@ def test_dry_run_shows_the_packed_slots(tmp_path):
     ({"CUDA_VISIBLE_DEVICES": "0"}, ["--per-device", "2", "--devices", "cpu"], "and --devices=cpu plans CPU workers"),
     ({"CUDA_VISIBLE_DEVICES": "0"}, ["--per-device", "2", "--workers", "2"], "and --workers asks for CPU workers"),
 ])
+@pytest.mark.integration
 def test_bad_per_device_is_one_line_exit_2(tmp_path, env, args, needle):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), *args, "--dry-run"],
@@ -187,6 +193,7 @@ class AutocastProbe(Callback):
     ("bf16-mixed", torch.bfloat16, "NoneType"),
     ("16-mixed", torch.float16, "GradScaler"),  # really fp16 on the CPU, not Lightning's silent bf16
 ])
+@pytest.mark.integration
 def test_a_tiny_run_trains_in_the_precision_asked_for_and_stores_it(precision, dtype, scaler):
     probe = AutocastProbe()
     r = train_run(tiny(precision=precision), "adam", "decoupled", 3e-3, 0.1, accelerator="cpu", callbacks=[probe])
@@ -205,6 +212,7 @@ def test_precision_in_a_spec_reaches_every_run_and_bad_values_name_field_file_an
     assert err == f"wdstudy: error: {bad}: tasks.0.precision='fp8': choose one of 32, bf16-mixed, 16-mixed", err
 
 
+@pytest.mark.integration
 def test_train_precision_option(capsys):
     assert main(["train", "--task", "mlp-mnist1d", "--epochs", "1", "--set", "max_train=300", "--accelerator", "cpu",
                  "--precision", "bf16-mixed"]) == 0
@@ -242,6 +250,7 @@ def test_gpu_16_mixed_uses_fp16_autocast_and_a_cuda_grad_scaler():
 
 
 @gpu
+@pytest.mark.integration
 def test_gpu_k_workers_per_device_share_it_and_record_it(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 8}, evaluation={"seeds": 1})
     r = cli("launch", str(spec), "--devices", "0", "--per-device", "2", "--quiet")
@@ -257,6 +266,7 @@ def test_gpu_k_workers_per_device_share_it_and_record_it(tmp_path):
 # -- the throughput benchmark --------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_gpu_throughput_benchmark_says_plainly_when_there_is_no_gpu_and_writes_valid_studies(tmp_path):
     from benchmarks.gpu_throughput import spec_for
 

@@ -90,6 +90,7 @@ def site(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_the_site_builds_strict_with_the_generated_reference(site):
     spec_page = (site / "reference" / "spec" / "index.html").read_text()
     for _, path, _, _, _ in reference.field_rows():
@@ -111,6 +112,7 @@ def test_the_site_builds_strict_with_the_generated_reference(site):
     assert "../../assets/quickstart/differences.png" in tutorial
 
 
+@pytest.mark.integration
 def test_every_docs_page_is_in_the_navigation(site):
     for page in (ROOT / "docs").rglob("*.md"):
         rel = page.relative_to(ROOT / "docs").with_suffix("")
@@ -119,6 +121,7 @@ def test_every_docs_page_is_in_the_navigation(site):
     assert not (site / "hooks").exists()
 
 
+@pytest.mark.integration
 def test_the_printed_train_output_is_what_train_prints():
     """docs/how-to/one-run.md shows a command and its output: run it, and compare line by line with
     the numbers masked (they differ between CPUs; the format, labels and units must not)."""

@@ -29,27 +29,19 @@ from wdstudy.spec import LogRange, load_spec
 from wdstudy.storage import HOST, StudyLock, open_storage
 from wdstudy.worker import Worker
 
-from .test_study import (
+from .conftest import (
     PG_URL,
     assert_exact,
     cli,
     journal,
     popen,
+    quiet_worker,
+    real_training,
     running_trials,
+    setup_study,
     wait_for,
     write_spec,
 )
-
-
-def _worker(spec, url) -> Worker:
-    return Worker(spec, url, poll=0.05, log=lambda m: None)
-
-
-def _setup(tmp_path, **over):
-    spec = load_spec(write_spec(tmp_path, **over))
-    url = str((tmp_path / "out" / "optuna.journal").resolve())
-    ensure_studies(spec, open_storage(url))
-    return spec, url
 
 
 def _search_key(df: pd.DataFrame) -> pd.DataFrame:
@@ -61,6 +53,7 @@ def _search_key(df: pd.DataFrame) -> pd.DataFrame:
 # -- reproducibility -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_one_or_two_workers_give_the_same_trials_values_pruning_and_choices(tmp_path):
     over = dict(
         regularizers=["l2", "decoupled"],
@@ -128,20 +121,20 @@ def test_grid_order_is_fixed_and_covers_each_point_once(tmp_path):
 # -- faults inside a trial -----------------------------------------------------------------------
 
 
-def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path, monkeypatch):
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+@pytest.mark.integration
+def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path):
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
-    real = Worker._train
+    real = real_training(spec)
     calls = {"n": 0}
 
-    def flaky(self, cell, lr, wd, seed, callbacks, with_test):
+    def flaky(cell, lr, wd, seed, callbacks, with_test):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(self, cell, lr, wd, seed, callbacks, with_test)
+        return real(cell, lr, wd, seed, callbacks, with_test)
 
-    monkeypatch.setattr(Worker, "_train", flaky)
-    ran = _worker(spec, url).run()
+    ran = quiet_worker(spec, url, train=flaky).run()
     assert ran == 5  # 3 trials + 1 retry + 1 evaluation seed
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
@@ -153,20 +146,20 @@ def test_an_exception_in_a_trial_fails_it_and_the_worker_goes_on(tmp_path, monke
     assert len(retry) == 1 and retry.lr.iloc[0] == failed.lr.iloc[0]
 
 
-def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path, monkeypatch):
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+@pytest.mark.integration
+def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tmp_path):
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3}, evaluation={"seeds": 1})
-    real = Worker._train
+    real = real_training(spec)
     cursed = {}
 
-    def poisoned(self, cell, lr, wd, seed, callbacks, with_test):
+    def poisoned(cell, lr, wd, seed, callbacks, with_test):
         cursed.setdefault("lr", lr)  # the first configuration always raises
         if lr == cursed["lr"]:
             raise ValueError("bad configuration")
-        return real(self, cell, lr, wd, seed, callbacks, with_test)
+        return real(cell, lr, wd, seed, callbacks, with_test)
 
-    monkeypatch.setattr(Worker, "_train", poisoned)
-    _worker(spec, url).run()
+    quiet_worker(spec, url, train=poisoned).run()
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
     df = trials_frame(storage, "tiny")
@@ -184,6 +177,7 @@ def test_a_configuration_that_keeps_failing_is_replaced_after_the_retry_limit(tm
 
 @pytest.mark.parametrize("backend", ["journal", "postgresql"])
 @pytest.mark.parametrize("owner", ["node-b:4242", "SELF"])
+@pytest.mark.integration
 def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, backend, owner):
     """A trial left RUNNING by another host (journal or PostgreSQL), or by a pid of this host
     that has been reused by a live process: its lease expires and any worker retries it."""
@@ -202,7 +196,7 @@ def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, bac
         tid = unit.trial._trial_id
         storage.set_trial_system_attr(tid, R.OWNER, owner)
         storage.set_trial_system_attr(tid, R.LEASE, time.time() - 3600)  # its owner stopped renewing
-        _worker(spec, url).run()
+        quiet_worker(spec, url).run()
         assert_exact(storage, name, budget=2, seeds=1, cells=1)
         df = trials_frame(storage, name)
         failed = df[df.state == "FAIL"]
@@ -215,16 +209,17 @@ def test_a_running_trial_of_a_vanished_owner_is_failed_and_retried(tmp_path, bac
                     optuna.delete_study(study_name=s.study_name, storage=storage)
 
 
+@pytest.mark.integration
 def test_a_half_created_evaluation_study_is_repaired(tmp_path):
-    from benchmarks.synthetic import add_trials
+    from wdstudy.synthetic import add_trials
 
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 4}, evaluation={"seeds": 2})
     storage = open_storage(url)
     (cell,) = spec.cells()
     add_trials(spec, cell, storage, 4, 2, np.random.default_rng(0))  # a finished search
     optuna.create_study(study_name=cell.eval_name, storage=storage)  # killed before its configuration was recorded
-    _worker(spec, url).run()
+    quiet_worker(spec, url).run()
     assert_exact(storage, "tiny", budget=4, seeds=2, cells=1)
     ev = optuna.load_study(study_name=cell.eval_name, storage=storage)
     best = optuna.load_study(study_name=cell.name, storage=storage).best_trial
@@ -232,15 +227,16 @@ def test_a_half_created_evaluation_study_is_repaired(tmp_path):
     assert all(t.params == best.params for t in ev.trials)
 
 
+@pytest.mark.integration
 def test_a_failed_trial_that_was_never_requeued_is_requeued(tmp_path):
     """Its worker died between failing it and queuing the retry: the slot is repaired."""
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2}, evaluation={"seeds": 1})
     storage = open_storage(url)
     with StudyLock(url, spec.name):
         unit, _ = Cells(spec, storage).reserve()
     storage.set_trial_state_values(unit.trial._trial_id, TrialState.FAIL)  # no retry queued
-    _worker(spec, url).run()
+    quiet_worker(spec, url).run()
     assert_exact(storage, "tiny", budget=2, seeds=1, cells=1)
 
 
@@ -260,6 +256,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.integration
 def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 60, "batch": 4}, task_defaults={"epochs": 12},
                       evaluation={"seeds": 2})
@@ -302,6 +299,7 @@ def kill_launch_when(spec: Path, ready, timeout: float, what: str, interval: flo
             launcher.kill()
 
 
+@pytest.mark.integration
 def test_a_dying_launcher_takes_its_workers_with_it_and_a_relaunch_finishes(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 20})
     kill_launch_when(spec, lambda: running_trials(tmp_path, "tiny"), 120, "a running trial")
@@ -317,7 +315,7 @@ def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp
     stored; the trial it reserved must not stay RUNNING: it is failed and re-queued."""
     from wdstudy.signals import STOP, WorkerStopped
 
-    spec, url = _setup(tmp_path, regularizers=["l2"], search={"trials": 2, "weight_decay": {"low": 1e-5, "high": 1e-2}})
+    spec, url = setup_study(tmp_path, regularizers=["l2"], search={"trials": 2, "weight_decay": {"low": 1e-5, "high": 1e-2}})
     worker = Worker(spec, url, poll=0.1, log=lambda m: None)
     reserve = worker.cells.reserve
 
@@ -345,6 +343,7 @@ def test_a_signal_during_a_reservation_fails_and_requeues_the_reserved_trial(tmp
     assert {"lr": failed.lr.iloc[0], "weight_decay": failed.weight_decay.iloc[0]} in queued  # its retry
 
 
+@pytest.mark.integration
 def test_the_pool_returns_only_after_its_warm_up_thread_has_finished(tmp_path):
     """The report forks its drawing processes right after the pool: a warm-up thread still running
     then (holding an import or font-cache lock) would leave a forked child waiting forever."""
@@ -372,6 +371,7 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+@pytest.mark.integration
 def test_status_and_analysis_do_not_import_torch(tmp_path):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "wdstudy", "status", str(spec)],
@@ -381,6 +381,7 @@ def test_status_and_analysis_do_not_import_torch(tmp_path):
     assert "optuna" in imported and not {"torch", "lightning"} & imported
 
 
+@pytest.mark.integration
 def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
     """Workers that die at start-up, every time: launch gives the slots up and exits 1."""
     site = tmp_path / "site"
@@ -396,18 +397,17 @@ def test_a_crash_looping_worker_slot_is_given_up_with_a_clear_message(tmp_path):
     assert (tmp_path / "out" / "logs" / "worker-0.log").read_text().count("SystemExit: broken worker environment") == 8
 
 
-def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path, monkeypatch):
+def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path):
     from wdstudy.cells import MAX_VARIANT
 
-    spec, url = _setup(tmp_path, regularizers=["decoupled"],
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
                        search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
                        evaluation={"seeds": 1})
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("this model cannot be built")
 
-    monkeypatch.setattr(Worker, "_train", broken)
-    _worker(spec, url).run()  # returns: nothing left that could run
+    quiet_worker(spec, url, train=broken).run()  # returns: nothing left that could run
     df = trials_frame(open_storage(url), "tiny")
     assert (df.state == "FAIL").all() and (df.reason == "RuntimeError: this model cannot be built").all()
     assert len(df) == 2 * (MAX_VARIANT + 1) * (MAX_RETRY + 1)  # per slot: 3 proposals, 4 attempts each
@@ -421,6 +421,7 @@ def test_a_cell_whose_every_run_fails_ends_instead_of_retrying_forever(tmp_path,
     ("MIG-GPU-8f2c1d3e/1/0,MIG-GPU-8f2c1d3e/2/0,MIG-GPU-8f2c1d3e/3/0", "0,2",
      ["MIG-GPU-8f2c1d3e/1/0", "MIG-GPU-8f2c1d3e/3/0"]),
 ])
+@pytest.mark.integration
 def test_dry_run_pins_workers_to_the_devices_the_job_was_given(tmp_path, visible, devices, expected):
     spec = write_spec(tmp_path)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
@@ -433,6 +434,7 @@ def test_dry_run_pins_workers_to_the_devices_the_job_was_given(tmp_path, visible
     assert not (tmp_path / "out").exists()  # the plan touched no storage
 
 
+@pytest.mark.integration
 def test_dry_run_refuses_a_device_index_outside_the_job(tmp_path):
     spec = write_spec(tmp_path)
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--devices", "0,2", "--dry-run"],

@@ -23,8 +23,8 @@ from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.redact import redact
 from wdstudy.storage import open_storage
 
+from .conftest import PG_URL, assert_exact, cli, journal, wait_for, write_spec
 from .pgproxy import PgProxy
-from .test_study import PG_URL, assert_exact, cli, journal, wait_for, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,7 @@ def _pdf_text(path: Path) -> str:
     return meta + "\n".join(page.extract_text() or "" for page in reader.pages)
 
 
+@pytest.mark.integration
 def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
     """A study on a password-protected PostgreSQL role: launch, status, report, errors, logs,
     every file of the output (the PDF's text included), and the workers' command lines."""
@@ -179,6 +180,7 @@ def finished(tmp_path_factory):
     return tmp_path, spec
 
 
+@pytest.mark.integration
 def test_two_launches_of_one_study_cooperate(finished):
     tmp_path, _ = finished
     storage = journal(tmp_path)
@@ -186,6 +188,7 @@ def test_two_launches_of_one_study_cooperate(finished):
     _once_each(storage, "tiny")
 
 
+@pytest.mark.integration
 def test_every_table_of_a_study_without_pruning_failures_or_race_reads_with_pandas(finished):
     tmp_path, _ = finished
     out = tmp_path / "out"
@@ -212,6 +215,7 @@ def _lines(path: Path) -> list[bytes]:
     return path.read_bytes().split(b"\n")[:-1]
 
 
+@pytest.mark.integration
 def test_a_torn_last_record_of_a_finished_study_is_set_aside(finished, tmp_path):
     spec, path = _copy_study(finished, tmp_path)
     whole = path.read_bytes()
@@ -230,6 +234,7 @@ def test_a_torn_last_record_of_a_finished_study_is_set_aside(finished, tmp_path)
     pd.testing.assert_frame_equal(trials_frame(open_storage(str(path)), "tiny"), before)
 
 
+@pytest.mark.integration
 def test_a_torn_write_in_a_half_finished_study_does_not_stop_its_relaunch(tmp_path):
     """The torn write is followed by more appends (a relaunch): the study completes with exact
     budgets and every trial recorded before the tear is intact."""
@@ -259,6 +264,7 @@ def test_a_torn_write_in_a_half_finished_study_does_not_stop_its_relaunch(tmp_pa
     assert len(list(path.parent.glob("optuna.journal.torn-*"))) == 1
 
 
+@pytest.mark.integration
 def test_a_damaged_middle_record_is_one_line_and_repair_recovers_the_rest(finished, tmp_path):
     spec, path = _copy_study(finished, tmp_path)
     lines = _lines(path)
@@ -287,6 +293,7 @@ def test_a_damaged_middle_record_is_one_line_and_repair_recovers_the_rest(finish
     assert len(reference) >= 8
 
 
+@pytest.mark.integration
 def test_a_corrupt_record_in_the_middle_is_set_aside_alone(finished, tmp_path):
     """A record that does not decode (bytes overwritten): repair keeps every other record."""
     spec, path = _copy_study(finished, tmp_path)
@@ -317,6 +324,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.integration
 def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_path, small_disk):
     spec = write_spec(tmp_path, search={"trials": 12, "batch": 4}, task_defaults={"epochs": 1},
                       evaluation={"seeds": 2}, output=str(small_disk / "out"))
@@ -364,6 +372,7 @@ def _tell_update(state: dict, data: bytes) -> bool:
 
 
 @pytest.mark.parametrize("cut", [_tell_commit, _tell_update])
+@pytest.mark.integration
 def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
     """Whether the commit reached the server (its answer lost) or not, the retried tell ends
     with the trial COMPLETE once, with its value; plain Optuna raises."""
@@ -391,6 +400,7 @@ def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
         optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
 
 
+@pytest.mark.integration
 def test_a_pruned_search_trains_on_through_an_outage_and_reports_when_the_storage_is_back(monkeypatch):
     """With a pruner, each epoch asks the storage; while it is unreachable, the epoch's report is
     skipped at once (one log line) instead of pausing the run for the outage window."""
@@ -433,6 +443,7 @@ def _logs(tmp_path) -> str:
     return "".join(p.read_text(errors="replace") for p in (tmp_path / "out" / "logs").glob("*.log"))
 
 
+@pytest.mark.integration
 def test_a_database_outage_is_a_pause(tmp_path):
     """Every connection dropped twice during a 2-worker launch, a few seconds each: once inside
     a reservation, once as a worker records a finished trial (its commit reaches the server,
@@ -463,6 +474,7 @@ def test_a_database_outage_is_a_pause(tmp_path):
         _drop(PG_URL, name)
 
 
+@pytest.mark.integration
 def test_an_outage_longer_than_the_window_stops_cleanly_and_a_relaunch_completes(tmp_path):
     proxy = PgProxy()
     name = f"outage-{uuid.uuid4().hex[:8]}"
@@ -494,6 +506,7 @@ def test_an_outage_longer_than_the_window_stops_cleanly_and_a_relaunch_completes
         _drop(PG_URL, name)
 
 
+@pytest.mark.integration
 def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
     """The server itself (a throwaway one from pgserver) restarted twice in the middle of a
     2-worker study: exit 0, exact budgets, each trial recorded once."""

@@ -92,7 +92,7 @@ def test_a_files_dataset_is_checked_for_its_files(tmp_path, dataset):
 def test_the_checked_files_are_the_ones_torchvision_reads(tmp_path, dataset):
     """torchvision is the reference: where the check passes, it loads the data; take one of the
     checked files away and both refuse."""
-    from tests.test_tasks import write_cifar10, write_mnist_like
+    from .conftest import write_cifar10, write_mnist_like
     from wdstudy.tasks.data import load_data
 
     if dataset == "cifar10":
@@ -337,6 +337,7 @@ def test_a_spec_file_error_names_the_file(tmp_path):
 # -- the front door ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_version_is_the_installed_packages():
     r = subprocess.run([sys.executable, "-m", "wdstudy", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f"wdstudy {importlib.metadata.version('wdstudy')}"
@@ -351,6 +352,7 @@ def test_top_level_help_says_what_the_tool_is_for(capsys):
     assert "launch examples/my_study.yaml" in out
 
 
+@pytest.mark.integration
 def test_train_without_a_regularizer_names_what_ran(capsys):
     assert main(["train", "--task", "mlp-mnist1d", "--epochs", "1", "--set", "width=8"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -359,9 +361,10 @@ def test_train_without_a_regularizer_names_what_ran(capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("mlp-mnist1d · adam · decoupled (λ=0.1,")
 
 
+@pytest.mark.integration
 def test_status_names_a_database_without_its_password(tmp_path, capsys):
     """The test server trusts local connections, so a URL with a password opens it: the password must not show."""
-    from tests.test_study import PG_URL
+    from .conftest import PG_URL
 
     user, rest = PG_URL.split("://", 1)[1].split("@", 1)
     with_password = f"postgresql://{user.split(':')[0]}:n0t-shown@{rest}"

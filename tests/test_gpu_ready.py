@@ -30,7 +30,7 @@ from wdstudy.storage import open_storage
 from wdstudy.tasks import task_config
 from wdstudy.train import DeviceUnavailable, check_accelerator, data_loss, gpu_numerics, make_trainer, train_run
 
-from .test_study import assert_exact, cli, journal, write_spec
+from .conftest import assert_exact, cli, journal, write_spec
 
 SLURM_ENV = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "wdstudy-x", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "1",
@@ -57,6 +57,7 @@ def fake_tool(tmp_path, name: str, body: str) -> str:
 # -- 1. Slurm ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_worker_inside_a_slurm_job_with_srun_on_the_path_trains_as_on_a_laptop(tmp_path):
     """Before: SLURM_NTASKS=4 made Lightning raise 'You set --ntasks=4' in every trial, and srun on the
     PATH printed its warning for every run."""
@@ -159,6 +160,7 @@ def build():
 '''
 
 
+@pytest.mark.integration
 def test_a_device_side_error_ends_its_worker_after_one_trial_lost_and_requeued(tmp_path):
     (tmp_path / "faulty.py").write_text(textwrap.dedent(FAULTY))
     spec = write_spec(tmp_path, tasks=[{"name": "faulty", "factory": f"{tmp_path / 'faulty.py'}:build",
@@ -178,6 +180,7 @@ def test_a_device_side_error_ends_its_worker_after_one_trial_lost_and_requeued(t
 # -- 4. memory of finished runs ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_no_run_starts_while_an_earlier_run_still_holds_its_module_and_trainer(monkeypatch):
     """With automatic garbage collection off, whatever a run built (module, Trainer, the device copies
     of its splits) must be gone by the time the next run trains, after a run that diverged too:
@@ -214,6 +217,7 @@ def test_no_run_starts_while_an_earlier_run_still_holds_its_module_and_trainer(m
 
 
 @pytest.mark.parametrize("pruner", ["none", "median"])
+@pytest.mark.integration
 def test_per_epoch_values_reach_the_storage_live_only_for_a_pruner(tmp_path, monkeypatch, pruner):
     from wdstudy.cells import ensure_studies
     from wdstudy.worker import Worker
@@ -292,6 +296,7 @@ def test_precision_32_on_a_gpu_is_full_fp32_and_deterministic_unless_the_task_sa
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
 
 
+@pytest.mark.integration
 def test_the_gpu_switches_are_spec_fields_that_leave_older_cell_records_unchanged(tmp_path):
     plain = load_spec(write_spec(tmp_path))
     switched = load_spec(write_spec(tmp_path, name="sw", task_defaults={"epochs": 2, "deterministic": False,
@@ -309,6 +314,7 @@ def test_the_gpu_switches_are_spec_fields_that_leave_older_cell_records_unchange
 
 
 @pytest.mark.parametrize("name, reads", [("l2", False), ("l1", False), ("decoupled", True), ("l1-decoupled", True)])
+@pytest.mark.integration
 def test_under_16_mixed_only_the_weight_decays_read_found_inf(monkeypatch, name, reads):
     """Reading the scaler's found_inf synchronizes with the device. L2 and L1 change gradients,
     which a skipped step discards anyway, so they never read it; the decays read it each step.

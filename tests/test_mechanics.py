@@ -102,6 +102,7 @@ def _normalized_problem(seed: int, d: int = 16, h: int = 8, n: int = 16, classes
     return loss_of, g
 
 
+@pytest.mark.integration
 def test_adamw_reaches_the_predicted_equilibrium():
     torch.set_num_threads(1)
     lr, wd, beta1, steps = 1e-2, 0.1, 0.9, 1500  # τ = 1/(ηλ) = 1000 steps
@@ -205,6 +206,7 @@ def test_zero_gradient_norm_is_the_product_of_the_shrinks(convention):
     assert summary["tau_iter"] == pytest.approx(tau) and summary["tau_epoch"] == pytest.approx(tau / 4)
 
 
+@pytest.mark.integration
 def test_callback_agrees_with_saved_weights_and_reaches_equilibrium():
     torch.set_num_threads(1)
     lr, wd, epochs = 1e-2, 0.1, 2  # 375 steps an epoch of fresh noise (gradients are noise), 750 steps; τ = 1000

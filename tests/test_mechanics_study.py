@@ -10,22 +10,23 @@ import pytest
 from wdstudy.analysis import diagnostics_frame, evaluations_frame, export, trials_frame
 from wdstudy.storage import open_storage
 
-from .test_engine import _setup, _worker
+from .conftest import quiet_worker, setup_study
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """A tiny study (L2 and decoupled, 3 epochs) stopped after two runs and finished by a new worker."""
     tmp_path = tmp_path_factory.mktemp("mechanics")
-    spec, url = _setup(tmp_path, task_defaults={"epochs": 3}, search={"trials": 2})
-    first = _worker(spec, url)
+    spec, url = setup_study(tmp_path, task_defaults={"epochs": 3}, search={"trials": 2})
+    first = quiet_worker(spec, url)
     assert first.run(max_units=2) == 2  # stop after two runs; a new worker resumes the study
     before = diagnostics_frame(open_storage(url), "tiny")
     assert len(before.groupby(["cell", "phase", "trial"])) == 2
-    _worker(spec, url).run()
+    quiet_worker(spec, url).run()
     return tmp_path, url, before
 
 
+@pytest.mark.integration
 def test_mechanics_are_stored_survive_a_resume_and_are_exported(resumed):
     tmp_path, url, before = resumed
 
@@ -59,6 +60,7 @@ def test_mechanics_are_stored_survive_a_resume_and_are_exported(resumed):
 
 
 
+@pytest.mark.integration
 def test_report_says_what_the_optimum_means(resumed):
     from wdstudy.report import SECTIONS, build_report
     from wdstudy.report.meaning import band_of

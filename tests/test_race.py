@@ -28,15 +28,15 @@ from wdstudy.worker import Worker
 LUCKY_LR = 5e-3  # the search's single run at lr above this is 0.25 better than the truth
 
 
-def fake_train(worse: dict[str, float] | None = None, lucky_test: float = 0.0):
+def fake_train(spec, worse: dict[str, float] | None = None, lucky_test: float = 0.0):
     """Validation error: a bowl in log η with its bottom at 10^-2.5, plus a lucky search run;
     test error per arm (decoupled best) with a seed-to-seed wobble shared by the arms."""
     worse = worse or {}
 
-    def train(self, cell, lr, wd, seed, callbacks, with_test):
+    def train(cell, lr, wd, seed, callbacks, with_test):
         reg = cell.regularizer
         val = 0.5 + 0.1 * abs(math.log10(lr) + 2.5) + 0.001 * (seed % 7) + worse.get(reg, 0.0)
-        if seed == self.spec.search.seed and lr > LUCKY_LR:
+        if seed == spec.search.seed and lr > LUCKY_LR:
             val -= 0.25  # a lucky draw on the search seed
         test = {"none": 0.35, "l2": 0.40, "decoupled": 0.30}[reg] + 0.01 * (seed % 5) + 1e-4 * (seed % 3)
         test += 0.002 * ((seed * len(reg)) % 5)  # each arm's own wobble: the paired differences have a spread
@@ -64,12 +64,11 @@ def write_spec(tmp_path, **over):
     return path
 
 
-def _run(tmp_path, monkeypatch, worse=None, lucky_test=0.0, **over):
-    monkeypatch.setattr(Worker, "_train", fake_train(worse, lucky_test))
+def _run(tmp_path, worse=None, lucky_test=0.0, **over):
     spec = load_spec(write_spec(tmp_path, **over))
     url = str(tmp_path / "out" / "optuna.journal")
     ensure_studies(spec, open_storage(url))
-    Worker(spec, url, poll=0.01, log=lambda m: None).run()
+    Worker(spec, url, poll=0.01, log=lambda m: None, train=fake_train(spec, worse, lucky_test)).run()
     return spec, url, open_storage(url)
 
 
@@ -77,8 +76,8 @@ GRID = dict(regularizers=["none"], search={"sampler": "grid", "grid_points": 3, 
             selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})
 
 
-def test_the_race_overturns_a_lucky_single_run(tmp_path, monkeypatch):
-    spec, url, storage = _run(tmp_path, monkeypatch, **GRID)
+def test_the_race_overturns_a_lucky_single_run(tmp_path):
+    spec, url, storage = _run(tmp_path, **GRID)
     sel = race_frame(storage, "tiny")
     assert len(sel) == 3 and sel.chosen.sum() == 1
     first = sel[sel.search_rank == 1].iloc[0]
@@ -93,8 +92,8 @@ def test_the_race_overturns_a_lucky_single_run(tmp_path, monkeypatch):
     assert {tr.params["lr"] for tr in evals} == {pick.lr}
 
 
-def test_race_seeds_are_new_and_counted_in_the_progress(tmp_path, monkeypatch):
-    spec, url, storage = _run(tmp_path, monkeypatch, **GRID)
+def test_race_seeds_are_new_and_counted_in_the_progress(tmp_path):
+    spec, url, storage = _run(tmp_path, **GRID)
     race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=storage)
     seeds = {t.user_attrs[R.SEED] for t in race.trials}
     assert seeds == {2000, 2001}
@@ -112,16 +111,16 @@ def test_race_seeds_that_repeat_evaluation_seeds_are_refused(tmp_path):
         load_spec(path)
 
 
-def test_a_worker_stopped_mid_race_resumes_with_exact_budgets(tmp_path, monkeypatch):
-    monkeypatch.setattr(Worker, "_train", fake_train())
+def test_a_worker_stopped_mid_race_resumes_with_exact_budgets(tmp_path):
     spec = load_spec(write_spec(tmp_path, **GRID))
     url = str(tmp_path / "out" / "optuna.journal")
     ensure_studies(spec, open_storage(url))
-    Worker(spec, url, poll=0.01, log=lambda m: None).run(max_units=3 + 2)  # the search and two race runs
+    train = fake_train(spec)
+    Worker(spec, url, poll=0.01, log=lambda m: None, train=train).run(max_units=3 + 2)  # the search, two race runs
     storage = open_storage(url)
     row = progress_frame(storage, "tiny").iloc[0]
     assert row.done == 3 and row.race_done == 2 and row.eval_done == 0
-    Worker(spec, url, poll=0.01, log=lambda m: None).run()  # a new worker finishes the race
+    Worker(spec, url, poll=0.01, log=lambda m: None, train=train).run()  # a new worker finishes the race
     race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=open_storage(url))
     keys = [(t.user_attrs[R.CANDIDATE], t.user_attrs[R.SEED]) for t in race.trials]
     assert sorted(keys) == sorted({(c, s) for c in range(3) for s in (2000, 2001)})  # each exactly once
@@ -129,25 +128,25 @@ def test_a_worker_stopped_mid_race_resumes_with_exact_budgets(tmp_path, monkeypa
     assert (row.race_done, row.eval_done) == (6, 2)
 
 
-def test_a_race_run_whose_worker_vanished_is_retried_once(tmp_path, monkeypatch):
+def test_a_race_run_whose_worker_vanished_is_retried_once(tmp_path):
     """A race run left RUNNING by a dead worker (its lease expired): failed, re-run, counted once."""
     import time
 
     from wdstudy.cells import Cells
     from wdstudy.storage import StudyLock
 
-    monkeypatch.setattr(Worker, "_train", fake_train())
     spec = load_spec(write_spec(tmp_path, **GRID))
     url = str(tmp_path / "out" / "optuna.journal")
     storage = open_storage(url)
     ensure_studies(spec, storage)
-    Worker(spec, url, poll=0.01, log=lambda m: None).run(max_units=3)  # the search
+    train = fake_train(spec)
+    Worker(spec, url, poll=0.01, log=lambda m: None, train=train).run(max_units=3)  # the search
     with StudyLock(url, spec.name):
         unit, _ = Cells(spec, storage).reserve()  # a race run, taken by a worker that then dies
     assert unit.kind == "race"
     storage.set_trial_system_attr(unit.trial._trial_id, R.OWNER, "elsewhere:4242")
     storage.set_trial_system_attr(unit.trial._trial_id, R.LEASE, time.time() - 3600)
-    Worker(spec, url, poll=0.01, log=lambda m: None).run()
+    Worker(spec, url, poll=0.01, log=lambda m: None, train=train).run()
     race = optuna.load_study(study_name=spec.cells()[0].race_name, storage=open_storage(url))
     done = [(t.user_attrs[R.CANDIDATE], t.user_attrs[R.SEED]) for t in race.trials if t.state == TrialState.COMPLETE]
     failed = [t for t in race.trials if t.state == TrialState.FAIL]
@@ -183,8 +182,9 @@ def _comparison(storage) -> pd.Series:
     return d.comparison.set_index(["arm", "reference"]).loc[("decoupled", "l2")]
 
 
-def test_every_survivor_is_evaluated_and_a_clear_difference_is_decided(tmp_path, monkeypatch):
-    spec, url, storage = _run(tmp_path, monkeypatch, **ARMS)
+@pytest.mark.integration
+def test_every_survivor_is_evaluated_and_a_clear_difference_is_decided(tmp_path):
+    spec, url, storage = _run(tmp_path, **ARMS)
     every = evaluations_frame(storage, "tiny", survivors=True)
     sel = load_report_data(storage, "tiny", "test").selection
     for cell, g in sel.groupby("cell"):
@@ -197,11 +197,12 @@ def test_every_survivor_is_evaluated_and_a_clear_difference_is_decided(tmp_path,
     assert r.decision_code == "A better" and r.decision == "decoupled better"  # 10 pts on every seed
 
 
-def test_the_luck_of_the_pick_widens_the_interval_and_weakens_the_decision(tmp_path, monkeypatch):
+@pytest.mark.integration
+def test_the_luck_of_the_pick_widens_the_interval_and_weakens_the_decision(tmp_path):
     # decoupled's survivors differ by up to 15 pts on test: every seed favours its pick over L2 by
     # 25 pts and the one-pick t-test is sure of it, but which survivor was picked is luck (a
     # survivor 9 pts better than L2 was as likely): "no worse", not "better"
-    spec, url, storage = _run(tmp_path, monkeypatch, lucky_test=0.15, **ARMS)
+    spec, url, storage = _run(tmp_path, lucky_test=0.15, **ARMS)
     r = _comparison(storage)
     assert r.var_selection > 0 and "survivors evaluated: decoupled 3" in r.selection_included
     assert r.p_naive < 0.001 and r.naive_high < -0.2
@@ -233,12 +234,13 @@ def test_tuning_curve_bands_against_opda_on_fixed_inputs():
     assert hi[-1] - lo[-1] > 0  # twelve draws leave real uncertainty
 
 
+@pytest.mark.integration
 def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
     """Real processes: the launcher is killed (its workers follow it) while race runs are in
     flight; a second launch finishes with every (candidate, seed) run exactly once."""
     from .test_engine import kill_launch_when
-    from .test_study import assert_exact, cli, journal
-    from .test_study import write_spec as study_spec
+    from .conftest import assert_exact, cli, journal
+    from .conftest import write_spec as study_spec
 
     spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 40},
                       selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})

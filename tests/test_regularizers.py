@@ -167,6 +167,7 @@ def test_sgd_without_momentum_l2_equals_decoupled(task, data):
     assert max_diff(sgd_l2, plain) > 1e-4
 
 
+@pytest.mark.integration
 def test_l2_and_decoupled_differ_a_little_with_momentum_and_a_lot_with_adam(task, data):
     """How far L2's trajectory is from the nearest decoupled one, relative to L2's own effect.
 
@@ -370,6 +371,7 @@ def test_independent_with_adam_equals_adamw_with_decay_over_initial_lr(task, dat
     assert max_diff(ours, plain) > 1e-4
 
 
+@pytest.mark.integration
 def test_independent_shrink_does_not_scale_with_the_base_lr(task, data):
     """Per step, w_after / w_before = 1 - s_t * λ for any base lr; decoupled decay's scales with it."""
     total = EPOCHS * 20
@@ -454,6 +456,7 @@ def count_zeros(params):
     return sum(int((p == 0).sum()) for p in params)
 
 
+@pytest.mark.integration
 def test_decoupled_l1_makes_exact_zeros_and_the_other_arms_none(task, data):
     """Soft thresholding zeroes every weight within lr_t·λ of zero. The optimizer step that
     follows it adds its update to those zeros: with Adam (whose momentum makes the update

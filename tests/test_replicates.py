@@ -111,6 +111,7 @@ def test_rounds_with_replicates_are_refused_naming_the_field():
 STUDIES = 100
 
 
+@pytest.mark.integration  # about a minute of simulated studies
 def test_at_no_true_difference_replicates_decide_better_no_more_often_than_alpha():
     base = load_spec(ROOT / "studies" / "quickstart.yaml").model_dump(mode="json")
     base["tasks"] = [{"name": "mlp-mnist1d", "epochs": 15}]

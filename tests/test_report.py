@@ -21,7 +21,7 @@ from wdstudy.worker import Worker
 from wdstudy.spec import StudySpec
 from wdstudy.stats import coupling, mean_ci
 from wdstudy.storage import open_storage
-from benchmarks.synthetic import add_evaluation, add_trials, fill
+from wdstudy.synthetic import add_evaluation, add_trials, fill
 
 # -- statistics against scipy ---------------------------------------------------------------
 
@@ -97,6 +97,7 @@ def real_report(tmp_path_factory):
     return spec, url, paths
 
 
+@pytest.mark.integration
 def test_html_has_every_section_and_cell(real_report):
     spec, url, paths = real_report
     page = paths.html.read_text()
@@ -111,6 +112,7 @@ def test_html_has_every_section_and_cell(real_report):
     assert "paired" in page and "Holm" in page
 
 
+@pytest.mark.integration
 def test_pdf_outline_metadata_pages_and_numbers(real_report):
     spec, url, paths = real_report
     reader = PdfReader(str(paths.pdf))
@@ -127,6 +129,7 @@ def test_pdf_outline_metadata_pages_and_numbers(real_report):
         assert f"{r.lr:.3g}" in text
 
 
+@pytest.mark.integration
 def test_first_page_verdicts_match_the_comparison_table(real_report):
     spec, url, paths = real_report
     first = " ".join(PdfReader(str(paths.pdf)).pages[0].extract_text().split())
@@ -143,6 +146,7 @@ def test_first_page_verdicts_match_the_comparison_table(real_report):
         assert r.outcome in answer
 
 
+@pytest.mark.integration
 def test_html_tables_wrap_inside_their_box(real_report):
     spec, url, paths = real_report
     page = paths.html.read_text()
@@ -152,6 +156,7 @@ def test_html_tables_wrap_inside_their_box(real_report):
         assert len(alt) > 20  # figures carry a description
 
 
+@pytest.mark.integration
 def test_summary_numbers_equal_the_storage(real_report):
     spec, url, paths = real_report
     storage = open_storage(url)
@@ -181,6 +186,7 @@ def test_summary_numbers_equal_the_storage(real_report):
                                                              "B no worse", "undecided")
 
 
+@pytest.mark.integration
 def test_figures_and_tables_written(real_report):
     spec, url, paths = real_report
     names = {p.stem for p in paths.figures}
@@ -195,6 +201,7 @@ def test_figures_and_tables_written(real_report):
 # -- partial studies and hostile names -----------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_failed_and_running_cells_are_reported(tmp_path):
     spec = tiny_spec(tmp_path, name="partial")
     url = str(tmp_path / "j.journal")
@@ -218,6 +225,7 @@ def test_failed_and_running_cells_are_reported(tmp_path):
     assert counts.loc["mlp-mnist1d/adam/decoupled", "running"] == 1
 
 
+@pytest.mark.integration
 def test_user_strings_are_escaped(tmp_path):
     spec = tiny_spec(tmp_path, name="esc")
     url = str(tmp_path / "j.journal")
@@ -239,6 +247,7 @@ def test_user_strings_are_escaped(tmp_path):
     assert re.search(r"&lt;b&gt;bold", page)
 
 
+@pytest.mark.integration
 def test_report_cli_rebuilds_from_storage(real_report, tmp_path, capsys):
     import yaml
 
@@ -295,6 +304,7 @@ def mixed_report(tmp_path_factory):
     return spec, url, paths
 
 
+@pytest.mark.integration
 def test_a_regression_cell_stores_its_mse_as_the_error(mixed_report):
     from wdstudy.analysis import evaluations_frame, trials_frame
 
@@ -328,6 +338,7 @@ def test_a_regression_cell_stores_its_mse_as_the_error(mixed_report):
     assert row.metric == "mse" and "test MSE" in row.verdict and "pts" not in row.verdict
 
 
+@pytest.mark.integration
 def test_the_report_labels_a_regression_cell_mse(mixed_report):
     from wdstudy.report import compute_tables, load_report_data
     from wdstudy.report.document import answer_table, chosen_table, evaluation_table

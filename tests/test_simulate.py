@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from wdstudy import decide as D
 from wdstudy.simulate import QUICKSTART, landscapes_from, run, summarize
 from wdstudy.spec import load_spec
@@ -20,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = 100
 
 
+@pytest.mark.integration
 def test_at_no_true_difference_a_wrong_better_is_no_more_frequent_than_alpha():
     spec = load_spec(ROOT / "studies" / "quickstart.yaml")
     alpha = spec.decision.alpha

@@ -18,7 +18,7 @@ import pytest
 from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.storage import open_storage
 
-from .test_study import PG_URL, assert_exact, cli, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, cli, wait_for, write_spec
 
 
 def slurm_state(job: str) -> tuple[str, str]:
@@ -70,6 +70,7 @@ def submit_ids(stdout: str) -> tuple[str | None, str]:
 # -- without Slurm ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_dry_run_prints_both_scripts_and_submits_nothing(tmp_path):
     spec = write_spec(tmp_path, storage=PG_URL)
     r = cli("submit", str(spec), "--slurm", "--nodes", "3", "--gpus-per-node", "2", "--per-device", "4",
@@ -91,6 +92,7 @@ def test_dry_run_prints_both_scripts_and_submits_nothing(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.integration
 def test_cpu_workers_per_task_follow_cpus_per_task(tmp_path):
     spec = write_spec(tmp_path)  # a journal file on one node is accepted
     r = cli("submit", str(spec), "--slurm", "--cpus-per-task", "3", "--dry-run")
@@ -108,6 +110,7 @@ def test_cpu_workers_per_task_follow_cpus_per_task(tmp_path):
     (["--nodes", "0"], "--nodes=0: must be >= 1"),
     ([], None),  # no --slurm: told to name the scheduler
 ])
+@pytest.mark.integration
 def test_refusals_are_one_line(tmp_path, args, needle):
     spec = write_spec(tmp_path)
     r = cli("submit", str(spec), *(["--slurm"] if needle else []), *args, "--dry-run")
@@ -151,6 +154,7 @@ def test_a_run_stops_after_the_batch_in_which_a_dropped_stop_signal_arrived(monk
 # -- on the real cluster ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_submit_runs_a_study_to_exact_budgets_and_a_report(tmp_path, slurm, pg_study):
     name = pg_study()
     spec = write_spec(tmp_path, name=name, storage=PG_URL, search={"trials": 3})
@@ -176,6 +180,7 @@ def test_submit_runs_a_study_to_exact_budgets_and_a_report(tmp_path, slurm, pg_s
     wait_for(lambda: not jobs_of(name), 300, "the report job to end", interval=1)
 
 
+@pytest.mark.integration
 def test_a_cancelled_array_task_requeues_its_trial_and_a_resubmit_completes(tmp_path, slurm, pg_study):
     name = pg_study()
     spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],

@@ -22,89 +22,7 @@ from wdstudy.analysis import evaluations_frame, progress_frame, trials_frame
 from wdstudy.cli import main
 from wdstudy.storage import open_storage
 
-PG_URL = os.environ.get("WDSTUDY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def write_spec(tmp_path: Path, name: str = "tiny", **over) -> Path:
-    spec = {
-        "name": name,
-        "tasks": [{"name": "mlp-mnist1d", "width": 16, "max_train": 400}],
-        "task_defaults": {"epochs": 2},
-        "optimizers": ["adam"],
-        "regularizers": ["l2", "decoupled"],
-        "search": {
-            "lr": {"low": 1e-3, "high": 1e-2},
-            "weight_decay": {"l2": {"low": 1e-5, "high": 1e-2}, "decoupled": {"low": 1e-2, "high": 10}},
-            "sampler": "random",
-            "trials": 3,
-        },
-        "evaluation": {"seeds": 2},
-        "output": str(tmp_path / "out"),
-    }
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
-        else:
-            spec[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wdstudy", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def popen(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "wdstudy", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def journal(tmp_path: Path):
-    return open_storage(str((tmp_path / "out" / "optuna.journal").resolve()))
-
-
-def assert_exact(storage, study: str, budget: int, seeds: int, cells: int) -> pd.DataFrame:
-    prog = progress_frame(storage, study)
-    assert len(prog) == cells
-    for row in prog.itertuples():
-        assert row.done == budget, prog
-        assert row.running == 0 and row.waiting == 0, prog
-        assert row.eval_done == row.eval_total, prog  # the pick's seeds, and every race survivor's
-    ev = evaluations_frame(storage, study)
-    assert (ev[ev.state == "COMPLETE"].groupby("cell").size() == seeds).all()
-    every = evaluations_frame(storage, study, survivors=True)
-    # each evaluated candidate (the pick, and any survivor) ran every seed exactly once
-    assert (every[every.state == "COMPLETE"].groupby(["cell", "candidate"], dropna=False).size() == seeds).all()
-    assert len(every[every["pick"]]) == len(ev)
-    return prog
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def retries_of(df: pd.DataFrame, failed) -> pd.DataFrame:
-    """The other attempts at a failed trial's slot: same cell, generation and slot."""
-    return df[(df.cell == failed["cell"]) & (df.generation == failed["generation"]) & (df.slot == failed["slot"])
-              & (df.trial != failed["trial"])]
-
-
-def running_trials(tmp_path: Path, study: str) -> list:
-    path = tmp_path / "out" / "optuna.journal"
-    if not path.exists():
-        return []
-    df = trials_frame(open_storage(str(path.resolve())), study)
-    # a trial is RUNNING as soon as it exists; wait until its worker has tagged it
-    return [] if df.empty else df[(df.state == "RUNNING") & df.worker.notna()].to_dict("records")
-
+from .conftest import PG_URL, assert_exact, cli, journal, popen, retries_of, running_trials, wait_for, write_spec
 
 # -- the whole flow ---------------------------------------------------------------------
 
@@ -118,6 +36,7 @@ def finished_study(tmp_path_factory):
     return tmp_path, spec, r
 
 
+@pytest.mark.integration
 def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
     tmp_path, spec, r = finished_study
     storage = journal(tmp_path)
@@ -157,6 +76,7 @@ def test_end_to_end_every_cell_has_its_budget_and_evaluation(finished_study):
     assert "mlp-mnist1d/adam/l2" in r.stdout and "test error" in r.stdout
 
 
+@pytest.mark.integration
 def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
     tmp_path, spec, _ = finished_study
     before = len(trials_frame(journal(tmp_path), "tiny"))
@@ -165,12 +85,25 @@ def test_relaunch_of_a_finished_study_adds_nothing(finished_study):
     assert len(trials_frame(journal(tmp_path), "tiny")) == before
 
 
-def test_status_shows_each_cell(finished_study):
+@pytest.mark.integration
+def test_status_shows_each_cell(finished_study, capsys):
     tmp_path, spec, _ = finished_study
     code = main(["status", str(spec)])
     assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("study tiny · storage ")
+    assert lines[1].split() == ["cell", "trials", "run", "fail", "pruned", "best", "eval"]
+    trials = trials_frame(journal(tmp_path), "tiny")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    expected = {}
+    for arm in ("l2", "decoupled"):  # each cell finished: its 3 trials, none running or failed, both seeds
+        g = trials[trials.cell == f"tiny/mlp-mnist1d/adam/{arm}"]
+        pruned, best = int((g.state == "PRUNED").sum()), g[g.state == "COMPLETE"].value.min()
+        expected[f"mlp-mnist1d/adam/{arm}"] = ["3/3", "0", "0", str(pruned), f"{best:.4f}", "2/2"]
+    assert rows == expected
 
 
+@pytest.mark.integration
 def test_status_table_text(finished_study, capsys):
     tmp_path, spec, _ = finished_study
     main(["status", str(spec)])
@@ -178,6 +111,7 @@ def test_status_table_text(finished_study, capsys):
     assert "mlp-mnist1d/adam/l2" in out and "3/3" in out and "2/2" in out
 
 
+@pytest.mark.integration
 def test_dashboard_serves_every_cell(finished_study):
     tmp_path, spec, _ = finished_study
     with socket.socket() as s:
@@ -205,6 +139,7 @@ def test_dashboard_serves_every_cell(finished_study):
 # -- devices, faults, resume, concurrency --------------------------------------------------
 
 
+@pytest.mark.integration
 def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     spec = write_spec(tmp_path, regularizers=["decoupled"],
                       search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},
@@ -231,6 +166,7 @@ def test_sigkill_mid_trial_retries_the_same_parameters(tmp_path):
     assert retry.lr.iloc[0] == victim["lr"] and retry.weight_decay.iloc[0] == victim["weight_decay"]
 
 
+@pytest.mark.integration
 def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 4}, task_defaults={"epochs": 15})
     launcher = subprocess.Popen([sys.executable, "-m", "wdstudy", "launch", str(spec), "--workers", "2", "--quiet"],
@@ -258,6 +194,7 @@ def test_ctrl_c_then_resume_gives_exact_totals(tmp_path):
         assert len(retry) == 1 and retry.lr.iloc[0] == t.lr
 
 
+@pytest.mark.integration
 def test_eight_workers_share_the_embedded_storage(tmp_path):
     spec = write_spec(tmp_path, search={"trials": 8}, task_defaults={"epochs": 1},
                       evaluation={"seeds": 2})
@@ -272,6 +209,7 @@ def test_eight_workers_share_the_embedded_storage(tmp_path):
     assert df.worker.nunique() >= 2
 
 
+@pytest.mark.integration
 def test_divergence_ends_the_trial_and_the_study_goes_on(tmp_path):
     spec = write_spec(tmp_path, optimizers=[{"name": "sgd", "momentum": 0.9}], regularizers=["none", "l2"],
                       search={"lr": {"low": 1e4, "high": 1e6}, "weight_decay": {"low": 1e-5, "high": 1e-3},
@@ -285,6 +223,7 @@ def test_divergence_ends_the_trial_and_the_study_goes_on(tmp_path):
     assert (prog.eval_total == 0).all()
 
 
+@pytest.mark.integration
 def test_postgresql_two_workers_on_one_study(tmp_path):
     name = f"pg-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path, name=name, storage=PG_URL, search={"trials": 3})
@@ -350,6 +289,7 @@ def test_bad_yaml_and_missing_file(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_changed_spec_is_refused_on_resume(finished_study, tmp_path, capsys):
     src_tmp, spec, _ = finished_study
     changed = yaml.safe_load(spec.read_text())
@@ -396,6 +336,7 @@ def test_the_committed_quickstart_answer_has_no_choice_at_an_edge():
     assert (summary.seeds == 5).all() and (summary.diverged_seeds == 0).all()
 
 
+@pytest.mark.integration
 def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
     """A worker on 'another machine' dies mid-trial: its heartbeat stops, the next worker
     (here on this machine) fails that trial and retries the same parameters."""
@@ -434,7 +375,7 @@ def test_postgresql_stale_trial_of_a_dead_machine_is_retried(tmp_path):
                 optuna.delete_study(study_name=s.study_name, storage=storage)
 
 
-def test_slot_planning_and_progress_text():
+def test_slot_planning_and_progress_text(monkeypatch):
     from wdstudy.errors import WdstudyError
     from wdstudy.launch import format_progress, plan_slots, progress_line
 
@@ -442,7 +383,10 @@ def test_slot_planning_and_progress_text():
     assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
     cpu = plan_slots("cpu", 3)
     assert len(cpu) == 3 and all(s["CUDA_VISIBLE_DEVICES"] == "" and s["WDSTUDY_ACCELERATOR"] == "cpu" for s in cpu)
-    assert plan_slots("auto", None)  # no GPU here: one CPU worker per core
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: one CPU worker per core, one thread each
+    cores = os.cpu_count() or 1
+    assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": "", "WDSTUDY_THREADS": "1",
+                                        "WDSTUDY_ACCELERATOR": "cpu"}] * cores
     with pytest.raises(WdstudyError, match="--devices='0,0'"):
         plan_slots("0,0", None)
     with pytest.raises(WdstudyError, match="--workers=0"):
@@ -464,6 +408,7 @@ def test_slot_planning_and_progress_text():
         assert needle in shown, needle
 
 
+@pytest.mark.integration
 def test_launch_on_a_terminal_shows_a_live_table(tmp_path):
     """launch under a pseudo-terminal draws rich's live table and leaves the final one on screen."""
     import os
@@ -510,6 +455,7 @@ def test_negative_seed_in_a_spec_is_refused(tmp_path, capsys):
     assert "search.seed=-1" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
     from wdstudy.cells import ensure_studies
     from wdstudy.report import build_report
@@ -530,8 +476,10 @@ def test_grid_search_covers_each_point_once_and_reports_a_heatmap(tmp_path):
     points = {(r.lr, r.weight_decay) for r in l2.itertuples()}
     assert points == {(a, b) for a in (1e-3, 1e-2) for b in (1e-5, 1e-3)}  # endpoints exactly
     paths = build_report(storage, "tiny", tmp_path / "out", url)
-    assert "Heatmap of the grid" in paths.html.read_text()
-    assert "4 (L2)" in paths.html.read_text() or "2 (none)" in paths.html.read_text()
+    html = paths.html.read_text()
+    assert "Heatmap of the grid" in html
+    # each arm's budget is its number of grid points: 2 × 2 (η, λ) for L2, 2 (η) for none
+    assert "Search: grid sampler (seed 0), 4 (L2), 2 (none) trials per cell in generations of 4," in html
 
 
 def test_spec_names_every_regularizer_arm_and_nothing_else():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,46 +12,9 @@ from wdstudy.tasks import TASKS, ShuffledBatches, Split, task_config
 from wdstudy.tasks.data import _torchvision, load_data, split_indices
 from wdstudy.train import DivergedError, train_run
 
+from .conftest import write_cifar10, write_mnist_like
+
 # -- files in the datasets' own formats -------------------------------------------------
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8) in the IDX format of MNIST / FashionMNIST (big-endian header)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_mnist_like(root: Path, folder: str, n_train: int = 120, n_test: int = 40, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = np.arange(n) % 10
-        x = rng.integers(0, 50, size=(n, 28, 28), dtype=np.uint8)
-        x[np.arange(n), 2 * y + 3, 5:20] = 255  # a class-dependent stroke: learnable
-        write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", x)
-        write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", y)
-        out[prefix] = (x, y)
-    return out
-
-
-def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30, seed: int = 0):
-    """The python-pickle layout of CIFAR-10: five data batches, a test batch and the meta file."""
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    written = {}
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-        labels = list(rng.integers(0, 10, size=n))
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        entry = {"batch_label": name, "labels": [int(v) for v in labels], "data": data,
-                 "filenames": [f"img{i}.png" for i in range(n)]}
-        with open(base / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-        written[name] = (data, labels)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f, protocol=2)
-    return written
 
 
 @pytest.mark.parametrize("dataset,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
@@ -237,6 +197,7 @@ def test_unknown_names_and_fields_are_errors():
 # -- a run's metrics -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_metrics_and_determinism():
     task = task_config("mlp-mnist1d", epochs=3, width=64)
     a = train_run(task, "adam", "l2", 2e-3, 1e-3, seed=7, with_test=True, accelerator="cpu")
@@ -279,6 +240,7 @@ def test_divergence_raises():
         train_run(task, "sgd", "none", 1e6, 0.0, schedule="constant", accelerator="cpu")
 
 
+@pytest.mark.integration
 def test_bad_run_arguments():
     task = task_config("mlp-mnist1d", epochs=1)
     with pytest.raises(WdstudyError, match="lr=-0.1"):
@@ -291,6 +253,7 @@ def test_bad_run_arguments():
         train_run(task, "adam", "l2", 0.1, 1e-3, schedule="linear")
 
 
+@pytest.mark.integration
 def test_gradient_clipping_option():
     with pytest.raises(WdstudyError, match="grad_clip=-1"):
         task_config("gru-mnist1d", grad_clip=-1)
@@ -300,6 +263,7 @@ def test_gradient_clipping_option():
     assert clipped.metrics["train_loss"] != plain.metrics["train_loss"]
 
 
+@pytest.mark.integration
 def test_logistic_regression_is_one_linear_layer_and_trains():
     import subprocess
     import sys
@@ -316,6 +280,7 @@ def test_logistic_regression_is_one_linear_layer_and_trains():
     assert "logreg-mnist1d" in help_text
 
 
+@pytest.mark.integration
 def test_linear_regression_trains_with_its_mse_as_the_error():
     from lightning.pytorch import Callback
 

@@ -103,6 +103,7 @@ def test_factory_task_with_tensors_trains_and_measures_every_split():
     assert 0 < m["test_error"] < 0.5  # it learned something, and the problem is not trivial
 
 
+@pytest.mark.integration
 def test_factory_task_with_a_dataset_goes_through_dataloader_workers():
     ds = task_config("mine-ds", factory=f"{EXAMPLE}:build", hidden=16, as_dataset=True, num_workers=2,
                      epochs=2, batch_size=64)
@@ -124,6 +125,7 @@ def test_factory_task_with_a_dataset_goes_through_dataloader_workers():
     assert evaluate(model, built.test, 100, num_workers=2) == pytest.approx(evaluate(model, tensors.test, 100))
 
 
+@pytest.mark.integration
 def test_seeds_reproduce_runs_and_change_the_initialization():
     task = task_config("mine", factory=f"{EXAMPLE}:build", hidden=16, epochs=1, batch_size=64)
     a = train_run(task, "adam", "l2", 1e-2, 1e-4, seed=3, accelerator="cpu").metrics
@@ -163,6 +165,7 @@ def fit_ours(regularizer: str, wd: float, accumulate: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.integration
 def test_brought_lightning_module_l2_equals_adam_weight_decay_and_decoupled_equals_adamw(accumulate):
     plain = fit_reference("adam", 0.0, accumulate)
     ours_l2, m = fit_ours("l2", LAM, accumulate)
@@ -255,6 +258,7 @@ def test_bad_factory_is_one_line_naming_file_key_and_value_exit_2(tmp_path, caps
     assert not (tmp_path / "out").exists()  # nothing was written
 
 
+@pytest.mark.integration
 def test_bad_factory_from_the_command_line_exits_2_without_a_traceback(tmp_path):
     path = write(tmp_path, spec_dict(tmp_path, [{"name": "mine", "factory": "no_such_pkg:build"}]))
     p = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(path), "--workers", "1", "--quiet"],
@@ -278,6 +282,7 @@ def test_factory_task_names_and_fields_are_validated(tmp_path):
         assert f"{path}: {why}" in str(exc.value)
 
 
+@pytest.mark.integration
 def test_a_worker_runs_factory_tasks_of_every_kind_with_pruning(tmp_path, monkeypatch):
     """Tensors, a Dataset and a LightningModule with accumulation as cells of one study, run by
     a worker in this process: the pruning callback reads the module's own logged val_error."""
@@ -329,6 +334,7 @@ def example_study(tmp_path_factory):
     return root, p
 
 
+@pytest.mark.integration
 def test_example_runs_as_a_two_trial_study(example_study):
     root, p = example_study
     out = root / "reports" / "my-study"
@@ -341,6 +347,7 @@ def test_example_runs_as_a_two_trial_study(example_study):
     assert "my-mlp/adam/decoupled" in p.stdout
 
 
+@pytest.mark.integration
 def test_load_results_matches_the_exported_csvs(example_study, monkeypatch):
     root, _ = example_study
     monkeypatch.chdir(root)

@@ -81,6 +81,19 @@ def split_parameters(
     ``bias_*``, such as a GRU's ``bias_ih_l0``), every parameter of a normalization
     layer, and any other parameter with fewer than two dimensions. Parameters with
     ``requires_grad=False`` appear in neither list. Order follows ``module.parameters()``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import split_parameters
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> regularized, not_regularized = split_parameters(model)
+        >>> [tuple(p.shape) for p in regularized]  # the two weight matrices
+        [(8, 4), (2, 8)]
+        >>> [tuple(p.shape) for p in not_regularized]  # a bias, the LayerNorm's weight and bias, a bias
+        [(8,), (8,), (8,), (2,)]
+        >>> [len(group) for group in split_parameters(model, decay_all=True)]
+        [6, 0]
     """
     norm_params = {
         id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
@@ -277,6 +290,26 @@ class L2Regularization(Regularizer):
 
     Equivalent to adding ``weight_decay / 2 * ||w||_2^2`` to the loss, including its
     place before gradient clipping.
+
+    Example: one step of plain SGD (a Trainer calls :meth:`attach` and :meth:`apply` itself)::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import L2Regularization
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.constant_(layer.weight, 2.0)
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)  # weight_decay=0: the callback regularizes
+        >>> reg = L2Regularization(weight_decay=0.5)
+        >>> reg.attach(layer, [opt])
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)  # the loss's gradient, zero here
+        >>> reg.apply(opt)  # g <- g + 0.5 * w
+        >>> layer.weight.grad.tolist()
+        [[1.0, 1.0]]
+        >>> opt.step()  # w <- w - 0.25 * g
+        >>> layer.weight.tolist()
+        [[1.75, 1.75]]
+        >>> reg.penalty()  # 0.5 / 2 * (1.75**2 + 1.75**2)
+        1.53125
     """
 
     name = "l2"
@@ -298,6 +331,24 @@ class L1Regularization(Regularizer):
     differentiating with autograd (whose derivative of ``|w|`` is ``sign(w)``, ``0``
     at ``w = 0``), including its place before gradient clipping. A subgradient
     method: it drives weights towards zero but does not set them to exactly zero.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import L1Regularization
+        >>> layer = nn.Linear(3, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[2.0, -0.5, 0.0]]))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)
+        >>> reg = L1Regularization(weight_decay=0.5)
+        >>> reg.attach(layer, [opt])
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)
+        >>> reg.apply(opt)  # g <- g + 0.5 * sign(w)
+        >>> layer.weight.grad.tolist()
+        [[0.5, -0.5, 0.0]]
+        >>> reg.penalty()  # 0.5 * (2 + 0.5 + 0)
+        1.25
     """
 
     name = "l1"
@@ -319,6 +370,28 @@ class DecoupledWeightDecay(Regularizer):
     learning-rate schedule scales the decay exactly as in PyTorch's ``AdamW``. The
     gradient the optimizer then uses was computed at the weights before the shrink,
     as in ``AdamW``.
+
+    Example: the weight shrinks by exactly ``lr * weight_decay`` of itself, the gradient stays::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import DecoupledWeightDecay
+        >>> layer = nn.Linear(2, 1)
+        >>> _ = nn.init.constant_(layer.weight, 2.0)
+        >>> _ = nn.init.constant_(layer.bias, 2.0)
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)
+        >>> reg = DecoupledWeightDecay(weight_decay=0.5)
+        >>> reg.attach(layer, [opt])
+        >>> layer(torch.ones(1, 2)).sum().backward()  # the gradient of the weight is [[1, 1]]
+        >>> reg.apply(opt)  # w <- (1 - 0.25 * 0.5) * w
+        >>> layer.weight.tolist(), layer.bias.tolist()  # the bias is not regularized
+        ([[1.75, 1.75]], [2.0])
+        >>> layer.weight.tolist() == [[2.0 * (1 - 0.25 * 0.5)] * 2]
+        True
+        >>> layer.weight.grad.tolist()
+        [[1.0, 1.0]]
+        >>> reg.penalty() is None  # a decay adds no term to the objective
+        True
     """
 
     name = "decoupled"
@@ -342,6 +415,25 @@ class IndependentWeightDecay(Regularizer):
     Raises:
         WdstudyError: at :meth:`attach`, if a group holding regularized parameters
             starts with a learning rate of zero (``s_t`` is undefined).
+
+    Example: the shrink is ``weight_decay`` at the initial learning rate, and follows the schedule::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import IndependentWeightDecay
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> _ = nn.init.constant_(layer.weight, 2.0)
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)
+        >>> reg = IndependentWeightDecay(weight_decay=0.5)
+        >>> reg.attach(layer, [opt])
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)
+        >>> reg.apply(opt)  # s_t = 1: w <- (1 - 0.5) * w, whatever the learning rate
+        >>> layer.weight.tolist()
+        [[1.0, 1.0]]
+        >>> opt.param_groups[0]["lr"] = 0.125  # a schedule halves the learning rate: s_t = 0.5
+        >>> reg.apply(opt)  # w <- (1 - 0.5 * 0.5) * w
+        >>> layer.weight.tolist()
+        [[0.75, 0.75]]
     """
 
     name = "independent"
@@ -383,6 +475,24 @@ class DecoupledL1(Regularizer):
     ``lr_t * weight_decay``, and entries within that distance of zero become exactly
     zero (see :meth:`zero_fraction`). Computed as ``w - clamp(w, -t, t)`` with
     ``t = lr_t * weight_decay``, which equals the formula above exactly in floating point.
+
+    Example: with ``t = 0.25 * 0.5 = 0.125``, every entry moves 0.125 towards zero or stops at zero::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import DecoupledL1
+        >>> layer = nn.Linear(3, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[2.0, -0.5, 0.0625]]))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)
+        >>> reg = DecoupledL1(weight_decay=0.5)
+        >>> reg.attach(layer, [opt])
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)
+        >>> reg.apply(opt)
+        >>> layer.weight.tolist()
+        [[1.875, -0.375, 0.0]]
+        >>> reg.zero_fraction()
+        0.3333333333333333
     """
 
     name = "l1-decoupled"
@@ -399,7 +509,30 @@ class DecoupledL1(Regularizer):
 
 
 class NoRegularization(Regularizer):
-    """The baseline arm: no regularization. Still records the weight norm per epoch."""
+    """The baseline arm: no regularization. Still records the weight norm per epoch.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from wdstudy.regularizers import NoRegularization
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.25)
+        >>> reg = NoRegularization()
+        >>> reg.attach(layer, [opt])
+        >>> layer.weight.grad = torch.zeros_like(layer.weight)
+        >>> reg.apply(opt)  # changes nothing
+        >>> layer.weight.tolist(), layer.weight.grad.tolist()
+        ([[3.0, 4.0]], [[0.0, 0.0]])
+        >>> reg.weight_norm()  # what it records: the norm of the weights the other arms regularize
+        5.0
+        >>> NoRegularization(weight_decay=0.1)
+        Traceback (most recent call last):
+        ...
+        wdstudy.errors.WdstudyError: weight_decay=0.1: the 'none' regularizer takes no weight decay
+    """
 
     name = "none"
 
@@ -432,7 +565,20 @@ assert set(REGULARIZERS) == set(NAMES), "every arm of wdstudy.arms has its callb
 
 def make_regularizer(name: str, weight_decay: float = 0.0, decay_all: bool = False) -> Regularizer:
     """Build a regularizer callback by its registry name (a key of :data:`REGULARIZERS`):
-    ``none``, ``l2``, ``decoupled``, ``independent``, ``l1`` or ``l1-decoupled``."""
+    ``l2``, ``decoupled``, ``none``, ``independent``, ``l1`` or ``l1-decoupled``.
+
+    Example::
+
+        >>> from wdstudy.regularizers import make_regularizer
+        >>> make_regularizer("decoupled", 0.1)
+        DecoupledWeightDecay(weight_decay=0.1, decay_all=False)
+        >>> make_regularizer("l2", 1e-4, decay_all=True)
+        L2Regularization(weight_decay=0.0001, decay_all=True)
+        >>> make_regularizer("l3", 0.1)
+        Traceback (most recent call last):
+        ...
+        wdstudy.errors.WdstudyError: regularizer='l3': unknown; choose one of l2, decoupled, ...
+    """
     try:
         cls = REGULARIZERS[name]
     except KeyError:

@@ -66,15 +66,35 @@ def load_results(spec_or_storage: str | Path | None = None, study: str | None = 
     exports as ``trials.csv`` and ``evaluations.csv``, ``comparison`` and ``summary`` what the
     report's ``tables/*.csv`` hold (fANOVA importances are not computed here).
 
-    Example (after ``python -m wdstudy launch examples/my_study.yaml``)::
+    After ``python -m wdstudy launch examples/my_study.yaml``, ``load_results("examples/my_study.yaml")``
+    or ``load_results("reports/my-study/optuna.journal")`` reads that study. Example, on a small
+    study generated without training (:mod:`wdstudy.synthetic`: 6 trials per cell, 3 evaluation seeds)::
 
+        >>> import tempfile
+        >>> from pathlib import Path
         >>> import wdstudy
-        >>> r = wdstudy.load_results("examples/my_study.yaml")            # doctest: +SKIP
-        >>> r.trials.groupby("regularizer").value.min()                      # doctest: +SKIP
-        >>> r.evaluations.pivot(index="seed", columns="regularizer", values="test_error")  # doctest: +SKIP
-        >>> r.comparison[["task", "arm", "reference", "verdict"]]           # doctest: +SKIP
-        >>> wdstudy.load_results("reports/my-study/optuna.journal").study  # doctest: +SKIP
-        'my-study'
+        >>> from wdstudy.config import validate
+        >>> from wdstudy.spec import StudySpec
+        >>> from wdstudy.storage import open_storage
+        >>> from wdstudy.synthetic import fill
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> journal = str(Path(folder.name) / "optuna.journal")
+        >>> spec = validate(StudySpec, {
+        ...     "name": "demo", "tasks": ["mlp-mnist1d"], "optimizers": ["adam"], "regularizers": ["l2", "decoupled"],
+        ...     "search": {"lr": {"low": 1e-3, "high": 1e-1}, "sampler": "random", "trials": 6,
+        ...                "weight_decay": {"l2": {"low": 1e-6, "high": 1e-2}, "decoupled": {"low": 1e-3, "high": 10}}},
+        ...     "evaluation": {"seeds": 3}, "output": folder.name})
+        >>> fill(spec, open_storage(journal))
+        >>> r = wdstudy.load_results(journal)  # the storage holds one study: no need to name it
+        >>> r.study
+        'demo'
+        >>> r.trials.groupby("regularizer").size().to_dict()
+        {'decoupled': 6, 'l2': 6}
+        >>> r.evaluations.pivot(index="seed", columns="regularizer", values="test_error").shape  # seeds × arms
+        (3, 2)
+        >>> r.comparison[["arm", "reference"]].values.tolist()
+        [['decoupled', 'l2']]
+        >>> folder.cleanup()
 
     Raises :class:`~wdstudy.errors.WdstudyError` (one line naming the argument) when the
     spec, the storage or the study does not exist. Left out, ``spec_or_storage`` is the

@@ -590,7 +590,23 @@ def gpu_numerics(task: TaskConfig, accelerator: str) -> dict[str, Any]:
 def train_run(*args: Any, **kwargs: Any) -> RunResult:
     """Train ``task`` once and measure it (:func:`_train_run` has the arguments); what a run held
     is released when it returns (:func:`release_memory`), and, for a run that raised (pruned,
-    diverged: its exception keeps it alive while it is handled), before the next run starts."""
+    diverged: its exception keeps it alive while it is handled), before the next run starts.
+
+    Example: two epochs of the linear regression on ``curve1d`` (50 training points in batches
+    of 10) with SGD and decoupled weight decay, at a constant learning rate::
+
+        >>> from wdstudy.tasks import task_config
+        >>> from wdstudy.train import train_run
+        >>> task = task_config("linreg-curve1d", epochs=2)
+        >>> run = train_run(task, "sgd", "decoupled", lr=0.0625, weight_decay=0.5, schedule="constant",
+        ...                 accelerator="cpu")
+        >>> run.metrics["steps"], run.metrics["epochs"], len(run.history)
+        (10, 2, 2)
+        >>> run.metrics["integrated_shrink"]  # the sum of lr * weight_decay over the 10 steps
+        0.3125
+        >>> run.metrics["val_loss"] > 0 and run.metrics["weight_norm"] > 0
+        True
+    """
     import traceback
 
     release_memory()

@@ -101,6 +101,35 @@ class UserTask:
     module docstring for its protocol). ``train`` / ``val`` / ``test``: ``(x, y)`` tensor
     pairs or ``torch.utils.data.Dataset`` objects of ``(x, y)`` examples. ``num_workers``:
     ``DataLoader`` worker processes for Dataset splits (0: load in the training process).
+
+    Example: a factory in a file of its own, named by a task as ``factory: PATH:build``; the
+    task's other keys (here ``dim``), except the training fields, are the factory's options::
+
+        >>> import tempfile, textwrap
+        >>> from pathlib import Path
+        >>> from wdstudy.tasks import task_config
+        >>> from wdstudy.tasks.user import build_user_task
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> _ = (Path(folder.name) / "blobs.py").write_text(textwrap.dedent('''
+        ...     import torch
+        ...     from torch import nn
+        ...     from wdstudy.tasks.user import UserTask
+        ...
+        ...     def build(dim=4, n=60):
+        ...         g = torch.Generator().manual_seed(0)  # the data does not depend on the run's seed
+        ...         x = torch.randn(n, dim, generator=g)
+        ...         y = (x[:, 0] > 0).long()  # two classes
+        ...         return UserTask(nn.Linear(dim, 2), (x[:40], y[:40]), (x[40:50], y[40:50]), (x[50:], y[50:]))
+        ... '''))
+        >>> task = task_config("blobs", factory=f"{folder.name}/blobs.py:build", dim=3, epochs=2)
+        >>> task.options
+        {'dim': 3}
+        >>> built = build_user_task(task.factory, task.options, lr=0.1, schedule="constant")
+        >>> built.model
+        Linear(in_features=3, out_features=2, bias=True)
+        >>> len(built.train), len(built.val), len(built.test)
+        (40, 10, 10)
+        >>> folder.cleanup()
     """
 
     model: nn.Module

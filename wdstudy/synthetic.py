@@ -1,7 +1,8 @@
 """Synthetic studies: fill a storage with plausible trials without training anything.
 
-Used by the report benchmark (a study of 1,000 trials in seconds) and by tests that need
-a storage in a given state (failed or running cells, hostile names). The landscape is a
+Used by the report benchmark (a study of 1,000 trials in seconds), by tests that need
+a storage in a given state (failed or running cells, hostile names) and by the example of
+:func:`wdstudy.load_results`. Imports no torch. The landscape is a
 smooth bowl in (log10 η, log10 λ): coupled (a diagonal valley, λ* ∝ 1/η) for L2 and
 separable for decoupled decay, plus noise. Nothing here is presented as a measurement.
 """
