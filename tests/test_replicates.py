@@ -127,3 +127,33 @@ def test_at_no_true_difference_replicates_decide_better_no_more_often_than_alpha
           f"at +4 pts: B better {100 * effect[D.BETTER_B]:.1f}%")
     assert null["studies"] == STUDIES and null["wrong"] <= bound
     assert effect[D.BETTER_B] > 0.5  # and it does decide when there is something to find
+
+
+@pytest.mark.integration
+def test_a_study_with_replicates_reports_one_decision_on_the_replicates_spread(tmp_path):
+    """The example study with 2 replicates, launched for real: each replicate is a cell of the
+    report, and the comparison pairs the arms by replicate (2 replicates: 1 degree of freedom)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+
+    data = yaml.safe_load((ROOT / "examples" / "my_study.yaml").read_text())
+    data["tasks"][0]["factory"] = str(ROOT / "examples" / "my_task.py") + ":build"
+    data.update(replicates=2, output=str(tmp_path / "out"))
+    spec = tmp_path / "reps.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--quiet"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = pd.read_csv(tmp_path / "out" / "tables" / "summary.csv")
+    assert sorted(summary.cell.str.rsplit("/", n=1).str[-1]) == ["decoupled", "l2", "r2", "r2"]
+    comp = pd.read_csv(tmp_path / "out" / "tables" / "comparison.csv")
+    row = comp.iloc[0]
+    assert (row.arm, row.reference, row.n_pairs, row.df) == ("decoupled", "l2", 2, 1.0)
+    assert row.selection_included == "replicates: 2 per arm, decided on their spread"
+    assert "2 replicates)" in row.verdict
+    evals = pd.read_csv(tmp_path / "out" / "evaluations.csv")
+    seeds = evals.groupby(evals.cell.str.endswith("/r2")).seed.apply(set)
+    assert not seeds[True] & seeds[False]  # each replicate on its own evaluation seeds

@@ -173,6 +173,12 @@ def answer_table(d: ReportData) -> Table:
                  "t-test this replaces and the gap differences are in tables/comparison.csv.", ("caveats",))
 
 
+def arm_label(d: ReportData, r) -> str:
+    """The arm of a table row, with its replicate (``L2 · r2``) where the study has replicates."""
+    rep = d.cells[r.cell].replicate if r.cell in d.cells else 0
+    return label(r.regularizer) + (f" · r{rep + 1}" if rep else "")
+
+
 def design_lines(d: ReportData) -> list[str]:
     cells = list(d.cells.values())
     tasks = sorted({c.task_name for c in cells})
@@ -188,6 +194,7 @@ def design_lines(d: ReportData) -> list[str]:
     hours = compute_hours(d.trials, d.evals)
     compute = f"{hours['gpu_hours']:.2f} GPU-hours and {hours['cpu_hours']:.2f} CPU-hours"
     gen = f" in generations of {c0.batch}" if c0.batch else ""
+    n_reps = 1 + max(c.replicate for c in cells)
     return [
         f"Tasks {', '.join(tasks)}; optimizers {', '.join(opts)}; arms {', '.join(label(r) for r in regs)} "
         "(the arm is the only difference between the cells of a task).",
@@ -208,6 +215,10 @@ def design_lines(d: ReportData) -> list[str]:
         + " (the same seeds for every arm: same initialization and data order) and measured once on the test "
         "split, which the search never saw. Train error is an eval-mode pass over the training split; the gap "
         "is test − train. Intervals are 95%." + (f" {d.regression_note()}" if d.regression_note() else ""),
+        *([f"Replicates: {n_reps} — each cell's search, race and evaluation ran {n_reps} times on their own seeds "
+           "(rows r2, r3, ...; the seeds above are the first replicate's); the comparisons pair the arms by "
+           "replicate and rest on the spread of the replicates' differences (t with replicates − 1 degrees of "
+           "freedom), which includes the luck of the pick."] if n_reps > 1 else []),
         f"Compute: {compute} of training (search and evaluation runs, each where it really trained).",
     ]
 
@@ -221,7 +232,7 @@ def chosen_table(d: ReportData) -> Table:
                 else num(r.best_val) if d.metric(r.task).is_rate else f"{num(r.best_val, '.4g')} MSE")
         picked = ("search" if r.picked_by == "search" else "—" if missing(r.race_rank) else
                   f"race: search #{int(r.race_rank)}{' (overturned)' if r.race_rank != 1 else ''}")
-        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer), warn, best,
+        rows.append([f"{r.task} · {r.optimizer}", arm_label(d, r), warn, best,
                      f"{num(r.lr)} ({r.lr_range})",
                      "—" if r.regularizer == "none" else f"{num(r.weight_decay)} ({r.weight_decay_range})",
                      num(r.shrink), "—" if missing(r.found_at) else f"{int(r.found_at)} of {r.searched}", picked])
@@ -244,7 +255,7 @@ def race_table(d: ReportData) -> Table:
             return pct(x)
         return num(x, ".4g") + ("" if d.metric(task).is_rate else " MSE")
 
-    rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), str(r.search_rank), num(r.lr),
+    rows = [[f"{r.task} · {r.optimizer}", arm_label(d, r), str(r.search_rank), num(r.lr),
              "—" if r.regularizer == "none" else num(r.weight_decay), v(r.search_value, r.task),
              f"{v(r.race_mean, r.task)} (n = {r.race_n}){' diverged' if r.diverged else ''}",
              "yes" if r.survivor else "no", "chosen" if r.chosen else ""] for r in sel.itertuples()]
@@ -263,7 +274,7 @@ def evaluation_table(d: ReportData) -> Table:
         seeds = d.arms[r.cell][1] if r.cell in d.arms else len(d.cells[r.cell].eval_seeds)
         bad = f"{r.diverged_seeds} diverged" if r.diverged_seeds else ""
         m = d.metric(r.task)
-        rows.append([f"{r.task} · {r.optimizer}", label(r.regularizer),
+        rows.append([f"{r.task} · {r.optimizer}", arm_label(d, r),
                      err_pm(m, r.test_error, r.test_error_low, r.test_error_high), err(m, r.train_error),
                      err_pm(m, r.gap_error, r.gap_error_low, r.gap_error_high, diff=True),
                      pm(r.gap_loss, r.gap_loss_low, r.gap_loss_high, scale=1, fmt="+.3f"),
@@ -282,7 +293,7 @@ def evaluation_table(d: ReportData) -> Table:
 
 
 def coupling_table(d: ReportData) -> Table:
-    rows = [[f"{r.task} · {r.optimizer}", label(r.regularizer), f"{r.top_trials} of {r.of_trials}",
+    rows = [[f"{r.task} · {r.optimizer}", arm_label(d, r), f"{r.top_trials} of {r.of_trials}",
              f"{num(r.slope, '.2f')} [{num(r.slope_low, '.2f')}, {num(r.slope_high, '.2f')}]",
              f"{num(r.spearman_rho, '.2f')} [{num(r.rho_low, '.2f')}, {num(r.rho_high, '.2f')}]", r.reading,
              r.convention] for r in d.coupling.itertuples()]

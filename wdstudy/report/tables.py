@@ -308,16 +308,21 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
     settings = d.decision
     primary = [tuple(p) for p in settings["primary"]]
     rows = []
-    by_key = {(r.task, r.optimizer, r.regularizer): r for r in d.summary.itertuples()}
+    by_key: dict[tuple, list] = {}
+    for r in sorted(d.summary.itertuples(), key=lambda r: d.cells[r.cell].replicate):
+        by_key.setdefault((r.task, r.optimizer, r.regularizer), []).append(r)  # its replicates, in order
     for task, opt in d.groups():
         metric = task_metric(task)
         margin = settings["margin"] / 100 if metric.is_rate else settings["mse_margin"]
-        cells = {reg: by_key[(task, opt, reg)] for (t, o, reg) in by_key if (t, o) == (task, opt)}
+        cells = {reg: rs for (t, o, reg), rs in by_key.items() if (t, o) == (task, opt)}
         from ..decide import ArmRuns
 
-        # an arm not evaluated yet has no runs: its comparisons are "not tested"
-        arms = {reg: d.arms[r.cell][0] if r.cell in d.arms else ArmRuns(0, {0: {}}) for reg, r in cells.items()}
-        n_open = max((d.arms[r.cell][1] for r in cells.values() if r.cell in d.arms), default=0)
+        # an arm not evaluated yet has no runs: its comparisons are "not tested"; an arm with
+        # replicates gives one pipeline's runs per replicate (decided on their spread)
+        per = {reg: [d.arms[r.cell][0] if r.cell in d.arms else ArmRuns(0, {0: {}}) for r in rs]
+               for reg, rs in cells.items()}
+        arms = {reg: runs[0] if len(runs) == 1 else runs for reg, runs in per.items()}
+        n_open = max((d.arms[r.cell][1] for rs in cells.values() for r in rs if r.cell in d.arms), default=0)
         looks = settings.get("looks") or [n_open or 1]
         pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
         pairs += [p for p in primary if p not in pairs and p[0] in arms and p[1] in arms]
@@ -327,13 +332,25 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
             ra, rb = cells[arm], cells[ref]
             v = verdicts[(arm, ref)]
             ev, dec = v.evidence, v.decision
-            ga, gb = _seed_values(d, ra.cell, "gap_error"), _seed_values(d, rb.cell, "gap_error")
+            ga = {k: x for r in ra for k, x in _seed_values(d, r.cell, "gap_error").items()}
+            gb = {k: x for r in rb for k, x in _seed_values(d, r.cell, "gap_error").items()}
             both = [s for s in ev.seeds if s in ga and s in gb]
             gp = paired([ga[s] for s in both], [gb[s] for s in both])
-            aa, ab = arms[arm], arms[ref]
-            naive = paired([aa.evals[aa.pick][s] for s in ev.seeds], [ab.evals[ab.pick][s] for s in ev.seeds])
+            # each replicate's pick on its own seeds (the seeds of two replicates never meet)
+            ea = {k: x for a in per[arm] for k, x in a.evals.get(a.pick, {}).items()}
+            eb = {k: x for b in per[ref] for k, x in b.evals.get(b.pick, {}).items()}
+            naive_seeds = [s for s in ev.seeds if s in ea and s in eb]
+            naive = paired([ea[s] for s in naive_seeds], [eb[s] for s in naive_seeds])
             lo, hi = ev.interval(0.95)
-            k_a, k_b = len(aa.evals), len(ab.evals)
+            k_a, k_b = max(len(a.evals) for a in per[arm]), max(len(b.evals) for b in per[ref])
+            if ev.unit == "replicates":
+                selection = f"replicates: {len(per[arm])} per arm, decided on their spread"
+            elif max(k_a, k_b) > 1:
+                selection = f"survivors evaluated: {label(arm)} {k_a}, {label(ref)} {k_b}"
+            else:
+                selection = "race left one survivor per arm" if per[arm][0].race else "no race"
+            edges = "; ".join(x for r in (*cells[arm], *cells[ref]) if (x := _edge_note(r)))
+            problems = "; ".join(x for r in (*cells[arm], *cells[ref]) if (x := seed_problems(d, r.cell)))
             rows.append({
                 "task": task, "optimizer": opt, "arm": arm, "reference": ref, "metric": metric.key,
                 "family": v.family, "margin": margin, "alpha": settings["alpha"], "level": dec.level,
@@ -344,17 +361,15 @@ def compare_arms(d: ReportData) -> pd.DataFrame:
                 "p_no_worse_arm": dec.p_adjusted["A no worse"], "p_no_worse_reference": dec.p_adjusted["B no worse"],
                 "decision_code": dec.code,
                 "seeds_needed": dec.seeds_needed,
-                "selection_included": (f"survivors evaluated: {label(arm)} {k_a}, {label(ref)} {k_b}"
-                                       if max(k_a, k_b) > 1 else
-                                       ("race left one survivor per arm" if aa.race else "no race")),
+                "selection_included": selection,
                 "test_sampling_included": ev.var_test > 0,
                 "naive_low": naive.low, "naive_high": naive.high, "p_naive": naive.p_t,
                 "p_wilcoxon": naive.p_wilcoxon if ev.n >= 6 else math.nan,  # below 6 pairs it cannot reach 0.05
                 "p_signflip": naive.p_signflip if ev.n >= 6 else math.nan,
                 "gap_error_diff": gp.mean_diff, "gap_error_low": gp.low, "gap_error_high": gp.high,
                 "gap_error_p": gp.p_t,
-                "edges": "; ".join(x for x in (_edge_note(ra), _edge_note(rb)) if x),
-                "seed_problems": "; ".join(x for x in (seed_problems(d, ra.cell), seed_problems(d, rb.cell)) if x),
+                "edges": edges,
+                "seed_problems": problems,
             })
     if not rows:
         return pd.DataFrame()
@@ -388,6 +403,13 @@ def judge(r) -> tuple[str, str]:
     decision = sentence(r.decision_code, a, b, margin_text(r))
     if r.decision_code == UNDECIDED and r.var_seeds == 0 and r.var_selection == 0 and r.var_test == 0:
         caveats.append("the paired differences have no spread at all: no test can say how sure that is")
+    elif r.decision_code == UNDECIDED and _unit(r) == "replicates":
+        need = r.seeds_needed
+        if need == math.inf or (isinstance(need, float) and math.isnan(need)):
+            caveats.append("no number of replicates would decide at this margin: the test split's sampling alone "
+                           "is wider" if need == math.inf else "too few replicates to size")
+        else:
+            caveats.append(f"about {int(need)} replicates in all would decide at ±{margin_text(r)}")
     elif r.decision_code == UNDECIDED:
         need = r.seeds_needed
         if need == math.inf or (isinstance(need, float) and math.isnan(need)):
@@ -404,16 +426,21 @@ def judge(r) -> tuple[str, str]:
     return decision, "; ".join(caveats)
 
 
+def _unit(r) -> str:
+    """What a comparison's ``n_pairs`` counts: paired seeds, or paired replicates."""
+    return "replicates" if str(r.selection_included).startswith("replicates") else "seeds"
+
+
 def _sentence(r, outcome: str, caveats: str) -> str:
     """The decision as one sentence, numbers included (comparison.csv, the launch printout)."""
     m = task_metric(r.task)
     if m.is_rate:
         diff = (f"{label(r.arm)} − {label(r.reference)} = {100 * r.test_error_diff:+.2f} pts test error "
                 f"(95% CI {100 * r.test_error_low:+.2f} to {100 * r.test_error_high:+.2f}, pick's luck and test "
-                f"sampling included; {r.n_pairs} seeds)")
+                f"sampling included; {r.n_pairs} {_unit(r)})")
     else:
         diff = (f"{label(r.arm)} − {label(r.reference)} = {r.test_error_diff:+.4f} test MSE "
-                f"(95% CI {r.test_error_low:+.4f} to {r.test_error_high:+.4f}; {r.n_pairs} seeds)")
+                f"(95% CI {r.test_error_low:+.4f} to {r.test_error_high:+.4f}; {r.n_pairs} {_unit(r)})")
     diff = diff if r.n_pairs >= 2 else ""
     return outcome + "".join(f": {x}" if i == 0 else f"; {x}" for i, x in enumerate(y for y in (diff, caveats) if y))
 
