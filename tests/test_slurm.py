@@ -11,8 +11,10 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from wdstudy.analysis import evaluations_frame, trials_frame
@@ -213,3 +215,47 @@ def test_a_cancelled_array_task_requeues_its_trial_and_a_resubmit_completes(tmp_
     assert slurm_state(report) == ("COMPLETED", "0:0")
     assert_exact(open_storage(PG_URL), name, budget=2, seeds=1, cells=1)
     assert (tmp_path / "out" / "report.html").exists()
+
+
+PACED = f"{Path(__file__).parent / 'slurm' / 'paced_task.py'}:build"
+
+
+def test_an_array_task_at_its_time_limit_requeues_its_trial_and_a_resubmit_completes(tmp_path, slurm, pg_study):
+    """At a task's --time Slurm sends SIGTERM (SIGKILL follows after KillWait): the worker fails and
+    re-queues its running unit and exits, the task ends TIMEOUT and stays ended (--requeue brings
+    back preempted tasks, not timed-out ones), and a second submit finishes the study."""
+    name = pg_study()
+    # four units (3 trials, 1 evaluation seed) of at least 25 s each (24 s of them paced, whatever the
+    # load): Slurm ends the task 60 to 90 s after it starts (its controller checks limits every 30 s),
+    # so after the first unit and before the last, mid-unit
+    spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
+                      tasks=[{"name": "paced", "factory": PACED, "pause": 2.0, "batch_size": 64}],
+                      task_defaults={"epochs": 12}, search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},
+                      evaluation={"seeds": 1})
+    r = cli("submit", str(spec), "--slurm", "--nodes", "1", "--cpus-per-task", "1", "--time", "1")
+    assert r.returncode == 0, r.stderr
+    array, report = submit_ids(r.stdout)
+    wait_for(lambda: slurm_state(f"{array}_0")[0] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"), 240,
+             "the array task to reach its time limit", interval=1)
+    assert slurm_state(f"{array}_0")[0] == "TIMEOUT"
+    assert "DUE TO TIME LIMIT" in (tmp_path / "out" / "logs" / f"slurm-{array}_0.out").read_text()
+    subprocess.run(["scancel", report], check=True)  # it would only find the study unfinished
+    storage = open_storage(PG_URL)
+    runs = pd.concat([trials_frame(storage, name), evaluations_frame(storage, name, survivors=True)])
+    assert not (runs.state == "RUNNING").any()
+    lost = runs[runs.state == "FAIL"]
+    assert len(lost) == 1 and lost.fail_kind.eq("lost").all() and lost.reason.str.contains("signal 15").all()
+    assert (runs.state == "COMPLETE").sum() >= 1  # the limit fell mid-study, not before its first unit
+    unit = ["cell", "generation", "slot"]
+    waiting = runs[runs.state == "WAITING"][unit].fillna(-1).values.tolist()
+    assert lost[unit].fillna(-1).values.tolist()[0] in waiting  # the lost unit, re-queued
+    wait_for(lambda: not jobs_of(name), 120, "the cancelled report job to go", interval=0.5)
+
+    # two workers this time: a re-queued trial and one not yet run can train side by side
+    r = cli("submit", str(spec), "--slurm", "--nodes", "1", "--cpus-per-task", "2", "--time", "5")
+    assert r.returncode == 0 and "submitted array" in r.stdout, r.stdout + r.stderr
+    array, _ = submit_ids(r.stdout)
+    wait_for(lambda: slurm_state(f"{array}_0")[0] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"), 600,
+             "the resubmitted array task to finish", interval=1)
+    assert slurm_state(f"{array}_0") == ("COMPLETED", "0:0")
+    assert_exact(open_storage(PG_URL), name, budget=3, seeds=1, cells=1)

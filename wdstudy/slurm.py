@@ -12,8 +12,9 @@ Scripts are written by hand rather than through a pickling launcher: what runs i
 command line a person can read (``--dry-run`` prints it) and re-run by hand, and the worker's
 own SIGTERM handling (fail and re-queue the running trial) is the only signal handling in
 the job. Preemption and time limits: Slurm's SIGTERM before its kill reaches every worker,
-which re-queues its trial; ``--requeue`` brings a preempted array task back. Submitting again
-resumes: only the final job if every unit is recorded, else a new array (budgets are totals).
+which re-queues its trial; ``--requeue`` brings a preempted array task back, while one that
+reached its time limit ends TIMEOUT and stays ended. Submitting again resumes: only the final
+job if every unit is recorded, else a new array (budgets are totals).
 """
 
 from __future__ import annotations
