@@ -95,7 +95,7 @@ class PgProxy:
                 hit = None
                 if self._armed:
                     with self.lock:
-                        for i, (match, seconds) in enumerate(self._armed):
+                        for i, (match, _seconds) in enumerate(self._armed):
                             if match(state, data):
                                 hit = self._armed.pop(i)[1]
                                 state["mute"] = True

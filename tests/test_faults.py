@@ -23,7 +23,7 @@ from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.redact import redact
 from wdstudy.storage import open_storage
 
-from .conftest import PG_URL, assert_exact, cli, journal, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, journal, wait_for, write_spec
 from .pgproxy import PgProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def finished(tmp_path_factory):
     time.sleep(4)
     second = start("launch", str(spec), "--workers", "1", "--quiet")
     results = [p.communicate(timeout=600) for p in (first, second)]
-    for p, (out, err) in zip((first, second), results):
+    for p, (_out, err) in zip((first, second), results):
         assert p.returncode == 0, err
     return tmp_path, spec
 
@@ -336,7 +336,7 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     assert "Traceback" not in r.stderr, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("wdstudy: error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and str(small_disk) in errors[0], r.stderr
-    url = str((small_disk / "out" / "optuna.journal"))
+    url = str(small_disk / "out" / "optuna.journal")
     done = trials_frame(open_storage(url), "tiny")
     assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
@@ -524,7 +524,8 @@ def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
         restarts = 0
         for target in (2, 6):  # finished search trials before each restart
             wait_for(lambda: launcher.poll() is not None or (lambda df: not df.empty and (df.state == "COMPLETE").sum()
-                                                             >= target)(trials_frame(storage, name)), 900, "trials")
+                                                             >= target)(trials_frame(storage, name)),  # noqa: B023
+                     900, "trials")
             if launcher.poll() is None:
                 pg_ctl(["-w", "-m", "fast", "restart"], pgdata=srv.pgdata, user=srv.system_user, timeout=60)
                 restarts += 1

@@ -92,8 +92,9 @@ def test_a_files_dataset_is_checked_for_its_files(tmp_path, dataset):
 def test_the_checked_files_are_the_ones_torchvision_reads(tmp_path, dataset):
     """torchvision is the reference: where the check passes, it loads the data; take one of the
     checked files away and both refuse."""
-    from .conftest import write_cifar10, write_mnist_like
     from wdstudy.tasks.data import load_data
+
+    from .conftest import write_cifar10, write_mnist_like
 
     if dataset == "cifar10":
         write_cifar10(tmp_path)

@@ -24,7 +24,6 @@ from wdstudy.mechanics import (
 from wdstudy.regularizers import make_regularizer
 from wdstudy.train import cosine_factor, make_trainer
 
-
 # -- formulas ---------------------------------------------------------------------------------
 
 

@@ -238,9 +238,9 @@ def test_tuning_curve_bands_against_opda_on_fixed_inputs():
 def test_a_launch_killed_mid_race_resumes_with_exact_budgets(tmp_path):
     """Real processes: the launcher is killed (its workers follow it) while race runs are in
     flight; a second launch finishes with every (candidate, seed) run exactly once."""
-    from .test_engine import kill_launch_when
     from .conftest import assert_exact, cli, journal
     from .conftest import write_spec as study_spec
+    from .test_engine import kill_launch_when
 
     spec = study_spec(tmp_path, search={"trials": 3}, task_defaults={"epochs": 40},
                       selection={"top_k": 3, "seeds": 2}, evaluation={"seeds": 2})

@@ -55,7 +55,7 @@ def test_the_shared_test_split_adds_its_sampling_variance():
     rng = np.random.default_rng(5)
     n_ex = 400
     pairs, deltas = [], []
-    for r in range(3):
+    for _r in range(3):
         oa = {s: (rng.random(n_ex) < 0.3).astype(float) for s in (1, 2, 3)}
         ob = {s: (rng.random(n_ex) < 0.3).astype(float) for s in (1, 2, 3)}
         pairs.append((arm({s: oa[s].mean() for s in oa}, oa), arm({s: ob[s].mean() for s in ob}, ob)))

@@ -14,14 +14,14 @@ import pytest
 from pypdf import PdfReader
 from scipy import stats as st
 
+from wdstudy.cells import ensure_studies
 from wdstudy.config import validate
 from wdstudy.report import SECTIONS, build_report
-from wdstudy.cells import ensure_studies
-from wdstudy.worker import Worker
 from wdstudy.spec import StudySpec
 from wdstudy.stats import coupling, mean_ci
 from wdstudy.storage import open_storage
 from wdstudy.synthetic import add_evaluation, add_trials, fill
+from wdstudy.worker import Worker
 
 # -- statistics against scipy ---------------------------------------------------------------
 

@@ -234,7 +234,7 @@ def test_postgresql_two_workers_on_one_study(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     storage = open_storage(PG_URL)
     try:

@@ -273,7 +273,8 @@ def test_factory_task_names_and_fields_are_validated(tmp_path):
         ({"name": "mlp-mnist1d", "factory": f"{EXAMPLE}:build"}, "tasks.0.name='mlp-mnist1d': 'mlp-mnist1d' is a built-in task"),
         ({"name": "a/b", "factory": f"{EXAMPLE}:build"}, "tasks.0.name='a/b': use letters"),
         ({"name": "mine", "factory": "nocolon"}, "tasks.0.factory='nocolon': write module.path:function"),
-        ({"name": "mlp-mnist1d", "accumulate_grad_batches": 2}, "tasks.0.accumulate_grad_batches=2: applies to factory tasks only"),
+        ({"name": "mlp-mnist1d", "accumulate_grad_batches": 2},
+         "tasks.0.accumulate_grad_batches=2: applies to factory tasks only"),
     ]
     for task, why in bad:
         path = write(tmp_path, spec_dict(tmp_path, [task]))

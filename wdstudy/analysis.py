@@ -72,7 +72,7 @@ def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
 def trials_frame(storage, study: str) -> pd.DataFrame:
     """One row per search trial of every cell."""
     rows = []
-    for name, (s, ev) in cell_studies(storage, study).items():
+    for _name, (s, ev) in cell_studies(storage, study).items():
         chosen = ev.user_attrs.get(R.BEST_TRIAL) if ev is not None else None
         cell_rows = _rows(storage, s, R.cell_of(s.user_attrs), "search")
         for row in cell_rows:
@@ -120,7 +120,7 @@ def evaluations_frame(storage, study: str, survivors: bool = False) -> pd.DataFr
     ``candidate`` is the index among the race's candidates; ``test_outcomes`` the encoded
     per-example test errors, :func:`wdstudy.records.decode_outcomes`)."""
     rows = []
-    for name, (s, ev) in cell_studies(storage, study).items():
+    for _name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
             rows += _rows(storage, ev, R.cell_of(s.user_attrs), "eval")
     out = pd.DataFrame(rows)

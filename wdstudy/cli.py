@@ -112,7 +112,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
-
     from .outage import STORAGE_FAULT, StorageFault
 
     # the plan first: a bad option is refused before anything is written
@@ -325,9 +324,8 @@ def _tasks_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .spec import OPTIMIZERS, REGULARIZER_NAMES, SCHEDULES
-
     from . import __version__
+    from .spec import OPTIMIZERS, REGULARIZER_NAMES, SCHEDULES
 
     parser = argparse.ArgumentParser(
         prog="wdstudy", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -333,7 +333,9 @@ class StudySpec(BaseModel):
         """Trials per cell. With a grid, the 'none' arm searches the learning-rate axis only."""
         if self.search.sampler == "grid":
             n = self.search.grid_points
+            assert n is not None, "a grid search has grid_points (validated)"
             return n if regularizer == "none" else n * n
+        assert self.search.trials is not None, "a tpe or random search has trials (validated)"
         return self.search.trials
 
     def primary_pairs(self) -> list[tuple[str, str]]:

@@ -27,12 +27,11 @@ import fcntl
 import hashlib
 import os
 import socket
-from pathlib import Path
-
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import records as R
 from .errors import WdstudyError
@@ -74,7 +73,7 @@ def resolve_url(spec: StudySpec, storage: str | None) -> str:
 
 def storage_label(url: str) -> str:
     """The storage as printed: a URL with its password hidden, or a journal path as typed."""
-    return redact(url) if is_rdb(url) else shown(url)
+    return (redact(url) or "") if is_rdb(url) else shown(url)
 
 
 class NotLaunched(WdstudyError):
@@ -180,8 +179,8 @@ class StudyLock:
         self.url = url
         self.key = int.from_bytes(hashlib.sha1(study.encode()).digest()[:8], "big", signed=True)
         self._fd: int | None = None
-        self._conn = None
-        self._engine = None
+        self._conn: Any = None  # a SQLAlchemy connection holding the advisory lock (PostgreSQL)
+        self._engine: Any = None
         self.held = False
 
     def acquire(self) -> None:

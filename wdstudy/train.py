@@ -643,9 +643,9 @@ def _train_run(
     ``data`` may be passed to reuse splits already in memory (it must hold ``test``
     when ``with_test``). ``on_device(label)`` is called once training starts, with
     the device it runs on. ``mechanics`` records the run's timescale, per-layer norms and angular
-    updates (:mod:`wdstudy.mechanics`) into ``metrics`` and ``RunResult.mechanics``. Raises :class:`DivergedError` if the training loss becomes
-    NaN or infinite, :class:`DeviceUnavailable` if ``accelerator`` asks for a GPU
-    this process cannot use, and :class:`~wdstudy.errors.WdstudyError` for bad input.
+    updates (:mod:`wdstudy.mechanics`) into ``metrics`` and ``RunResult.mechanics``. Raises
+    :class:`DivergedError` if the training loss becomes NaN or infinite, :class:`DeviceUnavailable`
+    if ``accelerator`` asks for a GPU this process cannot use, and :class:`~wdstudy.errors.WdstudyError` for bad input.
     """
     if isinstance(optimizer, str):
         optimizer = optimizer_config(optimizer)

@@ -120,6 +120,8 @@ def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
         if not name.startswith(f"{study}/") or R.CELL not in s.user_attrs or ev is None:
             continue
         cell = R.cell_of(s.user_attrs)
+        if cell is None:
+            continue
         race = summaries.get(f"{name}/race")
         race_trials = storage.get_all_trials(race._study_id, deepcopy=False) if race is not None else None
         runs = arm_runs(list(cell.race_seeds), race_trials, ev.user_attrs,

@@ -146,7 +146,9 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
 
 def _import_report() -> None:
     import pyarrow.parquet  # noqa: F401  (the export's Parquet files)
+
     import wdstudy.report  # noqa: F401  (matplotlib, seaborn, scipy: seconds, paid while workers train)
+
     from ..report.figures import warm_up
 
     warm_up()  # and matplotlib's first drawing
@@ -171,7 +173,7 @@ def summary_text(storage, study: str) -> str:
         best = chosen_trial(comp)
         e = evals[(evals.cell == cell) & (evals.state == "COMPLETE")] if not evals.empty else evals
         metric = task_metric(comp.task.iloc[0])  # the error rate, or a regression's MSE
-        sd = (lambda c: e[c].std(ddof=1) if len(e) > 1 else 0.0)  # noqa: E731
+        sd = (lambda c: e[c].std(ddof=1) if len(e) > 1 else 0.0)  # noqa: B023 (used in this iteration only)
         if len(e) and metric.is_rate:
             te = f"{100 * e.test_error.mean():.2f}±{100 * sd('test_error'):.2f}% (n={len(e)})"
             gap = f"{100 * e.gap_error.mean():+.2f}±{100 * sd('gap_error'):.2f} pts"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..analysis import compute_hours
 from .figures import Rendered
 from .meaning import meaning_blocks
 from .style import arm_rank, arms_in, err, err_ci, err_head, err_pm, label, missing, num, pct, pm
-from ..analysis import compute_hours
 from .tables import ReportData, range_text
 
 #: (id, title) of every section, in order; each appears even when it has nothing to show yet

@@ -500,7 +500,8 @@ def fig_tuning(d: ReportData) -> Figure | None:
         "For each arm, the median best validation result of n trials drawn at random from its search space "
         "(estimated from the search's own trials; diverged trials count as the worst value), with an 80% "
         "exact, distribution-free simultaneous band (opda, ld_equal_tailed; exact for untied values — error "
-        "rates on a finite split tie, so read it as approximate; a band wider than the panel is cut). An arm whose band lies below "
+        "rates on a finite split tie, so read it as approximate; a band wider than the panel is cut). An arm whose band "
+        "lies below "
         "another's at every n is ahead at every budget; a curve still falling at the right edge says the "
         "budget did not suffice. Only for random and grid searches: TPE's trials are not independent draws.")),
         "Median best validation result against the number of random trials, with confidence bands, per arm.",

@@ -15,9 +15,9 @@ import optuna
 import pandas as pd
 
 from .. import records as R
+from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..arms import BY_NAME, PAIRS
 from ..cells import MAX_RETRY
-from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_frame, race_frame, trials_frame
 from ..stats import binomial_se, coupling, mean_ci, paired
 from ..tasks.names import Metric, task_metric
 from .style import arm_rank, label, shrink
@@ -473,7 +473,9 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
             continue
         done = t[t.state == "COMPLETE"]
         axis, (lo, hi) = searched[0], np.log10(searched[1])
-        pos = lambda x: (np.log10([R.axis_value(axis, a, b) for a, b in zip(x.lr, x.weight_decay)]) - lo) / (hi - lo)  # noqa: E731
+        def pos(x, axis=axis, lo=lo, hi=hi):
+            return (np.log10([R.axis_value(axis, a, b) for a, b in zip(x.lr, x.weight_decay)]) - lo) / (hi - lo)
+
         pp, pc = pd.Series(pos(pruned), dtype=float), pd.Series(pos(done), dtype=float)
         p = float(mannwhitneyu(pp, pc).pvalue) if len(pp) >= 3 and len(pc) >= 3 else math.nan
         high_share = float((pp > 0.5).mean())

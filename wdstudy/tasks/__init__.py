@@ -84,7 +84,8 @@ class TaskConfig(BaseModel):
     layers: int | None = Field(None, ge=1, description="hidden layers / conv layers / stacked RNN layers")
     kernel_size: int | None = Field(None, ge=1)
     batch_norm: bool = False
-    chunk: int | None = Field(None, ge=1, description="RNNs on 1-D sequences: values read per step (40 values, chunk 4: 10 steps)")
+    chunk: int | None = Field(None, ge=1,
+                              description="RNNs on 1-D sequences: values read per step (40 values, chunk 4: 10 steps)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this (after L2 is added)")
     epochs: int = Field(30, ge=1)

@@ -32,7 +32,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import bad_value
-
 from .names import CURVE1D_FEATURES, DATASETS, INPUT_SHAPES, NUM_CLASSES
 
 
