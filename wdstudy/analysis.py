@@ -14,6 +14,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import records as R
+from .storage import study_trials
 from .tasks.names import task_metric
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -33,7 +34,7 @@ def cell_studies(storage, study: str) -> dict[str, tuple[optuna.study.StudySumma
 
 def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
     rows = []
-    for t in storage.get_all_trials(summary._study_id, deepcopy=False):
+    for t in study_trials(storage, summary):
         row = {
             "cell": summary.study_name[: -len("/eval")] if kind == "eval" else summary.study_name,
             "task": cell.task_name,
@@ -145,7 +146,7 @@ def race_frame(storage, study: str) -> pd.DataFrame:
         cands = s.user_attrs.get(R.CANDIDATES)
         if not cands:
             continue
-        trials = storage.get_all_trials(s._study_id, deepcopy=False)
+        trials = study_trials(storage, s)
         for c in race_standings(cands, trials):
             rows.append({"cell": name, "search_rank": c["rank"], "trial": c["trial"], "lr": c["params"].get("lr"),
                          "weight_decay": R.decay_of(c["params"]), "search_value": c["value"],
@@ -160,7 +161,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
     races = race_studies(storage, study)
     for name, (s, ev) in cell_studies(storage, study).items():
         cell = R.cell_of(s.user_attrs)
-        trials = storage.get_all_trials(s._study_id, deepcopy=False)
+        trials = study_trials(storage, s)
         counts = {st: 0 for st in STATES}
         best = math.inf
         for t in trials:
@@ -170,7 +171,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
         ev_done = 0
         ev_total = cell.looks[0]  # runs of the first round; survivors and later rounds add to it once known
         if ev is not None:
-            ev_trials = storage.get_all_trials(ev._study_id, deepcopy=False)
+            ev_trials = study_trials(storage, ev)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
             if R.BEST_PARAMS in ev.user_attrs:
                 ev_total = (len(ev.user_attrs.get(R.SURVIVORS) or [0])
@@ -183,7 +184,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
         race_done = 0
         if name in races:
             race_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                            for t in storage.get_all_trials(races[name]._study_id, deepcopy=False))
+                            for t in study_trials(storage, races[name]))
         if searched and counts["COMPLETE"] == 0:
             ev_total = race_total = 0  # nothing to race or evaluate: every search trial was pruned
         rows.append({
@@ -214,7 +215,7 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
         for phase, key in (("search", name), ("race", f"{name}/race"), ("eval", f"{name}/eval")):
             if key not in summaries:
                 continue
-            for t in storage.get_all_trials(summaries[key]._study_id, deepcopy=False):
+            for t in study_trials(storage, summaries[key]):
                 table = t.user_attrs.get(R.MECHANICS)
                 if not table or not t.params:
                     continue

@@ -43,7 +43,7 @@ from .errors import WdstudyError
 from .phases import EvalPhase, Phase, RacePhase, Rounds, SearchPhase, Unit
 from .proposals import distributions, metric_names
 from .spec import Cell, StudySpec
-from .storage import owner_tag, stale_reason
+from .storage import owner_tag, stale_reason, storage_of, trial_id
 
 MAX_RETRY = 3  #: re-runs of a configuration whose run raised, before it is replaced (search) or given up (eval)
 MAX_LOST = 10  #: re-runs of a configuration whose worker was lost (killed, stopped, lease expired)
@@ -319,16 +319,16 @@ class Cells:
     def _take(self, cell: Cell, study: optuna.Study, phase: Phase) -> Unit:
         study.pruner = phase.pruner(cell)
         trial = study.ask(distributions(self.spec, cell))
-        self.taken = (study, trial._trial_id)  # RUNNING, not yet tagged: failed if the tagging is cut off
-        study._storage.set_trial_system_attr(trial._trial_id, R.OWNER, owner_tag())
-        study._storage.set_trial_system_attr(trial._trial_id, R.LEASE, time.time())
+        self.taken = (study, trial_id(trial))  # RUNNING, not yet tagged: failed if the tagging is cut off
+        storage_of(study).set_trial_system_attr(trial_id(trial), R.OWNER, owner_tag())
+        storage_of(study).set_trial_system_attr(trial_id(trial), R.LEASE, time.time())
         self.taken = None
         return Unit(phase, cell, study, trial)
 
     # -- failures
     def fail(self, study: optuna.Study, trial_id: int, reason: str, kind: str) -> None:
         """End a RUNNING trial FAIL with its reason and re-queue it (or its replacement)."""
-        storage = study._storage
+        storage = storage_of(study)
         try:
             if storage.get_trial(trial_id).state != TrialState.RUNNING:
                 return  # finished meanwhile (e.g. failed by another worker after a lease expired)
@@ -370,7 +370,7 @@ class Cells:
         for t in running:
             reason = stale_reason(t, now, dead_pids)
             if reason is not None:
-                self.fail(study, t._trial_id, reason, R.LOST)
+                self.fail(study, trial_id(t), reason, R.LOST)
                 released += 1
         return released
 

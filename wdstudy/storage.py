@@ -71,6 +71,33 @@ def resolve_url(spec: StudySpec, storage: str | None) -> str:
     return storage or os.environ.get("WDSTUDY_STORAGE") or spec.storage or default_url(spec.output_dir())
 
 
+# -- the Optuna internals wdstudy relies on, in one place ------------------------------------------
+# Optuna's public API has no trial id, study id or storage handle on its Trial, FrozenTrial,
+# FrozenStudy and Study objects; these private attributes have been stable from Optuna 3 to 5 and
+# are tested here with the Optuna in pyproject.toml's range (4.9 to 5.x; CI: the newest). A new
+# Optuna that renames them breaks here, and only here.
+
+
+def trial_id(trial) -> int:
+    """The storage's id of a ``Trial`` or ``FrozenTrial`` (``_trial_id``)."""
+    return trial._trial_id
+
+
+def study_id(study) -> int:
+    """The storage's id of a ``Study`` or ``FrozenStudy`` (``_study_id``)."""
+    return study._study_id
+
+
+def storage_of(study):
+    """The storage a ``Study`` reads and writes (``_storage``)."""
+    return study._storage
+
+
+def study_trials(storage, study) -> list:
+    """Every trial of a ``FrozenStudy`` (from ``storage.get_all_studies()``), without copying."""
+    return storage.get_all_trials(study_id(study), deepcopy=False)
+
+
 def storage_label(url: str) -> str:
     """The storage as printed: a URL with its password hidden, or a journal path as typed."""
     return (redact(url) or "") if is_rdb(url) else shown(url)

@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import decide as D
 from . import records as R
+from .storage import study_trials
 
 #: the decision settings used where a storage predates them
 DEFAULT_DECISION = {"margin": 1.0, "mse_margin": 0.01, "alpha": 0.05, "primary": [["decoupled", "l2"]]}
@@ -123,9 +124,9 @@ def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
         if cell is None:
             continue
         race = summaries.get(f"{name}/race")
-        race_trials = storage.get_all_trials(race._study_id, deepcopy=False) if race is not None else None
+        race_trials = study_trials(storage, race) if race is not None else None
         runs = arm_runs(list(cell.race_seeds), race_trials, ev.user_attrs,
-                        storage.get_all_trials(ev._study_id, deepcopy=False))
+                        study_trials(storage, ev))
         if runs is not None:
             out[name] = (runs, int(ev.user_attrs.get(R.SEEDS_OPEN, len(cell.eval_seeds))))
     return out

@@ -36,7 +36,7 @@ from .phases import RunPlan, Unit
 from .redact import scrub
 from .signals import STOP, WorkerStopped
 from .spec import Cell, StudySpec
-from .storage import Lease, StudyLock, open_storage, owner_tag
+from .storage import Lease, StudyLock, open_storage, owner_tag, trial_id
 
 #: A training run as the worker calls it: ``train(cell, lr, weight_decay, seed, callbacks, with_test)``
 #: returns an object with ``metrics`` (a dict holding the objective and, with ``with_test``,
@@ -105,7 +105,7 @@ class Worker:
         """Fail and re-queue the unit's trial under the study lock, through an outage."""
         def block():
             with self.lock:
-                self.cells.fail(unit.study, unit.trial._trial_id, reason, kind)
+                self.cells.fail(unit.study, trial_id(unit.trial), reason, kind)
 
         retry_block(block, self.url, log=self.log)
 
@@ -113,7 +113,7 @@ class Worker:
         """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
         trial = unit.trial
         try:
-            with self._lease(self.storage, trial._trial_id):
+            with self._lease(self.storage, trial_id(trial)):
                 value = self._run(unit)
         except WorkerStopped as exc:
             with STOP.held():

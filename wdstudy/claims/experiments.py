@@ -73,7 +73,7 @@ def claim_rule_098(setup: Setup, data) -> Claim:
                  f"MLP on MNIST-1D, SGD without momentum (lr 0.05) and Adam (lr 1e-3), constant schedule, "
                  f"{SHORT_STEPS} steps, seed 0: `none` + the 0.98 rule on every parameter vs `independent` "
                  "λ = 0.02 on every parameter (decay_all) at 0.98·lr and at lr; largest relative difference of "
-                 "the final weights", 
+                 "the final weights",
                  nums, "; ".join(parts))
 
 

@@ -19,6 +19,7 @@ from ..analysis import cell_studies, chosen_trial, evaluations_frame, progress_f
 from ..arms import BY_NAME, PAIRS
 from ..cells import MAX_RETRY
 from ..stats import binomial_se, coupling, mean_ci, paired
+from ..storage import study_trials
 from ..tasks.names import Metric, task_metric
 from .style import arm_rank, label, shrink
 
@@ -144,7 +145,7 @@ def _histories(storage, studies) -> pd.DataFrame:
         if ev is None:
             continue
         cell = R.cell_of(s.user_attrs)
-        for t in storage.get_all_trials(ev._study_id, deepcopy=False):
+        for t in study_trials(storage, ev):
             if t.state != optuna.trial.TrialState.COMPLETE:
                 continue
             for h in map(R.history_row, t.user_attrs.get(R.HISTORY, [])):
