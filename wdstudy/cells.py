@@ -193,7 +193,79 @@ def decision_record(spec: StudySpec) -> dict[str, Any]:
 
 # -- the engine ----------------------------------------------------------------------------------
 
-class Cells:
+class Retries:
+    """What becomes of a failed unit: :meth:`fail` ends it FAIL with its reason and re-queues it (or
+    its replacement, or gives it up); :meth:`release_dead` does so for the trials of dead or
+    silent workers. A base of :class:`Cells`, whose studies and phases it uses."""
+
+    spec: StudySpec
+    storage: optuna.storages.BaseStorage
+    _owner: dict[str, tuple[Phase, Cell]]
+
+    def existing(self, name: str) -> optuna.Study:
+        raise NotImplementedError
+
+    def fail(self, study: optuna.Study, trial_id: int, reason: str, kind: str) -> None:
+        """End a RUNNING trial FAIL with its reason and re-queue it (or its replacement)."""
+        storage = storage_of(study)
+        try:
+            if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                return  # finished meanwhile (e.g. failed by another worker after a lease expired)
+            storage.set_trial_system_attr(trial_id, R.FAIL_REASON, reason)
+            storage.set_trial_system_attr(trial_id, R.FAIL_KIND, kind)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        self.requeue(study, storage.get_trial(trial_id), study.get_trials(deepcopy=False))
+
+    def requeue(self, study: optuna.Study, failed: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        """Queue the next attempt of ``failed``'s unit (its phase says which); False if it is given up.
+
+        After :data:`MAX_RETRY` errors or :data:`MAX_LOST` losses the unit gets its phase's
+        replacement (a search slot's next proposal) or, without one, is given up.
+        """
+        phase, cell = self._owner[study.study_name]
+        key = phase.key(failed)
+        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key]
+        if all(t.number != failed.number for t in same):
+            same.append(failed)
+        attrs = phase.retry_attrs(failed)
+        params: dict[str, Any] = failed.params
+        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
+        if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
+            replacement = phase.replacement(cell, failed, attrs, trials)
+            if replacement is None:
+                return False  # given up (and reported): its study ends short of its budget
+            params = replacement
+        if not attrs.get(R.VARIANT, 1):
+            del attrs[R.VARIANT]
+        study.enqueue_trial(params, user_attrs=attrs)
+        return True
+
+    def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None) -> int:
+        now = time.time()
+        released = 0
+        for t in running:
+            reason = stale_reason(t, now, dead_pids)
+            if reason is not None:
+                self.fail(study, trial_id(t), reason, R.LOST)
+                released += 1
+        return released
+
+    def release_dead(self, dead_pids=None) -> int:
+        """Fail and re-queue every stale RUNNING trial of the study (of ``dead_pids`` only, if given)."""
+        released = 0
+        existing = {s.study_name for s in self.storage.get_all_studies()}
+        for name in self.spec.study_names():
+            if name in existing:
+                study = self.existing(name)
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                released += self._release_stale(study, running, dead_pids)
+        return released
+
+
+class Cells(Retries):
     """One worker's (or the launcher's) view of a study's cells over one storage: which unit runs
     next (:meth:`reserve`), and what becomes of a failed one (:meth:`fail`).
 
@@ -324,63 +396,3 @@ class Cells:
         storage_of(study).set_trial_system_attr(trial_id(trial), R.LEASE, time.time())
         self.taken = None
         return Unit(phase, cell, study, trial)
-
-    # -- failures
-    def fail(self, study: optuna.Study, trial_id: int, reason: str, kind: str) -> None:
-        """End a RUNNING trial FAIL with its reason and re-queue it (or its replacement)."""
-        storage = storage_of(study)
-        try:
-            if storage.get_trial(trial_id).state != TrialState.RUNNING:
-                return  # finished meanwhile (e.g. failed by another worker after a lease expired)
-            storage.set_trial_system_attr(trial_id, R.FAIL_REASON, reason)
-            storage.set_trial_system_attr(trial_id, R.FAIL_KIND, kind)
-            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                return
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return
-        self.requeue(study, storage.get_trial(trial_id), study.get_trials(deepcopy=False))
-
-    def requeue(self, study: optuna.Study, failed: FrozenTrial, trials: list[FrozenTrial]) -> bool:
-        """Queue the next attempt of ``failed``'s unit (its phase says which); False if it is given up.
-
-        After :data:`MAX_RETRY` errors or :data:`MAX_LOST` losses the unit gets its phase's
-        replacement (a search slot's next proposal) or, without one, is given up.
-        """
-        phase, cell = self._owner[study.study_name]
-        key = phase.key(failed)
-        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key]
-        if all(t.number != failed.number for t in same):
-            same.append(failed)
-        attrs = phase.retry_attrs(failed)
-        params: dict[str, Any] = failed.params
-        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
-        if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
-            replacement = phase.replacement(self, cell, failed, attrs, trials)
-            if replacement is None:
-                return False  # given up (and reported): its study ends short of its budget
-            params = replacement
-        if not attrs.get(R.VARIANT, 1):
-            del attrs[R.VARIANT]
-        study.enqueue_trial(params, user_attrs=attrs)
-        return True
-
-    def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None) -> int:
-        now = time.time()
-        released = 0
-        for t in running:
-            reason = stale_reason(t, now, dead_pids)
-            if reason is not None:
-                self.fail(study, trial_id(t), reason, R.LOST)
-                released += 1
-        return released
-
-    def release_dead(self, dead_pids=None) -> int:
-        """Fail and re-queue every stale RUNNING trial of the study (of ``dead_pids`` only, if given)."""
-        released = 0
-        existing = {s.study_name for s in self.storage.get_all_studies()}
-        for name in self.spec.study_names():
-            if name in existing:
-                study = self.existing(name)
-                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                released += self._release_stale(study, running, dead_pids)
-        return released

@@ -118,7 +118,7 @@ class Phase:
         ua = failed.user_attrs
         return {R.SEED: ua.get(R.SEED), **({R.CANDIDATE: ua[R.CANDIDATE]} if R.CANDIDATE in ua else {})}
 
-    def replacement(self, cells: Cells, cell: Cell, failed: FrozenTrial, attrs: dict[str, Any],
+    def replacement(self, cell: Cell, failed: FrozenTrial, attrs: dict[str, Any],
                     trials: list[FrozenTrial]) -> dict[str, float] | None:
         """New parameters for a unit whose retries are spent, or None: it is given up."""
         return None
@@ -152,7 +152,7 @@ class SearchPhase(Phase):
         ua = failed.user_attrs
         return {R.GENERATION: ua[R.GENERATION], R.SLOT: ua[R.SLOT], R.VARIANT: ua.get(R.VARIANT, 0)}
 
-    def replacement(self, cells: Cells, cell: Cell, failed: FrozenTrial, attrs: dict[str, Any],
+    def replacement(self, cell: Cell, failed: FrozenTrial, attrs: dict[str, Any],
                     trials: list[FrozenTrial]) -> dict[str, float] | None:
         """The next variant's proposal for the slot, drawn from the same history with another seed."""
         from .cells import MAX_VARIANT

@@ -59,13 +59,12 @@ class Worker:
         self.storage = storage if storage is not None else open_storage(url)
         self.lock = lock if lock is not None else StudyLock(url, spec.name)
         self._lease = lease or Lease
-        self.train: TrainFn = train if train is not None else self._train
         self.cells = Cells(spec, self.storage)
         out = log or (lambda msg: print(msg, flush=True))
         self.log = lambda msg: out(scrub(msg))  # a traceback may quote a connection string
+        self.runner = UnitRunner(spec, train, self.log)
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
-        self._data: dict[tuple, object] = {}
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
@@ -95,8 +94,8 @@ class Worker:
         """One reservation under the study lock (run again from the start after a lost connection)."""
         with self.lock:
             if self.cells.taken is not None:  # a trial this worker got as its connection dropped
-                study, trial_id = self.cells.taken
-                self.cells.fail(study, trial_id, f"worker {owner_tag()}: the storage connection was lost while "
+                study, taken_id = self.cells.taken
+                self.cells.fail(study, taken_id, f"worker {owner_tag()}: the storage connection was lost while "
                                 "reserving it", R.LOST)
                 self.cells.taken = None
             return self.cells.reserve()
@@ -114,7 +113,7 @@ class Worker:
         trial = unit.trial
         try:
             with self._lease(self.storage, trial_id(trial)):
-                value = self._run(unit)
+                value = self.runner.run(unit)
         except WorkerStopped as exc:
             with STOP.held():
                 self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
@@ -151,9 +150,17 @@ class Worker:
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
                      f"({frozen.system_attrs.get(R.FAIL_REASON)}); its result is discarded")
 
-    # -- one run ------------------------------------------------------------------------------
+class UnitRunner:
+    """One unit's training run, as its phase plans it (:class:`~wdstudy.phases.RunPlan`), and its
+    result stored on the trial; the splits of built-in tasks are loaded once per worker."""
 
-    def _run(self, unit: Unit) -> float | None:
+    def __init__(self, spec: StudySpec, train: TrainFn | None, log: Callable[[str], None]):
+        self.spec = spec
+        self.log = log
+        self.train: TrainFn = train if train is not None else self.real_train
+        self._data: dict[tuple, object] = {}
+
+    def run(self, unit: Unit) -> float | None:
         """Train the unit as its phase plans it; the metric Optuna is told, or None if the run was
         pruned or diverged."""
         trial, cell = unit.trial, unit.cell
@@ -163,7 +170,7 @@ class Worker:
         plan = unit.phase.plan(unit)
         self.log(f"[{owner_tag()}] {plan.label}: lr={lr:.3g} λ={wd:.3g}")
         # the real run records its device as it starts; an injected one (a simulator) has none
-        callbacks: list = [_device_recorder(trial)] if self.train == self._train else []
+        callbacks: list = [_device_recorder(trial)] if self.train == self.real_train else []
         if plan.prune:  # without a pruner, reporting every epoch is wasted storage writes
             callbacks.append(pruning_callback(trial, plan.key, self.log))
         try:
@@ -226,7 +233,7 @@ class Worker:
             self._data[key] = cell.task.load_data(with_test=with_test)
         return self._data[key]
 
-    def _train(self, cell: Cell, lr: float, wd: float, seed: int, callbacks, with_test: bool):
+    def real_train(self, cell: Cell, lr: float, wd: float, seed: int, callbacks, with_test: bool):
         """The real training run (:func:`~wdstudy.train.train_run`), the worker's default ``train``."""
         from .train import train_run
 
