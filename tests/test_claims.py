@@ -26,10 +26,10 @@ def quick(tmp_path_factory):
 def test_every_claim_has_a_verdict_recomputable_from_its_numbers(quick):
     out, df = quick
     assert list(df.key) == ["sgd_equal", "momentum_adam_differ", "rule_098", "norm_vs_lambda", "gap_vs_lambda",
-                            "l1_zeros", "converge_faster", "adam_sqrt_v"]
+                            "l1_zeros", "converge_faster", "adam_sqrt_v", "equilibrium", "timescale"]
     for r in df.itertuples():
         assert r.verdict == verdict(r.key, json.loads(r.numbers))
-        assert r.verdict.startswith(("holds", "does not hold"))
+        assert r.verdict.startswith(("holds", "does not hold", "cannot tell"))
         assert r.claim and r.how and r.measured
     page = (out / "report.html").read_text()
     assert all(html.escape(c) in page for c in df.claim) and (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
@@ -134,3 +134,70 @@ def test_the_sweeps_give_the_same_numbers_in_two_processes_as_in_one():
     assert c1["fits"].keys() == c2["fits"].keys() and len(c1["fits"]) == 4
     for k in c1["fits"]:
         np.testing.assert_array_equal(c1["fits"][k], c2["fits"][k])
+
+
+def _equilibrium_numbers(decoupled: dict, l2: dict, invariant=("conv1", "conv2")) -> dict:
+    n = {"tol": 0.2, **{f"decoupled/{k}_ratio": v for k, v in decoupled.items()},
+         **{f"l2/{k}_ratio": v for k, v in l2.items()}}
+    n.update({f"{k}_invariant": float(k in invariant) for k in decoupled})
+    return n
+
+
+def test_equilibrium_rule_on_fixed_numbers():
+    n = _equilibrium_numbers({"conv1": 0.95, "conv2": 1.1, "head": 0.9}, {"conv1": 0.4, "conv2": 1.0, "head": 0.9})
+    assert verdict("equilibrium", n) == "holds"
+    n = _equilibrium_numbers({"conv1": 0.95, "conv2": 1.1, "head": 0.9}, {"conv1": 0.9, "conv2": 1.0, "head": 1.15})
+    assert verdict("equilibrium", n).startswith("does not hold: Adam + L2's layers sit within 20%")
+    n = _equilibrium_numbers({"conv1": 0.95, "conv2": 1.1, "head": 0.45}, {"conv1": 0.3, "conv2": 1.0, "head": 0.4})
+    assert verdict("equilibrium", n) == ("holds only for the scale-invariant layers (conv1, conv2); AdamW's head "
+                                         "(not scale-invariant) sits at 0.45 of the prediction")
+    n = _equilibrium_numbers({"conv1": 0.6, "conv2": 1.1, "head": 0.45}, {"conv1": 0.3, "conv2": 1.0, "head": 0.4})
+    assert verdict("equilibrium", n) == "does not hold: AdamW's conv1, head sit outside 20% of the prediction (0.60, 0.45)"
+
+
+def _timescale_numbers(best: dict, near: dict | None = None, lams=(0.25, 0.5, 1.0, 2.0, 4.0), lr=1e-2) -> dict:
+    n = {"grid_step": 2.0, "seeds": 2.0, "noise": 0.01}
+    for size, lam in best.items():
+        spe = size // 120
+        lo, hi = (near or {}).get(size, (lam, lam))
+        n.update({f"n{size}_best_lam": lam, f"n{size}_tau_epoch": 1 / (lr * lam * spe),
+                  f"n{size}_steps_per_epoch": float(spe), f"n{size}_best_error": 0.3,
+                  f"n{size}_edge": float(lam in (lams[0], lams[-1])), f"n{size}_near_lo": lo, f"n{size}_near_hi": hi})
+    return n
+
+
+def test_timescale_rule_on_fixed_numbers():
+    # λ halves with each doubling of the data: τ_epoch stays put
+    assert verdict("timescale", _timescale_numbers({960: 2.0, 1920: 1.0, 3840: 0.5})).startswith("holds (best λ 2 → 1 → 0.5")
+    # λ stays put: τ_epoch grows 4×
+    assert verdict("timescale", _timescale_numbers({960: 1.0, 1920: 1.0, 3840: 1.0})).startswith(
+        "does not hold: the best λ does not fall")
+    # λ falls 16× over 4× the data: τ_epoch moves 4×
+    wider = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    assert verdict("timescale", _timescale_numbers({960: 4.0, 1920: 0.5, 3840: 0.25}, lams=wider)).startswith(
+        "holds only in part: the best λ falls, but τ_epoch moves 4×")
+    assert verdict("timescale", _timescale_numbers({960: 4.0, 1920: 1.0, 3840: 0.5})) == (
+        "cannot tell: the best λ is at the edge of the grid at 960 examples (λ = 4)")
+    # the seeds' noise admits both a λ that stays put and one that falls as 1/size
+    wide = {960: (0.5, 2.0), 1920: (0.5, 2.0), 3840: (0.5, 2.0)}
+    assert verdict("timescale", _timescale_numbers({960: 2.0, 1920: 1.0, 3840: 0.5}, wide)).startswith(
+        "cannot tell at this grid and noise")
+
+
+def test_the_mechanics_claims_are_measured_and_drawn(quick):
+    out, df = quick
+    n = {r.key: json.loads(r.numbers) for r in df.itertuples()}
+    eq, ts = n["equilibrium"], n["timescale"]
+    for arm in ("decoupled", "l2"):  # the CNN's three convolutions and its head, each arm
+        assert {f"{arm}/{x}_ratio" for x in ("conv1", "conv2", "conv3", "head")} <= set(eq)
+    assert eq["conv1_invariant"] == 1.0 and eq["head_invariant"] == 0.0 and eq["l2_median_shrink"] > 0
+    measured = df.set_index("key").measured
+    assert re.search(r"AdamW: conv1 \d\.\d\d, conv2 \d\.\d\d, conv3 \d\.\d\d, head \(not scale-invariant\) \d",
+                     measured["equilibrium"])
+    for size in (150, 300, 600):  # the quick setup's sizes: best λ and its τ_epoch from the runs' own numbers
+        lam, spe = ts[f"n{size}_best_lam"], ts[f"n{size}_steps_per_epoch"]
+        assert lam in (0.25, 1.0, 4.0) and ts[f"n{size}_tau_epoch"] == pytest.approx(1 / (1e-2 * lam * spe))
+        assert f"{size} examples" in measured["timescale"]
+    page = (out / "report.html").read_text()
+    fig = page[page.index('<figure id="fig-mechanics">'):]
+    assert "rotational equilibrium √(2ηλ(1−β₁)/(1+β₁))" in fig[:fig.index("</figure>")]

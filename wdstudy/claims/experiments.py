@@ -214,3 +214,117 @@ def claim_adam_v(setup: Setup, data) -> Claim:
                  "smallest", nums,
                  f"L2: the large-√v̂ weights shrink {nums['l2_ratio']:.2g}× as fast as the small-√v̂ ones; decoupled: "
                  f"{nums['decoupled_ratio']:.2g}×", series={"adam_v": series})
+
+
+#: how far (relative) a layer's measured angular update may sit from the prediction and count as "at" it
+EQ_TOL = 0.2
+
+
+def _late_means(table: dict) -> dict[str, dict[str, float]]:
+    """Per layer, over the checkpoints of the second half of training: the mean angular update per step
+    (weighted by the steps each checkpoint measured), the mean prediction, L2's median per-weight shrink,
+    and whether the layer is scale-invariant."""
+    import pandas as pd
+
+    t = pd.DataFrame(table)
+    t = t[(t.step > t.step.max() / 2) & t.angular_update.notna() & (t.angular_samples > 0)]
+    out = {}
+    groups = list(t.groupby("layer", sort=False))
+    for i, (layer, g) in enumerate(groups):
+        w = g.angular_samples.astype(float)
+        pred = pd.to_numeric(g.predicted_angular_update, errors="coerce")
+        shrink = pd.to_numeric(g.shrink_median, errors="coerce")
+        out[_layer_name(layer, bool(g.scale_invariant.iloc[0]), i, len(groups))] = {
+            "measured": float((g.angular_update * w).sum() / w.sum()),
+            "predicted": float((pred * w).sum() / w.sum()) if pred.notna().all() else math.nan,
+            "shrink": float(shrink.mean()) if shrink.notna().any() else math.nan,
+            "invariant": bool(g.scale_invariant.iloc[0])}
+    return out
+
+
+def _layer_name(layer: str, invariant: bool, i: int, count: int) -> str:
+    """``conv1`` … for the scale-invariant layers (the CNN's convolutions), ``head`` for a last layer that is
+    not; else the parameter's name without ``.weight``."""
+    if invariant:
+        return f"conv{i + 1}"
+    return "head" if i == count - 1 else layer.removesuffix(".weight")
+
+
+def claim_equilibrium(setup: Setup, runs: list[dict]) -> Claim:
+    """Each arm's per-layer angular update over the second half of training against the rotational
+    equilibrium (:func:`wdstudy.mechanics.equilibrium_angular_update`)."""
+    from ..mechanics import equilibrium_angular_update
+
+    eq = setup.equilibrium
+    nums: dict[str, float] = {"tol": EQ_TOL}
+    parts, series = [], {}
+    for r in runs:
+        arm, late = r["arm"], _late_means(r["mechanics"])
+        if arm == "l2":
+            # no prediction exists for Adam + L2: the reference is AdamW's equilibrium at L2's own median
+            # per-weight shrink η·λ/(√v̂+ε) over the same checkpoints (the same strength, spread evenly)
+            d = float(np.nanmean([v["shrink"] for v in late.values()]))
+            ref = equilibrium_angular_update("adam", "decoupled", eq["lr"], d / eq["lr"])[0]
+            nums["l2_median_shrink"] = d
+            for v in late.values():
+                v["predicted"] = ref
+        else:
+            nums["decoupled_shrink"] = eq["lr"] * eq["lam"]
+        nums[f"{arm}_reference"] = float(np.nanmean([v["predicted"] for v in late.values()]))
+        series[arm] = late
+        layers = []
+        for layer, v in late.items():
+            ratio = v["measured"] / v["predicted"]
+            nums[f"{arm}/{layer}_ratio"] = ratio
+            nums[f"{layer}_invariant"] = float(v["invariant"])
+            layers.append(f"{layer}{'' if v['invariant'] else ' (not scale-invariant)'} {ratio:.2f}")
+        parts.append(f"{'AdamW' if arm == 'decoupled' else 'Adam + L2'}: " + ", ".join(layers))
+    return Claim("equilibrium", "Under AdamW every layer's angular update settles at the predicted rotational "
+                 "equilibrium √(2ηλ(1−β₁)/(1+β₁)); under Adam + L2 it does not.",
+                 f"CNN with batch norm on MNIST-1D ({eq['epochs']} epochs, constant schedule, seed 0), Adam lr "
+                 f"{eq['lr']:g}: decoupled λ = {eq['lam']:g} (per-step shrink {eq['lr'] * eq['lam']:.0e}) and L2 "
+                 f"λ = {eq['lam_l2']:g}; per layer, the mean angular update per step over the second half of training "
+                 "(wdstudy.mechanics) over the prediction — for Adam + L2, which has none, over AdamW's at L2's own "
+                 f"median per-weight shrink η·λ/(√v̂+ε) ({nums.get('l2_median_shrink', math.nan):.1e}); "
+                 f"\"at\" = within {100 * EQ_TOL:.0f}%. The convolutions (bias-free, followed by batch norm) are "
+                 "scale-invariant, the linear head is not",
+                 nums, "measured / predicted angular update per layer — " + "; ".join(parts),
+                 series={"equilibrium": series})
+
+
+def claim_timescale(setup: Setup, runs: list[dict]) -> Claim:
+    """The best decoupled λ (lowest mean test error over seeds) per training-set size, and its τ_epoch."""
+    import pandas as pd
+
+    ts = setup.timescale
+    df = pd.DataFrame(runs)
+    lams = sorted(df.lam.unique())
+    nums: dict[str, float] = {"grid_step": float(lams[1] / lams[0]) if len(lams) > 1 else math.nan,
+                              "seeds": float(df.seed.nunique())}
+    # the seeds' noise: the standard error of a difference of two λ's mean errors, pooled over sizes and λ
+    k = df.seed.nunique()
+    noise = float(df.groupby(["train_size", "lam"]).test_error.std().mean() * math.sqrt(2 / k)) if k > 1 else 0.0
+    nums["noise"] = noise
+    parts, series = [], {}
+    for n, g in df.groupby("train_size"):
+        m = g.groupby("lam").agg(test_error=("test_error", "mean"), tau_epoch=("tau_epoch", "mean"),
+                                 spe=("steps_per_epoch", "first"))
+        best = float(m.test_error.idxmin())
+        near = m.index[m.test_error <= m.test_error.min() + 2 * noise]
+        key = f"n{n}"
+        nums.update({f"{key}_best_lam": best, f"{key}_tau_epoch": float(m.tau_epoch[best]),
+                     f"{key}_steps_per_epoch": float(m.spe.iloc[0]), f"{key}_best_error": float(m.test_error[best]),
+                     f"{key}_edge": float(best in (lams[0], lams[-1])),
+                     f"{key}_near_lo": float(near.min()), f"{key}_near_hi": float(near.max())})
+        series[int(n)] = m
+        parts.append(f"{n:,} examples ({int(m.spe.iloc[0])} steps/epoch): best λ {best:g} (test error "
+                     f"{100 * m.test_error[best]:.1f}%), τ_epoch {m.tau_epoch[best]:.2g}"
+                     + (f"; within 2 noise SE: λ {near.min():g}–{near.max():g}" if noise else ""))
+    return Claim("timescale", "The best decoupled λ falls as the training set grows (as 1/size), while the best "
+                 "timescale τ_epoch = 1/(η·λ·steps per epoch) stays put.",
+                 f"MLP on MNIST-1D at {', '.join(f'{n:,}' for n in ts['sizes'])} training examples (3,600 is all of "
+                 f"MNIST-1D's training split), AdamW lr {ts['lr']:g}, cosine, {ts['epochs']} epochs at every size, "
+                 f"decoupled λ ∈ {{{', '.join(f'{x:g}' for x in lams)}}}, seeds {ts['seeds']}; best λ = lowest mean "
+                 "test error over the seeds; noise SE = the seeds' standard deviation pooled over the runs × √(2/seeds)",
+                 nums, "; ".join(parts) + (f" (noise SE {100 * noise:.1f} pts)" if noise else " (one seed: no noise "
+                                           "estimate)"), series={"timescale": series})

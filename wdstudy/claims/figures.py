@@ -155,3 +155,70 @@ def _mse_gap_panel(ax, gap: Claim, arms: list[str]) -> None:
     ax.axhline(0, color="black", lw=0.6)
     ax.set(xscale="log", xlabel="λ", ylabel="gap: test − train MSE", title="gap against λ (MSE)")
     ax.legend(fontsize=7, loc="lower left")
+
+
+def has_mechanics(claims: list[Claim]) -> bool:
+    """Whether the claims hold the rotational-equilibrium and timescale measurements."""
+    keys = {c.key for c in claims}
+    return {"equilibrium", "timescale"} <= keys
+
+
+def mechanics(claims: list[Claim]) -> Rendered:
+    """Two panels: per layer, the angular update over its prediction for both arms; the test error against
+    τ_epoch for each training-set size, its best λ marked."""
+    import matplotlib.pyplot as plt
+
+    by = {c.key: c for c in claims}
+    with drawing():
+        fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 3.3))
+        _equilibrium_panel(axes[0], by["equilibrium"])
+        _timescale_panel(axes[1], by["timescale"])
+        for a in axes:
+            a.grid(alpha=0.3)
+        fig.tight_layout()
+        png, pdf = figure_bytes(fig, pdf_dpi="figure")
+    tol = by["equilibrium"].numbers["tol"]
+    return Rendered("mechanics", "figures", "Rotational equilibrium per layer, and the timescale at three data sizes", (
+        "Left: CNN with batch norm on MNIST-1D, per regularized layer (conv: scale-invariant; head: not), the mean "
+        "angular update per step over the second half of training divided by the rotational equilibrium "
+        "√(2ηλ(1−β₁)/(1+β₁)) — for Adam + L2, which has no prediction, by AdamW's at L2's median per-weight "
+        f"shrink. Shaded: within {100 * tol:.0f}% of 1. Right: MLP on MNIST-1D with AdamW at three training-set "
+        "sizes, the same epochs and η: test error (mean over seeds) against τ_epoch = 1/(η·λ·steps per epoch); "
+        "each size's best λ is the larger marker. If the best τ_epoch stays put, the markers line up vertically."),
+        "Per-layer angular update over its prediction for AdamW and Adam + L2, and test error against the "
+        "timescale in epochs at three training-set sizes.", png, pdf)
+
+
+def _equilibrium_panel(ax, claim: Claim) -> None:
+    series = claim.series["equilibrium"]
+    arms = [a for a in ("decoupled", "l2") if a in series]
+    layers = list(series[arms[0]])
+    width = 0.8 / len(arms)
+    tol = claim.numbers["tol"]
+    ax.axhspan(1 - tol, 1 + tol, color="#999999", alpha=0.18, lw=0)
+    ax.axhline(1, color="black", lw=0.7)
+    for j, arm in enumerate(arms):
+        ratios = [series[arm][layer]["measured"] / series[arm][layer]["predicted"] for layer in layers]
+        xs = np.arange(len(layers)) + (j - (len(arms) - 1) / 2) * width
+        ax.bar(xs, ratios, width, color=color(arm), label=label(arm))
+        for x, r in zip(xs, ratios):
+            ax.text(x, r + 0.02, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(np.arange(len(layers)), [f"{x}\n(not scale-inv.)" if not series[arms[0]][x]["invariant"] else x
+                                           for x in layers], fontsize=7)
+    ax.set(ylabel="angular update / predicted", title="rotational equilibrium per layer",
+           ylim=(0, max(1.35, ax.get_ylim()[1])))
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _timescale_panel(ax, claim: Claim) -> None:
+    import matplotlib as mpl
+
+    series = claim.series["timescale"]
+    shades = mpl.colormaps["viridis"](np.linspace(0.1, 0.8, len(series)))
+    for shade, (n, m) in zip(shades, sorted(series.items())):
+        ax.plot(m.tau_epoch, 100 * m.test_error, "o-", color=shade, ms=3, label=f"{n:,} examples")
+        best = m.test_error.idxmin()
+        ax.plot([m.tau_epoch[best]], [100 * m.test_error[best]], "o", color=shade, ms=9, mfc="none", mew=1.6)
+    ax.set(xscale="log", xlabel="τ_epoch = 1/(η·λ·steps per epoch)", ylabel="test error (%)",
+           title="AdamW: test error against the timescale")
+    ax.legend(fontsize=7)

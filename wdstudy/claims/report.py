@@ -19,12 +19,19 @@ def write(out_dir: Path, claims: list[Claim], quick: bool, seconds: float) -> No
     from ..report.document import DocumentHeader, Para, Section, Table
     from ..report.html import render_html
     from ..report.pdf import render_pdf
-    from .figures import curves, has_curves, measurements  # matplotlib: imported when drawing
+    from .figures import (  # matplotlib: imported when drawing
+        curves,
+        has_curves,
+        has_mechanics,
+        measurements,
+        mechanics,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"key": c.key, "claim": c.claim, "how": c.how, "measured": c.measured, "verdict": c.verdict,
                    "numbers": json.dumps(c.numbers)} for c in claims]).to_csv(out_dir / "claims.csv", index=False)
-    figs = [measurements(claims)] + ([curves(claims)] if has_curves(claims) else [])
+    figs = [measurements(claims)] + ([curves(claims)] if has_curves(claims) else []) + \
+        ([mechanics(claims)] if has_mechanics(claims) else [])
     head = DocumentHeader("claims", TITLE,
                           f"Measured by `python -m wdstudy claims{' --quick' if quick else ''}` on "
                           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: small training runs "

@@ -183,3 +183,53 @@ def _sweep_run(setup: Setup, data: dict, job) -> tuple[dict, object]:
     row = {"task": task, "arm": reg, "lam": lam, "seed": seed, **{k: r.metrics[k] for k in (
         "weight_norm", "gap_error", "test_error", "train_error", "zero_fraction")}}
     return row, (curve[0].values if curve else None)
+
+
+def mechanics_runs(setup: Setup, data) -> tuple[list[dict], list[dict]]:
+    """The runs of the two mechanics claims, in one pool (as :func:`sweeps`'): the rotational-equilibrium
+    runs (Adam + decoupled and Adam + L2 on :attr:`Setup.equilibrium`'s normalized net, each with its
+    per-layer mechanics table) and the timescale runs (:attr:`Setup.timescale`: decoupled on the MLP, every
+    size × λ × seed). Returns each list of rows, in the order of its jobs."""
+    eq, ts = setup.equilibrium, setup.timescale
+    jobs = [("equilibrium", {"name": eq["task"], "batch_norm": True, "epochs": eq["epochs"],
+                             "max_train": eq["max_train"]}, arm, eq["lr"], lam, 0, "constant")
+            for arm, lam in (("decoupled", eq["lam"]), ("l2", eq["lam_l2"]))]
+    jobs += [("timescale", {"name": "mlp-mnist1d", "width": setup.width, "epochs": ts["epochs"], "max_train": n},
+              "decoupled", ts["lr"], lam, seed, "cosine")
+             for n in ts["sizes"] for lam in ts["lams"] for seed in ts["seeds"]]
+    if setup.processes > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(setup.processes, mp_context=mp.get_context("spawn"),
+                                 initializer=_sweep_init) as pool:
+            done = list(pool.map(_mechanics_in_process, jobs))
+    else:
+        loaded = {} if data is None else {("mlp-mnist1d", setup.max_train): data}
+        done = [_mechanics_run(loaded, job) for job in jobs]
+    return [r for j, r in zip(jobs, done) if j[0] == "equilibrium"], [r for j, r in zip(jobs, done) if j[0] == "timescale"]
+
+
+def _mechanics_in_process(job) -> dict:
+    return _mechanics_run(_LOADED, job)
+
+
+def _mechanics_run(data: dict, job) -> dict:
+    """One run of :func:`mechanics_runs`: its setting, final metrics and (equilibrium runs) mechanics table.
+    ``data``: the data sets loaded so far, by (task, max_train); every MNIST-1D task shares one split."""
+    from ..tasks import TaskConfig
+    from ..train import optimizer_config, train_run
+
+    kind, fields, arm, lr, lam, seed, schedule = job
+    task = TaskConfig(**fields)
+    key = ("mlp-mnist1d", task.max_train)
+    if key not in data:
+        data[key] = task.load_data(with_test=True)
+    r = train_run(task, optimizer_config("adam"), arm, lr, lam, seed=seed, schedule=schedule, with_test=True,
+                  data=data[key], accelerator="cpu")
+    row = {"kind": kind, "task": task.name, "train_size": len(data[key].train), "arm": arm, "lr": lr, "lam": lam,
+           "seed": seed, **{k: r.metrics[k] for k in ("test_error", "train_error", "steps_per_epoch", "tau_epoch",
+                                                       "run_epochs", "steps")}}
+    if kind == "equilibrium":
+        row["mechanics"] = r.mechanics
+    return row
