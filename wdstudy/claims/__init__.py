@@ -2,9 +2,9 @@
 
 A fixed set of small experiments (no search) through :func:`wdstudy.train.train_run`, each
 answering one claim in one plain sentence with its measured numbers and a verdict —
-*holds*, *does not hold*, *holds only when …*, or *cannot tell* (where the runs cannot decide). Writes ``claims.csv``, ``report.html`` and
-``report.pdf`` into the output folder (``reports/claims`` by default). ``--quick`` shrinks
-every experiment (fewer epochs, λ values and seeds) for tests; the verdict rules are the same.
+*holds*, *does not hold*, *holds only when …*, or *cannot tell* (where the runs cannot decide).
+Writes ``claims.csv``, ``report.html`` and ``report.pdf`` into the output folder (``reports/claims``
+by default). ``--quick`` shrinks every experiment (fewer epochs, λ values and seeds) for tests; the verdict rules are the same.
 
 Most runs train an MLP on MNIST-1D. Two claims read the mechanics every run records
 (:mod:`wdstudy.mechanics`): the rotational equilibrium of each layer under AdamW and Adam + L2 (a CNN
