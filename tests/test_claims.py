@@ -184,6 +184,7 @@ def test_timescale_rule_on_fixed_numbers():
         "cannot tell at this grid and noise")
 
 
+@pytest.mark.integration
 def test_the_mechanics_claims_are_measured_and_drawn(quick):
     out, df = quick
     n = {r.key: json.loads(r.numbers) for r in df.itertuples()}

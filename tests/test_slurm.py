@@ -220,6 +220,7 @@ def test_a_cancelled_array_task_requeues_its_trial_and_a_resubmit_completes(tmp_
 PACED = f"{Path(__file__).parent / 'slurm' / 'paced_task.py'}:build"
 
 
+@pytest.mark.integration
 def test_an_array_task_at_its_time_limit_requeues_its_trial_and_a_resubmit_completes(tmp_path, slurm, pg_study):
     """At a task's --time Slurm sends SIGTERM (SIGKILL follows after KillWait): the worker fails and
     re-queues its running unit and exits, the task ends TIMEOUT and stays ended (--requeue brings
