@@ -197,9 +197,8 @@ class _schema_lock:
 class StudyLock:
     """A lock shared by every worker of a study, on this machine or (PostgreSQL) any machine.
 
-    ``acquire``/``release`` may be called from different places (the worker takes it
-    before asking Optuna for a trial and the objective releases it as soon as the trial
-    exists); ``release`` is idempotent.
+    The worker holds it only while it reserves a unit (:meth:`~wdstudy.cells.Cells.reserve`) or
+    fails one; the training runs happen outside it. ``release`` is idempotent.
     """
 
     def __init__(self, url: str, study: str):
