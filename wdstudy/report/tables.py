@@ -421,7 +421,8 @@ def judge(r) -> tuple[str, str]:
             caveats.append(f"about {int(need)} seeds in all would decide at ±{margin_text(r)}, more than this "
                            f"study's maximum of {r.seeds_max}")
         else:
-            caveats.append(f"about {int(need) - r.n_pairs} more seeds would decide at ±{margin_text(r)}")
+            more = int(need) - r.n_pairs
+            caveats.append(f"about {more} more seed{'s' if more != 1 else ''} would decide at ±{margin_text(r)}")
     if r.family == "secondary":
         caveats.append("secondary comparison (its own Holm family)")
     return decision, "; ".join(caveats)
