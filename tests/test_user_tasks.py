@@ -379,7 +379,7 @@ def test_load_results_matches_the_exported_csvs(example_study, monkeypatch):
     namespace: dict = {}
     for example in doctest.DocTestParser().get_examples(documented.__doc__):
         exec(example.source, namespace)
-    assert namespace["r"].study == "my-study"
+    assert namespace["r"].study == "demo"  # the example's own study, built in a temporary folder
     # the same from the journal alone (the study is the only one there)
     again = wdstudy.load_results(root / "reports" / "my-study" / "optuna.journal")
     assert again.study == "my-study" and len(again.trials) == len(r.trials)
