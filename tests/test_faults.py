@@ -538,3 +538,28 @@ def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
         _once_each(storage, name)
     finally:
         srv.cleanup()
+
+
+def test_a_network_file_systems_hiccup_is_an_outage_and_a_full_disk_is_not(tmp_path, monkeypatch):
+    """A journal on NFS: EIO and ESTALE are waited out like a lost database connection (the append
+    is retried, here after two failures); ENOSPC stops at once as the full-disk case."""
+    import errno
+
+    from wdstudy.outage import classify, retry_block
+
+    assert classify(OSError(errno.ESTALE, "Stale file handle")) == "transient"
+    assert classify(OSError(errno.EIO, "Input/output error")) == "transient"
+    assert classify(OSError(errno.ENOSPC, "No space left on device")) == "unwritable"
+    assert classify(OSError(errno.ENOENT, "No such file")) is None
+    monkeypatch.setenv("WDSTUDY_STORAGE_OUTAGE", "60")
+    monkeypatch.setattr("wdstudy.outage._backoff", lambda attempt: 0.01)
+    calls, lines = [], []
+
+    def append():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return "appended"
+
+    assert retry_block(append, str(tmp_path / "optuna.journal"), log=lines.append) == "appended"
+    assert len(calls) == 3 and any("unreachable" in ln for ln in lines) and any("again" in ln for ln in lines)
