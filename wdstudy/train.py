@@ -551,13 +551,25 @@ def make_trainer(
     return Trainer(**{**settings, **overrides})
 
 
+_frozen = False
+
+
 def release_memory() -> None:
     """Free what a finished run held: a full collection first (the Trainer, the module and the
     device copies of the splits live in reference cycles), then CUDA's cached blocks, so K workers
-    sharing a GPU (``--per-device K``) do not run out of memory run after run."""
+    sharing a GPU (``--per-device K``) do not run out of memory run after run.
+
+    The first call also freezes what the process holds before its first run (torch, Lightning and
+    their ~500,000 objects, which live as long as the process): the collector then skips them, and a
+    full collection takes microseconds instead of ~0.2 s — twice per run, a third of a short run's time.
+    """
     import gc
 
+    global _frozen
     gc.collect()
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
