@@ -424,7 +424,7 @@ def judge(r) -> tuple[str, str]:
             more = int(need) - r.n_pairs
             caveats.append(f"about {more} more seed{'s' if more != 1 else ''} would decide at ±{margin_text(r)}")
     if r.family == "secondary":
-        caveats.append("secondary comparison (its own Holm family)")
+        caveats.append("secondary comparison (its own Holm family; rounds follow the primary ones)")
     return decision, "; ".join(caveats)
 
 
