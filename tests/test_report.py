@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from PIL import Image
 from pypdf import PdfReader
 from scipy import stats as st
 
@@ -194,6 +195,10 @@ def test_figures_and_tables_written(real_report):
                      "curves", "importance", "angular", "norms"}  # tuning curves: the tiny spec's search is random
     for p in paths.figures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # nothing drawn in the outer 3 pixels: no tick label or title is cut at an edge of the image
+        pixels = np.asarray(Image.open(p).convert("L"))
+        edges = np.concatenate([pixels[:, :3].ravel(), pixels[:, -3:].ravel(), pixels[:3].ravel(), pixels[-3:].ravel()])
+        assert edges.min() > 200, f"{p.name}: something is drawn at the image's edge"
     assert {p.stem for p in paths.tables} == {"summary", "comparison", "selection", "pruning", "coupling",
                                               "importance", "trial_counts", "meaning", "diagnostics"}
 
@@ -376,6 +381,9 @@ def test_the_report_labels_a_regression_cell_mse(mixed_report):
     assert {"validation error (%)", "validation MSE"} <= {ax.get_ylabel() for ax in slices.axes}
     diffs = fig_differences(d)
     assert {"Δ test error (points)", "Δ test MSE"} <= {ax.get_xlabel() for ax in diffs.fig.axes}
+    points = [ax for ax in diffs.fig.axes if ax.get_xlabel() == "Δ test error (points)"][0]
+    ticks = [t.get_text() for t in points.get_xticklabels()]
+    assert "0" in ticks and "2" in ticks and "−2" in ticks and not any("^" in t for t in ticks), ticks
     assert "linreg-curve1d (regression) the error is the mean squared error" in diffs.caption
     for f in (seeds, curves, slices, diffs.fig):
         plt.close(f)

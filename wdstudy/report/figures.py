@@ -69,7 +69,10 @@ def panels(axes, groups: list[tuple[str, str]], arms: list[str], frame: pd.DataF
 
 
 def _fit(fig: plt.Figure, top: float = 1.0) -> None:
-    """Lay the figure out once, now: saving it as PNG and as PDF then draws it once each."""
+    """Lay the figure out once, now, at the PNG's resolution (text is hinted, so it is wider at 150 dpi
+    than at 100 in proportion: laid out at 100, long tick labels were cut at the PNG's left edge);
+    saving it as PNG and as PDF then draws it once each."""
+    fig.set_dpi(PNG_DPI)
     fig.tight_layout(rect=(0, 0, 1, top))
     for ax in fig.axes:
         ax.minorticks_off()  # log axes: hundreds of unlabelled ticks cost more to draw than they tell
@@ -132,6 +135,7 @@ def fig_differences(d: ReportData) -> Figure | None:
             ax.axvline(0, color="black", lw=0.8)
             if metric.is_rate:
                 ax.set_xscale("symlog", linthresh=2.0, linscale=1.5)  # ±2 points linear; wide intervals compressed
+                _point_ticks(ax)
             ax.set_xlabel(xlabel)
             ax.grid(axis="x", alpha=0.3)
             ax.set_ylim(-0.7, len(cb) - 0.3)
@@ -148,6 +152,24 @@ def fig_differences(d: ReportData) -> Figure | None:
         "equivalent or no worse within the margin; hollow: undecided, inconclusive (a chosen value at the edge "
         "of its range) or not tested. The decision of each row is in the table above.")),
         "Forest plot of the paired differences in test error and in generalization gap, with 95% intervals.", fig)
+
+
+#: tick positions of a difference in points, on its linear-then-logarithmic axis
+POINT_TICKS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def _point_ticks(ax) -> None:
+    """Ticks in plain points (−10, −2, 0, 2, 10, not −10¹) on a symlog axis that always shows
+    ±2 points around 0, however narrow the intervals."""
+    lo, hi = ax.get_xlim()
+    lo, hi = min(lo, -2.5), max(hi, 2.5)
+    ax.set_xlim(lo, hi)
+    span = max(-lo, hi)
+    # 0 and ±2 (the linear part), then the decades; ±1 and ±5 only while the axis is narrow enough
+    # that they do not crowd their neighbours (a decade of the log part is narrower than ±2)
+    steps = [t for t in POINT_TICKS if t <= span and (t in (2, 10, 100) or (t == 1 and span < 5) or (t == 5 and span < 10))]
+    ticks = sorted({0, *(t for t in steps if t <= hi), *(-t for t in steps if -t >= lo)})
+    ax.set_xticks(ticks, [f"{t:g}".replace("-", "−") for t in ticks])
 
 
 # -- 4. seeds ----------------------------------------------------------------------------------
