@@ -197,3 +197,30 @@ def test_a_study_searched_over_tau_epoch_trains_the_lambda_it_stores(tmp_path):
     assert len(bands) == 2
     for (lrs, lams), tau in zip(bands, (0.5, 50.0)):
         assert np.allclose(np.asarray(lams) * np.asarray(lrs) * 4 * tau, 1.0, rtol=0, atol=1e-12)
+
+
+def test_the_simulator_runs_and_fits_a_study_searched_over_tau_epoch():
+    from pathlib import Path
+
+    from wdstudy.analysis import trials_frame
+    from wdstudy.simulate import QUICKSTART, fit_landscape, landscapes_from, one_study
+
+    data = load_spec(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml").model_dump(mode="json")
+    data["search"]["weight_decay"]["decoupled"] = {"low": 1e-3, "high": 1e4, "axis": "timescale_epochs"}  # 7 decades
+    spec = StudySpec.model_validate(data)
+    storage = optuna.storages.InMemoryStorage()
+    one_study(spec, landscapes_from(QUICKSTART), -0.05, 3, storage=storage)  # decoupled the better arm: its pick fits
+    trials = trials_frame(storage, "sim3")
+    steps = {t.name: t.steps_per_epoch for t in spec.tasks}
+    dec = trials[(trials.regularizer == "decoupled") & (trials.state == "COMPLETE")]
+    assert len(dec) == len(spec.tasks) * spec.search.trials
+    fitted = fit_landscape(storage, "sim3")
+    for task, f in fitted.items():
+        mine = dec[dec.task == task]
+        s = steps[task]
+        tau = 1 / (mine.lr * mine.weight_decay * s)
+        assert ((tau >= 1e-3 * (1 - 1e-12)) & (tau <= 1e4 * (1 + 1e-12))).all()  # λ as stored maps back into the range
+        best = mine.loc[mine.value.idxmin()]
+        # the landscape's optimum, on the searched axis: the best trial's place in the τ_epoch range
+        by_hand = (math.log10(1 / (best.lr * best.weight_decay * s)) + 3) / 7
+        assert f["optimum"][1] == round(by_hand, 3)
