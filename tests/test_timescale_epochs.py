@@ -15,7 +15,7 @@ from wdstudy.cli import main
 from wdstudy.config import validate
 from wdstudy.errors import WdstudyError
 from wdstudy.proposals import distributions
-from wdstudy.spec import Cell, StudySpec, load_spec
+from wdstudy.spec import StudySpec, load_spec
 from wdstudy.storage import open_storage
 from wdstudy.tasks import task_config
 
@@ -103,18 +103,32 @@ def test_the_axis_is_refused_for_other_arms_and_for_factory_tasks(tmp_path, caps
     assert validate(StudySpec, user).weight_decay_range("decoupled").axis == "timescale"
 
 
-def test_a_files_dataset_smaller_than_the_full_set_fails_its_run_rather_than_train_another_lambda():
-    from wdstudy.worker import check_train_size
+def test_a_files_dataset_smaller_than_the_full_set_is_refused_rather_than_train_another_lambda(tmp_path):
+    from wdstudy.preflight import check_data, check_train_size
 
-    spec = validate(StudySpec, spec_of(tasks=[{"name": "mlp-mnist", "data_dir": "/data"}]))
-    cell = next(c for c in spec.cells() if c.regularizer == "decoupled")
-    check_train_size(cell, 54000)  # the full MNIST training set less its validation split
-    with pytest.raises(WdstudyError, match=r"data_dir='/data': its training split holds 108 examples, but axis: "
-                                           r"timescale_epochs converts .* the 54000 .* \(422 steps per epoch\); "
-                                           r"set max_train to at most 108"):
-        check_train_size(cell, 108)
-    small = Cell(cell.study, task_config("mlp-mnist", data_dir="/data", max_train=100), cell.optimizer, "decoupled")
-    check_train_size(small, 100)  # max_train under the files' size: the size is known again
+    from .conftest import write_cifar10, write_mnist_like
+
+    write_mnist_like(tmp_path, "MNIST", n_train=120)  # 120 examples: 108 train after 12 validate
+    write_cifar10(tmp_path, per_batch=20)  # 100 examples: 90 train
+    for name, train in (("mlp-mnist", 108), ("cnn-cifar10", 90)):
+        spec = validate(StudySpec, spec_of(tasks=[{"name": name, "data_dir": str(tmp_path)}]))
+        with pytest.raises(WdstudyError) as err:
+            check_data(spec, "s.yaml")
+        full = spec.tasks[0].train_size
+        assert str(err.value).startswith(
+            f"s.yaml: tasks.0.data_dir={str(tmp_path)!r}: its training split holds {train} examples, but axis: "
+            f"timescale_epochs converts τ_epoch to λ with the {full} of the full ")
+        assert f"set max_train to at most {train}" in str(err.value)
+        # with max_train within what the files hold, the size is known again; over λ, the files' size is moot
+        check_data(validate(StudySpec, spec_of(tasks=[{"name": name, "data_dir": str(tmp_path), "max_train": train}])))
+        over_lambda = spec_of(tasks=[{"name": name, "data_dir": str(tmp_path)}])
+        over_lambda["search"]["weight_decay"]["decoupled"] = {"low": 1e-2, "high": 1.0}
+        check_data(validate(StudySpec, over_lambda))
+    # a worker's run checks the split it loaded (files downloaded after the launch's check)
+    task = task_config("mlp-mnist", data_dir="/data")
+    check_train_size(task, 54000, "x")  # the full MNIST training set less its validation split
+    with pytest.raises(WdstudyError, match=r"^x: its training split holds 108 examples, .* \(422 steps per epoch\)"):
+        check_train_size(task, 108, "x")
 
 
 def test_growth_and_drift_see_the_steps_per_epoch(tmp_path):

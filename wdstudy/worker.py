@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from . import records as R
 from .cells import Cells
-from .errors import WdstudyError, one_line
+from .errors import one_line
 from .outage import StorageFault, classify, retry_block, unwritable
 from .phases import RunPlan, Unit
 from .redact import scrub
@@ -240,27 +240,15 @@ class UnitRunner:
         data = self.data(cell, with_test)
         rng = self.spec.weight_decay_range(cell.regularizer)
         if rng is not None and rng.axis == "timescale_epochs" and data is not None:
-            check_train_size(cell, len(data.train))
+            from .preflight import check_train_size
+
+            check_train_size(cell.task, len(data.train), f"tasks[{cell.task.name}].data_dir={cell.task.data_dir!r}")
         return train_run(
             cell.task, cell.optimizer, cell.regularizer, lr, wd,
             seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
             with_test=with_test, callbacks=[*callbacks, _stop_check()], data=data,
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
         )
-
-
-def check_train_size(cell: Cell, loaded: int) -> None:
-    """A cell searched over τ_epoch trains λ = 1/(η·τ_epoch·steps per epoch) with the steps per epoch
-    its task's fields give (:attr:`~wdstudy.tasks.TaskConfig.train_size`): a dataset read from files
-    that holds another number of training examples (a subset of the files) would train another λ
-    than the one stored, so its run fails with both sizes instead."""
-    expected = cell.task.train_size
-    if expected is not None and loaded != expected:
-        raise WdstudyError(
-            f"tasks[{cell.task.name}].data_dir={cell.task.data_dir!r}: its training split holds {loaded} examples, "
-            f"but axis: timescale_epochs converts τ_epoch to λ with the {expected} of the full {cell.task.dataset} "
-            f"training set ({cell.task.steps_per_epoch} steps per epoch); set max_train to at most {loaded} "
-            "or search axis: timescale (steps)")
 
 
 def pruning_callback(trial: optuna.Trial, monitor: str, log: Callable[[str], None]):
