@@ -80,6 +80,23 @@ def test_steps_per_epoch_follow_from_the_task(task, train, steps):
         assert len(t.load_data().train) == train
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("task", [
+    {"name": "mlp-mnist1d", "width": 8, "max_train": 256, "batch_size": 128},  # two full batches
+    {"name": "mlp-mnist1d", "width": 8, "max_train": 300, "batch_size": 64},  # the fifth batch holds 44
+    {"name": "linreg-curve1d", "batch_size": 7},  # 50 points: seven batches of 7 and one of 1
+])
+def test_the_steps_per_epoch_known_before_training_are_the_ones_a_run_measures(task):
+    from wdstudy.train import optimizer_config, train_run
+
+    t = task_config(**task, epochs=2)
+    run = train_run(t, optimizer_config("adam"), "decoupled", 1e-2, 0.1, seed=0, schedule="constant",
+                    accelerator="cpu")
+    assert run.metrics["steps_per_epoch"] == t.steps_per_epoch and run.metrics["steps"] == 2 * t.steps_per_epoch
+    # τ_epoch at the peak learning rate, as the run measured it, is 1/(η·λ·S) with the S known before it
+    assert math.isclose(run.metrics["tau_epoch"], 1 / (1e-2 * 0.1 * t.steps_per_epoch), rel_tol=1e-12)
+
+
 def test_the_axis_is_refused_for_other_arms_and_for_factory_tasks(tmp_path, capsys):
     bad = spec_of()
     bad["search"]["weight_decay"]["l2"]["axis"] = "timescale_epochs"
