@@ -45,7 +45,7 @@ def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
             "state": t.state.name,
             "value": t.value,
             "lr": t.params.get("lr"),
-            "weight_decay": R.decay_of(t.params) if t.params else None,
+            "weight_decay": cell.decay_of(t.params) if t.params else None,
             "generation": t.user_attrs.get(R.GENERATION),
             "slot": t.user_attrs.get(R.SLOT),
             "outcome": t.user_attrs.get(R.OUTCOME),
@@ -142,14 +142,16 @@ def race_frame(storage, study: str) -> pd.DataFrame:
     from .proposals import race_standings
 
     rows = []
+    cells = {name: R.cell_of(s.user_attrs) for name, (s, _) in cell_studies(storage, study).items()}
     for name, s in race_studies(storage, study).items():
         cands = s.user_attrs.get(R.CANDIDATES)
-        if not cands:
+        cell = cells.get(name)
+        if not cands or cell is None:
             continue
         trials = study_trials(storage, s)
         for c in race_standings(cands, trials):
             rows.append({"cell": name, "search_rank": c["rank"], "trial": c["trial"], "lr": c["params"].get("lr"),
-                         "weight_decay": R.decay_of(c["params"]), "search_value": c["value"],
+                         "weight_decay": cell.decay_of(c["params"]), "search_value": c["value"],
                          "race_mean": c["race_mean"], "race_n": c["race_n"], "diverged": c["diverged"],
                          "race_values": c["race_values"], "chosen": c["chosen"]})
     return pd.DataFrame(rows)
@@ -225,7 +227,7 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
                         # an evaluation run of the race's pick (survivors are evaluated too)
                         "pick": phase == "eval" and t.user_attrs.get(R.CANDIDATE, pick) == pick,
                         "state": t.state.name, "seed": t.user_attrs.get(R.SEED, t.user_attrs.get("seed")),
-                        "lr": t.params.get("lr"), "weight_decay": R.decay_of(t.params),
+                        "lr": t.params.get("lr"), "weight_decay": cell.decay_of(t.params),
                         **{k: t.user_attrs.get(k) for k in R.MECHANICS_KEYS}}
                 columns = list(table)
                 for values in zip(*(table[c] for c in columns)):

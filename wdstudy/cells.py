@@ -74,6 +74,8 @@ def cell_record(spec: StudySpec, cell: Cell) -> R.CellRecord:
         if task.get(key) == default:
             del task[key]
     looks = spec.evaluation.looks()
+    # a timescale in epochs converts to λ with the task's steps per epoch: the record keeps it
+    steps = cell.task.steps_per_epoch if wd and wd.axis == "timescale_epochs" else None
     return R.CellRecord(
         study=spec.name,
         task=task,
@@ -82,9 +84,10 @@ def cell_record(spec: StudySpec, cell: Cell) -> R.CellRecord:
         schedule=spec.schedule,
         decay_all=spec.decay_all,
         lr_range=(spec.search.lr.low, spec.search.lr.high),
-        weight_decay_range=wd.lambda_range(spec.search.lr) if wd else None,
+        weight_decay_range=wd.lambda_range(spec.search.lr, steps) if wd else None,
         # only when λ is not the searched axis, so records of λ-searched studies stay as they were
         decay_axis=(wd.axis, (wd.low, wd.high)) if wd and wd.axis != "lambda" else None,
+        steps_per_epoch=steps,
         sampler=spec.search.sampler,
         budget=spec.budget(cell.regularizer),
         batch=spec.search.batch,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -64,6 +66,44 @@ def check_data(spec, where: str | None = None) -> None:
             what = "no such folder" if not root.is_dir() else \
                 f"{len(missing)} of the {len(DATA_FILES[task.dataset])} files of {task.dataset!r} missing, e.g. {missing[0]}"
             raise WdstudyError(f"{prefix}{field}={task.data_dir!r}: {what} (or set download: true){hint}")
+        if epochs_axis(spec):
+            n = train_examples(task.dataset, root)
+            n_train = n - int(round(n * task.val_fraction))  # as the loader splits it
+            check_train_size(task, n_train if task.max_train is None else min(n_train, task.max_train),
+                             f"{prefix}{field}={task.data_dir!r}")
+
+
+def epochs_axis(spec) -> bool:
+    """Whether an arm of ``spec`` is searched over its timescale in epochs (``axis: timescale_epochs``)."""
+    return any((rng := spec.weight_decay_range(r)) is not None and rng.axis == "timescale_epochs"
+               for r in spec.regularizers)
+
+
+def train_examples(dataset: str, root: Path) -> int:
+    """The training examples a files dataset's folder holds: the count in the MNIST-style label file's
+    header, or the labels of CIFAR-10's five data batches."""
+    if dataset in ("mnist", "fashionmnist"):
+        with open(root / DATA_FILES[dataset][1], "rb") as f:  # train-labels-idx1-ubyte: magic, count, labels
+            return struct.unpack(">I", f.read(8)[4:8])[0]
+    total = 0
+    for name in DATA_FILES[dataset]:
+        if "data_batch" in name:
+            with open(root / name, "rb") as f:
+                total += len(pickle.load(f, encoding="latin1")["labels"])
+    return total
+
+
+def check_train_size(task, train: int, label: str) -> None:
+    """A task searched over τ_epoch trains λ = 1/(η·τ_epoch·steps per epoch) with the steps per epoch
+    its fields give (:attr:`~wdstudy.tasks.TaskConfig.train_size`, from the full training set for a
+    files dataset): files whose training split holds another number of examples (``train``) would
+    train another λ than the one stored, so the launch stops (a worker's run, for files it
+    downloaded, fails) with both sizes instead. ``label`` names the file, key and value."""
+    if train != task.train_size:
+        raise WdstudyError(
+            f"{label}: its training split holds {train} examples, but axis: timescale_epochs converts τ_epoch to λ "
+            f"with the {task.train_size} of the full {task.dataset} training set ({task.steps_per_epoch} steps per "
+            f"epoch); set max_train to at most {train}, or search axis: timescale (steps)")
 
 
 def _embedded_hint(name: str) -> str:

@@ -25,7 +25,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def distributions(spec: StudySpec, cell: Cell) -> dict[str, BaseDistribution]:
     """The searched parameters of a cell: ``lr`` and (unless the arm is ``none``) the strength on
-    its axis: ``weight_decay`` (λ), ``shrink`` or ``timescale`` (see ``records.DECAY_AXES``)."""
+    its axis: ``weight_decay`` (λ), ``shrink``, ``timescale`` or ``timescale_epochs`` (see
+    ``records.DECAY_AXES``)."""
     out: dict[str, BaseDistribution] = {"lr": FloatDistribution(spec.search.lr.low, spec.search.lr.high, log=True)}
     wd = spec.weight_decay_range(cell.regularizer)
     if wd is not None:

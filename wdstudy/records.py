@@ -108,25 +108,40 @@ LOST = "lost"
 
 # -- the searched strength ------------------------------------------------------------------
 #: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself
-#: (``weight_decay``), or, for the decoupled arm, the per-step shrink η·λ (``shrink``) or its
-#: timescale 1/(η·λ) in steps (``timescale``). λ follows from the parameters in every case.
-DECAY_AXES = {"lambda": "weight_decay", "shrink": "shrink", "timescale": "timescale"}
-DECAY_AXIS = "decay_axis"  # cell record: {"axis": ..., "range": [low, high]} when the axis is not λ
+#: (``weight_decay``), or, for the decoupled arm, the per-step shrink η·λ (``shrink``), its
+#: timescale 1/(η·λ) in steps (``timescale``) or in epochs, 1/(η·λ·steps per epoch)
+#: (``timescale_epochs``, Wang & Aitchison's τ_epoch). λ follows from the parameters in every
+#: case — for ``timescale_epochs`` with the cell's steps per epoch (:attr:`CellRecord.steps_per_epoch`).
+DECAY_AXES = {"lambda": "weight_decay", "shrink": "shrink", "timescale": "timescale",
+              "timescale_epochs": "timescale_epochs"}
+#: cell record: {"axis": ..., "range": [low, high]} when the axis is not λ, and for
+#: ``timescale_epochs`` also the "steps_per_epoch" its λ is computed with
+DECAY_AXIS = "decay_axis"
 
 
-def decay_of(params: dict) -> float:
-    """λ of a trial from its parameters, whichever axis searched it (0 for the ``none`` arm)."""
+def decay_of(params: dict, steps_per_epoch: float | None = None) -> float:
+    """λ of a trial from its parameters, whichever axis searched it (0 for the ``none`` arm);
+    a ``timescale_epochs`` parameter needs the cell's ``steps_per_epoch``."""
     if "weight_decay" in params:
         return params["weight_decay"]
     if "shrink" in params:
         return params["shrink"] / params["lr"]
     if "timescale" in params:
         return 1.0 / (params["timescale"] * params["lr"])
+    if "timescale_epochs" in params:
+        if not steps_per_epoch:
+            raise ValueError("λ from a timescale in epochs needs the cell's steps per epoch")
+        return 1.0 / (params["timescale_epochs"] * params["lr"] * steps_per_epoch)
     return 0.0
 
 
-def axis_value(axis: str, lr: float, wd: float) -> float:
-    """The searched coordinate of (η, λ) on ``axis``: λ, η·λ or 1/(η·λ)."""
+def axis_value(axis: str, lr: float, wd: float, steps_per_epoch: float | None = None) -> float:
+    """The searched coordinate of (η, λ) on ``axis``: λ, η·λ, 1/(η·λ) or 1/(η·λ·steps per epoch)
+    (``timescale_epochs`` needs the cell's ``steps_per_epoch``)."""
+    if axis == "timescale_epochs":
+        if not steps_per_epoch:
+            raise ValueError("a timescale in epochs needs the cell's steps per epoch")
+        return 1.0 / (lr * wd * steps_per_epoch) if lr * wd else float("inf")
     return {"lambda": wd, "shrink": lr * wd, "timescale": 1.0 / (lr * wd) if lr * wd else float("inf")}[axis]
 
 
@@ -171,8 +186,12 @@ class CellRecord:
     objective: str
     #: every evaluation seed a cell may run (with rounds: up to their ``max``)
     eval_seeds: tuple[int, ...]
-    #: the searched strength axis and its range, when it is not λ (``shrink`` or ``timescale``)
+    #: the searched strength axis and its range, when it is not λ (``shrink``, ``timescale`` or
+    #: ``timescale_epochs``)
     decay_axis: tuple[str, tuple[float, float]] | None = None
+    #: the task's optimizer steps per epoch, which a ``timescale_epochs`` axis converts with (None
+    #: for the other axes; stored in the record's ``decay_axis``)
+    steps_per_epoch: int | None = None
     #: the seed counts after which a decision is taken, when the evaluation runs in rounds
     eval_rounds: tuple[int, ...] | None = None
     #: the race, when the spec races
@@ -205,6 +224,14 @@ class CellRecord:
             return None
         return self.decay_axis or ("lambda", self.weight_decay_range)
 
+    def decay_of(self, params: dict) -> float:
+        """λ of one of the cell's trials from its parameters (:func:`decay_of`)."""
+        return decay_of(params, self.steps_per_epoch)
+
+    def axis_value(self, axis: str, lr: float, wd: float) -> float:
+        """The coordinate of (η, λ) on ``axis`` in this cell (:func:`axis_value`)."""
+        return axis_value(axis, lr, wd, self.steps_per_epoch)
+
     def to_dict(self) -> dict[str, Any]:
         """The stored form: JSON-ready, and the optional keys only when set, so the records of
         studies that never used them stay as those studies stored them."""
@@ -214,7 +241,10 @@ class CellRecord:
             "weight_decay_range": None if self.weight_decay_range is None else list(self.weight_decay_range),
         }
         if self.decay_axis is not None:
-            out[DECAY_AXIS] = {"axis": self.decay_axis[0], "range": list(self.decay_axis[1])}
+            axis: dict[str, Any] = {"axis": self.decay_axis[0], "range": list(self.decay_axis[1])}
+            if self.steps_per_epoch is not None:
+                axis["steps_per_epoch"] = self.steps_per_epoch
+            out[DECAY_AXIS] = axis
         out.update({"sampler": self.sampler, "budget": self.budget, "batch": self.batch, "pruner": self.pruner,
                     "seed": self.seed, "objective": self.objective, "eval_seeds": list(self.eval_seeds)})
         if self.eval_rounds is not None:
@@ -241,6 +271,7 @@ class CellRecord:
             pruner=d.get("pruner", "none"), seed=d.get("seed", 0), objective=d.get("objective", "val_error"),
             eval_seeds=tuple(d.get("eval_seeds") or ()),
             decay_axis=(axis["axis"], _pair(axis["range"])) if axis else None,
+            steps_per_epoch=axis.get("steps_per_epoch") if axis else None,
             eval_rounds=tuple(rounds) if rounds else None,
             selection=Race(int(race["top_k"]), tuple(race["seeds"])) if race else None,
             replicate=int(d.get("replicate", 0)),

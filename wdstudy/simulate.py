@@ -79,7 +79,7 @@ class SyntheticRuns:
         dist = du * du
         rng = spec.weight_decay_range(cell.regularizer)
         if rng is not None:
-            x = R.axis_value(rng.axis, lr, wd)
+            x = R.axis_value(rng.axis, lr, wd, cell.task.steps_per_epoch)
             a, b = math.log10(rng.low), math.log10(rng.high)
             dv = math.log10(x) - (a + land.optimum[1] * (b - a))
             dist += dv * dv
@@ -267,11 +267,11 @@ def fit_landscape(storage, study: str) -> dict[str, dict]:
         lo, hi = np.log10(cell.lr_range)
         axis, rng = cell.searched_decay
         a, b = np.log10(rng)
-        x = R.axis_value(axis, best.lr, best.weight_decay)
+        x = cell.axis_value(axis, best.lr, best.weight_decay)
         opt = [float((math.log10(best.lr) - lo) / (hi - lo)), float((math.log10(x) - a) / (b - a))]
         near = t[t.cell == best.cell]
         dist = ((np.log10(near.lr) - math.log10(best.lr)) ** 2
-                + (np.log10([R.axis_value(axis, p, w) for p, w in zip(near.lr, near.weight_decay)])
+                + (np.log10([cell.axis_value(axis, p, w) for p, w in zip(near.lr, near.weight_decay)])
                    - math.log10(x)) ** 2)
         rise = near.value - best.value
         ok = (dist > 0.01) & (dist < 4)

@@ -92,16 +92,23 @@ class LogRange(BaseModel):
 
 class DecayRange(LogRange):
     """A λ range; for the decoupled arm it may instead range over the per-step shrink η·λ
-    (``axis: shrink``) or its timescale 1/(η·λ) in steps (``axis: timescale``): λ = shrink/η."""
+    (``axis: shrink``: λ = shrink/η), its timescale 1/(η·λ) in steps (``axis: timescale``) or
+    that timescale in epochs, τ_epoch = 1/(η·λ·steps per epoch) (``axis: timescale_epochs``:
+    λ = 1/(η·τ_epoch·steps per epoch), for tasks whose steps per epoch are known before training)."""
 
-    axis: Literal["lambda", "shrink", "timescale"] = "lambda"
+    axis: Literal["lambda", "shrink", "timescale", "timescale_epochs"] = "lambda"
 
-    def lambda_range(self, lr: LogRange) -> tuple[float, float]:
-        """Every λ the search can reach with learning rates in ``lr``."""
+    def lambda_range(self, lr: LogRange, steps_per_epoch: int | None = None) -> tuple[float, float]:
+        """Every λ the search can reach with learning rates in ``lr`` (``timescale_epochs`` needs the
+        task's ``steps_per_epoch``)."""
         if self.axis == "shrink":
             return self.low / lr.high, self.high / lr.low
         if self.axis == "timescale":
             return 1.0 / (self.high * lr.high), 1.0 / (self.low * lr.low)
+        if self.axis == "timescale_epochs":
+            if steps_per_epoch is None:
+                raise ValueError("a timescale in epochs converts to λ with the task's steps per epoch")
+            return 1.0 / (self.high * lr.high * steps_per_epoch), 1.0 / (self.low * lr.low * steps_per_epoch)
         return self.low, self.high
 
 
@@ -307,6 +314,14 @@ class StudySpec(BaseModel):
                 where = f"search.weight_decay.{r}.axis" if isinstance(wd, dict) else "search.weight_decay.axis"
                 raise ValueError(f"{where}: {rng.axis!r} applies to the decoupled arm only (its shrink is η·λ); "
                                  f"search {r} over λ (axis: lambda)")
+            if rng is not None and rng.axis == "timescale_epochs":
+                user = next(((i, t) for i, t in enumerate(self.tasks) if t.steps_per_epoch is None), None)
+                if user is not None:
+                    where = f"search.weight_decay.{r}.axis" if isinstance(wd, dict) else "search.weight_decay.axis"
+                    raise ValueError(
+                        f"{where}='timescale_epochs': task {user[1].name!r} (tasks.{user[0]}) is a factory task, "
+                        "whose steps per epoch are not known before it trains; search it over axis: timescale "
+                        "(1/(η·λ) in steps) instead")
         if isinstance(wd, dict):
             missing = [r for r in decayed if r not in wd]
             extra = [r for r in wd if r not in decayed]

@@ -72,7 +72,7 @@ def add_trials(spec: StudySpec, cell: Cell, storage, n: int, epochs: int, rng, s
     for i in range(first, first + n):
         params = {k: float(10 ** rng.uniform(math.log10(d.low), math.log10(d.high))) for k, d in dists.items()}
         value = synthetic_value(cell.regularizer, math.log10(params["lr"]),
-                                math.log10(R.decay_of(params) or 1e-8), rng)
+                                math.log10(R.decay_of(params, cell.task.steps_per_epoch) or 1e-8), rng)
         attrs = {**_metrics(value, spec.search.seed, False, rng), "history": _history(epochs, value, rng),
                  "outcome": "complete", "worker": "synthetic:0",
                  R.GENERATION: i // spec.search.batch, R.SLOT: i % spec.search.batch}

@@ -166,7 +166,7 @@ class UnitRunner:
         trial, cell = unit.trial, unit.cell
         trial.set_user_attr(R.WORKER, owner_tag())
         trial.set_user_attr(R.CUDA_VISIBLE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        lr, wd = trial.params["lr"], R.decay_of(trial.params)
+        lr, wd = trial.params["lr"], R.decay_of(trial.params, cell.task.steps_per_epoch)
         plan = unit.phase.plan(unit)
         self.log(f"[{owner_tag()}] {plan.label}: lr={lr:.3g} λ={wd:.3g}")
         # the real run records its device as it starts; an injected one (a simulator) has none
@@ -237,10 +237,16 @@ class UnitRunner:
         """The real training run (:func:`~wdstudy.train.train_run`), the worker's default ``train``."""
         from .train import train_run
 
+        data = self.data(cell, with_test)
+        rng = self.spec.weight_decay_range(cell.regularizer)
+        if rng is not None and rng.axis == "timescale_epochs" and data is not None:
+            from .preflight import check_train_size
+
+            check_train_size(cell.task, len(data.train), f"tasks[{cell.task.name}].data_dir={cell.task.data_dir!r}")
         return train_run(
             cell.task, cell.optimizer, cell.regularizer, lr, wd,
             seed=seed, schedule=self.spec.schedule, decay_all=self.spec.decay_all,
-            with_test=with_test, callbacks=[*callbacks, _stop_check()], data=self.data(cell, with_test),
+            with_test=with_test, callbacks=[*callbacks, _stop_check()], data=data,
             accelerator=os.environ.get("WDSTUDY_ACCELERATOR", "auto"),
         )
 

@@ -338,8 +338,8 @@ def fig_landscapes(d: ReportData) -> Figure | None:
         f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
         "worse trials share the darkest colour, so the good region is resolved. Each panel spans its arm's own "
         "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."
-        + (" An arm searched over its per-step shrink η·λ (or its timescale) covers the band between the "
-           "dashed lines, the λ = shrink/η of the range's two ends." if any(
+        + (" An arm searched over its per-step shrink η·λ (or its timescale, in steps or epochs) covers the "
+           "band between the dashed lines, the λ of the range's two ends at each η." if any(
                c.decay_axis for c in d.cells.values()) else ""))),
         "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
 
@@ -359,7 +359,7 @@ def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: R.CellRec
     if searched is not None and searched[0] != "lambda":  # the band of (η, λ) that the searched axis covers
         lrs = np.geomspace(*cell.lr_range, 50)
         for bound in searched[1]:
-            ax.plot(lrs, [R.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs],
+            ax.plot(lrs, [cell.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs],
                     color="#999999", lw=0.8, ls="--", zorder=1)
     cmap = sns.color_palette(CMAP, as_cmap=True)
     x, y, v = done.lr.to_numpy(float), done.weight_decay.to_numpy(float), sc * done.value.to_numpy(float)

@@ -217,7 +217,7 @@ def _summary(d: ReportData) -> pd.DataFrame:
             "weight_decay_range": "—" if searched is None else range_text(*searched),
             "decay_axis": "" if searched is None else searched[0],
             "lr_edge": "" if best is None else edge(best.lr, lr_lo, lr_hi),
-            "weight_decay_edge": "" if wd is None else edge(R.axis_value(searched[0], best.lr, wd), *searched[1]),
+            "weight_decay_edge": "" if wd is None else edge(cell.axis_value(searched[0], best.lr, wd), *searched[1]),
             "found_at": found_at, "searched": len(order),
             **_race_columns(d, name),
             "seeds": ci["test_error"].n,
@@ -277,7 +277,7 @@ def seed_problems(d: ReportData, cell: str) -> str:
     return "; ".join(out)
 
 
-AXIS_SYMBOL = {"lambda": "λ", "shrink": "η·λ", "timescale": "1/(η·λ)"}
+AXIS_SYMBOL = {"lambda": "λ", "shrink": "η·λ", "timescale": "1/(η·λ)", "timescale_epochs": "τ_epoch"}
 
 
 def range_text(axis: str, rng: list[float]) -> str:
@@ -475,8 +475,8 @@ def pruning_audit(d: ReportData) -> pd.DataFrame:
             continue
         done = t[t.state == "COMPLETE"]
         axis, (lo, hi) = searched[0], np.log10(searched[1])
-        def pos(x, axis=axis, lo=lo, hi=hi):
-            return (np.log10([R.axis_value(axis, a, b) for a, b in zip(x.lr, x.weight_decay)]) - lo) / (hi - lo)
+        def pos(x, axis=axis, lo=lo, hi=hi, cell=cell):
+            return (np.log10([cell.axis_value(axis, a, b) for a, b in zip(x.lr, x.weight_decay)]) - lo) / (hi - lo)
 
         pp, pc = pd.Series(pos(pruned), dtype=float), pd.Series(pos(done), dtype=float)
         p = float(mannwhitneyu(pp, pc).pvalue) if len(pp) >= 3 and len(pc) >= 3 else math.nan

@@ -12,12 +12,13 @@ with a ``factory`` (``mypkg.tasks:build``) is your own model and data instead: s
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES, Metric, fits, misfit, task_metric
+from .names import DATASETS, INPUT_SHAPES, MODELS, NUM_CLASSES, SPLIT_POOL, Metric, fits, misfit, task_metric
 
 #: Loaded on first use, so that specs and reports can use TaskConfig without importing torch.
 _LAZY = {"ShuffledBatches": "data", "Split": "data", "TaskData": "data", "load_data": "data", "build_model": "models"}
@@ -201,6 +202,25 @@ class TaskConfig(BaseModel):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return INPUT_SHAPES[self.dataset]
+
+    @property
+    def train_size(self) -> int | None:
+        """Training examples per epoch, from the task's fields alone (None for a factory task, whose
+        data only its factory knows): the dataset's :data:`~.names.SPLIT_POOL` less the validation
+        split (``round(n·val_fraction)``, as :func:`~.data.split_indices` carves it), at most ``max_train``."""
+        if self.is_user:
+            return None
+        n = SPLIT_POOL[self.dataset]
+        train = n - int(round(n * self.val_fraction))
+        return train if self.max_train is None else min(train, self.max_train)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps per epoch, known before training (None for a factory task): a built-in
+        task steps once per batch and keeps the last, smaller batch, so ``ceil(train_size / batch_size)``
+        — what :class:`wdstudy.mechanics.Mechanics` measures as ``steps_per_epoch`` in the run."""
+        n = self.train_size
+        return None if n is None else max(1, math.ceil(n / self.batch_size))
 
     def model_kwargs(self) -> dict[str, Any]:
         """Backbone keyword arguments: defaults overridden by the fields that are set."""

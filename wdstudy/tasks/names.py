@@ -36,6 +36,13 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 }
 NUM_CLASSES = 10
 
+#: Examples per dataset that the train and validation splits are carved from: MNIST-1D's 4000
+#: generated training sequences, curve1d's :data:`~.data.CURVE1D_POINTS`, and the full training
+#: sets of the datasets read from files (torchvision's layout: 60,000 images for MNIST and
+#: Fashion-MNIST, 50,000 for CIFAR-10). A task's training-set size, and so its steps per epoch,
+#: follows from these and its fields alone (:attr:`wdstudy.tasks.TaskConfig.train_size`).
+SPLIT_POOL: dict[str, int] = {"mnist1d": 4000, "mnist": 60000, "fashionmnist": 60000, "cifar10": 50000, "curve1d": 100}
+
 
 def fits(model: str, dataset: str) -> bool:
     """Whether backbone ``model`` can be trained on ``dataset``: classifiers on class labels,
