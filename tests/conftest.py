@@ -38,6 +38,7 @@ import pandas as pd
 import yaml
 
 from wdstudy.analysis import evaluations_frame, progress_frame, trials_frame
+from wdstudy.redact import redact
 from wdstudy.storage import open_storage
 
 _server = None
@@ -70,6 +71,13 @@ def pytest_configure(config):
         _server, url, _folder = start_embedded_postgres()
         os.environ["WDSTUDY_TEST_PG_URL"] = url
     PG_URL = os.environ.get("WDSTUDY_TEST_PG_URL", PG_URL)
+
+
+def pytest_report_header(config):
+    """Which PostgreSQL the PostgreSQL tests use, on the session's first lines."""
+    if _server is not None:
+        return f"postgresql: a throwaway server from the pgserver wheel, {PG_URL}"
+    return f"postgresql: {redact(PG_URL)} (WDSTUDY_TEST_PG_URL, or the server on 127.0.0.1:5432)"
 
 
 def pytest_unconfigure(config):

@@ -5,19 +5,42 @@ server restart or a network blip looks like to a client. ``arm(match, seconds)``
 chosen moment: the first time ``match(state, data)`` holds for bytes a client sends (``state``
 is a dict kept per connection), the bytes are forwarded and everything is cut at once, before
 the server's answer can reach the client.
+
+It forwards to the server of the tests' PostgreSQL URL (``tests/conftest.py``'s ``PG_URL``):
+over TCP to its host and port, or over the Unix socket of a URL written with ``?host=/folder``
+(the throwaway server from the ``pgserver`` wheel listens only there). Its own :meth:`url`
+names that server's user and database, on 127.0.0.1 at the proxy's port.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 
+import sqlalchemy
+
+
+def upstream_of(url: str) -> tuple[str, int] | str:
+    """Where the server of a PostgreSQL ``url`` listens: (host, port), or a Unix socket's path."""
+    u = sqlalchemy.engine.make_url(url)
+    host = u.query.get("host") or u.host or "127.0.0.1"
+    host = host[0] if isinstance(host, tuple) else host
+    port = u.port or 5432
+    return os.path.join(host, f".s.PGSQL.{port}") if host.startswith("/") else (host, port)
+
 
 class PgProxy:
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)):
-        self.target = target
+    def __init__(self, upstream: str | None = None):
+        if upstream is None:
+            from . import conftest
+
+            upstream = conftest.PG_URL
+        u = sqlalchemy.engine.make_url(upstream)
+        self.user, self.db = u.username or "postgres", u.database or "postgres"
+        self.target = upstream_of(upstream)
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind(("127.0.0.1", 0))
@@ -31,9 +54,10 @@ class PgProxy:
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def url(self, user: str = "postgres", password: str | None = None, db: str = "test") -> str:
-        auth = f"{user}:{password}" if password else user
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}"
+    def url(self, password: str | None = None) -> str:
+        """The server's user and database through the proxy (with ``password`` if given)."""
+        auth = f"{self.user}:{password}" if password else self.user
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{self.db}"
 
     # -- faults
     def cut(self, seconds: float) -> None:
@@ -70,8 +94,7 @@ class PgProxy:
                 _close(client)  # the server is "down": refused
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
+                upstream = _connect(self.target)
             except OSError:
                 _close(client)
                 continue
@@ -110,6 +133,21 @@ class PgProxy:
         finally:
             _close(src)
             _close(dst)
+
+
+def _connect(target: tuple[str, int] | str) -> socket.socket:
+    if isinstance(target, str):  # a Unix socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(target)
+        except OSError:
+            s.close()
+            raise
+    else:
+        s = socket.create_connection(target, timeout=5)
+    s.settimeout(None)
+    return s
 
 
 def _close(s: socket.socket) -> None:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -94,10 +95,15 @@ def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
     """A study on a password-protected PostgreSQL role: launch, status, report, errors, logs,
     every file of the output (the PDF's text included), and the workers' command lines."""
     role, password = f"wd_{uuid.uuid4().hex[:8]}", f"Pw{uuid.uuid4().hex[:12]}"
+    open_storage(PG_URL)  # Optuna's tables, if this is the first test on a fresh server, owned by its user
     admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"))
-    url = f"postgresql://{role}:{password}@127.0.0.1:5432/test"
+    # the tests' server (on 127.0.0.1:5432, or the throwaway one on its Unix socket) as that role
+    url = sqlalchemy.engine.make_url(PG_URL).set(username=role, password=password).render_as_string(
+        hide_password=False)
+    shown_url = url.replace(f"{role}:{password}@", f"{role}:***@", 1)
+    assert shown_url != url
     name = f"pw-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path, name=name, search={"trials": 2}, evaluation={"seeds": 2})
     outputs = []
@@ -122,7 +128,7 @@ def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
         watcher.join()
         assert launcher.returncode == 0, err
         outputs += [out, err]
-        assert f"storage postgresql://{role}:***@127.0.0.1:5432/test" in out
+        assert f"storage {shown_url}" in out
         workers = [c for c in cmdlines if "wdstudy worker" in c]
         assert workers, "no worker command line was seen"
         assert not any(password in c for c in workers)
@@ -158,6 +164,7 @@ def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
     finally:
         _drop(PG_URL, name)
         with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"REASSIGN OWNED BY {role} TO CURRENT_USER"))  # whatever it created
             c.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
         admin.dispose()
 
@@ -494,7 +501,8 @@ def test_an_outage_longer_than_the_window_stops_cleanly_and_a_relaunch_completes
         assert "Traceback" not in err and "Secr3tPw" not in err + out + _logs(tmp_path), err
         errors = [ln for ln in err.splitlines() if ln.startswith("wdstudy: error:")]
         assert len(errors) == 1, err
-        assert re.search(r"storage postgresql://postgres:\*\*\*@127\.0\.0\.1:\d+/test unreachable for \d+ s", errors[0])
+        assert re.search(re.escape(f"storage postgresql://{proxy.user}:***@127.0.0.1:") + r"\d+"
+                         + re.escape(f"/{proxy.db} unreachable for ") + r"\d+ s", errors[0]), errors[0]
         assert took < 120, took
         proxy.down_until = 0  # the database is back
         r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
@@ -513,7 +521,10 @@ def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
     import pgserver
     from pgserver._commands import pg_ctl
 
-    srv = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    # its folder outside pytest's: the server runs as another user, and a pytest session started
+    # meanwhile on the same machine makes /tmp/pytest-of-USER private again (the restart then fails)
+    folder = tempfile.mkdtemp(prefix="wdstudy-pg-")
+    srv = pgserver.get_server(folder, cleanup_mode="stop")
     url = srv.get_uri("postgres")
     name = f"restart-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path, name=name, search={"trials": 8, "batch": 2}, task_defaults={"epochs": 3},
@@ -538,6 +549,7 @@ def test_two_restarts_of_the_postgresql_server_are_pauses(tmp_path):
         _once_each(storage, name)
     finally:
         srv.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_network_file_systems_hiccup_is_an_outage_and_a_full_disk_is_not(tmp_path, monkeypatch):

@@ -260,3 +260,76 @@ def test_an_array_task_at_its_time_limit_requeues_its_trial_and_a_resubmit_compl
              "the resubmitted array task to finish", interval=1)
     assert slurm_state(f"{array}_0") == ("COMPLETED", "0:0")
     assert_exact(open_storage(PG_URL), name, budget=3, seeds=1, cells=1)
+
+
+def restarts(job: str) -> int:
+    """How many times Slurm has re-queued a job or array task (scontrol's ``Restarts``)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return int(fields.get("Restarts", 0))
+
+
+@pytest.mark.integration
+def test_a_preempted_array_task_requeues_its_trial_and_comes_back_by_itself(tmp_path, slurm, pg_study):
+    """The test cluster preempts by partition (tests/slurm/up.sh): a job of its ``urgent`` partition
+    (higher PriorityTier) takes the node from jobs of ``preemptible`` (PreemptMode=REQUEUE). Slurm's
+    SIGTERM reaches the worker, which fails its running trial as lost and re-queues it; the array task,
+    submitted with --requeue, is re-queued by Slurm and, once the urgent job has ended, runs again and
+    finishes the study: no second submit, exact budgets, the lost trial re-run with its parameters."""
+    name = pg_study()
+    # three units (2 trials, 1 evaluation seed) of at least 20 s each, paced whatever the load: the
+    # urgent job lands mid-trial
+    spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
+                      tasks=[{"name": "paced", "factory": PACED, "pause": 1.0, "batch_size": 64}],
+                      task_defaults={"epochs": 20}, search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
+                      evaluation={"seeds": 1})
+    r = cli("submit", str(spec), "--slurm", "--nodes", "1", "--cpus-per-task", "1", "--partition", "preemptible")
+    assert r.returncode == 0, r.stderr
+    array, report = submit_ids(r.stdout)
+    task = f"{array}_0"
+    storage = open_storage(PG_URL)
+
+    def running():
+        df = trials_frame(storage, name)
+        return [] if df.empty else df[(df.state == "RUNNING") & df.worker.notna()].to_dict("records")
+
+    victim = wait_for(running, 600, "a trial to run under Slurm", interval=0.5)[0]
+    cpus = subprocess.run(["sinfo", "-h", "-p", "urgent", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", f"--cpus-per-task={cpus}",
+                             f"--job-name=wdstudy-{name}-urgent", f"--output={tmp_path / 'urgent.out'}",
+                             "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        wait_for(lambda: restarts(task) >= 1, 120, "Slurm to preempt and re-queue the array task", interval=0.5)
+        log = (tmp_path / "out" / "logs" / f"slurm-{task}.out").read_text()
+        assert "DUE TO PREEMPTION" in log
+
+        unit = ["cell", "generation", "slot"]
+
+        def requeued():  # the worker recorded its stop: its trial failed, the trial's unit waiting again
+            df = trials_frame(storage, name)
+            failed = df[df.state == "FAIL"][unit].values.tolist()
+            waiting = df[df.state == "WAITING"][unit].values.tolist()
+            return [df] if failed and all(u in waiting for u in failed) else []
+        [df] = wait_for(requeued, 60, "the preempted trial to be failed and re-queued", interval=0.5)
+        assert not (df.state == "RUNNING").any()
+        lost = df[df.state == "FAIL"]
+        assert lost.trial.tolist() == [victim["trial"]]
+        assert (lost.fail_kind == "lost").all() and lost.reason.str.contains("signal 15").all()
+
+        wait_for(lambda: not jobs_of(name), 900, "the re-queued array task and the report job to end", interval=2)
+    finally:
+        subprocess.run(["scancel", urgent])
+    assert slurm_state(task) == ("COMPLETED", "0:0") and restarts(task) == 1
+    assert slurm_state(report) == ("COMPLETED", "0:0")  # after the array: the study was finished
+    log = (tmp_path / "out" / "logs" / f"slurm-{task}.out").read_text()
+    assert log.count("DUE TO PREEMPTION") == 1  # preempted once, then ran to its end
+    storage = open_storage(PG_URL)
+    assert_exact(storage, name, budget=2, seeds=1, cells=1)
+    df = trials_frame(storage, name)
+    assert not (df.state == "RUNNING").any()
+    assert df[df.state == "FAIL"].trial.tolist() == [victim["trial"]]  # no other failure
+    # the lost trial's slot completed with the same parameters: a retry, not a replacement proposal
+    again = df[(df.state == "COMPLETE") & (df.generation == victim["generation"]) & (df.slot == victim["slot"])]
+    assert len(again) == 1
+    assert again.lr.iloc[0] == victim["lr"] and again.weight_decay.iloc[0] == victim["weight_decay"]
+    assert (tmp_path / "out" / "report.html").exists()

@@ -6,7 +6,14 @@
 #
 # munged, then slurmctld and slurmd with a generated /etc/slurm/slurm.conf that names this host
 # (on 127.0.0.1) with its real CPU count and memory; no systemd, no cgroups. It refuses to
-# overwrite a slurm.conf it did not write. Ends when `sinfo` shows the node idle (a few seconds).
+# overwrite a slurm.conf it did not write, and restarts the daemons when it rewrites it. Ends when
+# `sinfo` shows the node idle (a few seconds).
+#
+# Partitions, all on the one node: `debug` (the default; never preempted), and for the preemption
+# test `preemptible` (PreemptMode=REQUEUE) and `urgent` (a higher PriorityTier: its jobs preempt
+# those of `preemptible` to get CPUs). Slurm sends a preempted job SIGTERM, then SIGKILL KillWait
+# (30 s) later, and re-queues it; a re-queued job may start again cred_expire + 1 s after (120 s
+# by default, 30 s here).
 set -euo pipefail
 
 conf=/etc/slurm/slurm.conf
@@ -61,6 +68,7 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=30
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/d
 SlurmctldPidFile=$state/slurmctld.pid
@@ -84,7 +92,11 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 PreemptMode=OFF
+PartitionName=preemptible Nodes=$host MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 PreemptMode=REQUEUE
+PartitionName=urgent Nodes=$host MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
 CONF
 if ! cmp -s "$conf.new" "$conf" 2>/dev/null; then
     mv "$conf.new" "$conf"
