@@ -440,3 +440,26 @@ def test_dry_run_refuses_a_device_index_outside_the_job(tmp_path):
     r = subprocess.run([sys.executable, "-m", "wdstudy", "launch", str(spec), "--devices", "0,2", "--dry-run"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5"})
     assert r.returncode == 2 and "--devices='0,2': 2 is not an index" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_unit_queued_twice_is_run_once_whichever_copy_is_taken(tmp_path):
+    """Copies of queued units (a creation whose answer was lost, made again): the reservation ends
+    each copy FAIL, unrun, keeping the attempt that runs or was queued first, and goes on."""
+    spec, url = setup_study(tmp_path, regularizers=["decoupled"],
+                            search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
+                            evaluation={"seeds": 1})
+    cells = Cells(spec, open_storage(url))
+    first, _ = cells.reserve()  # opens generation 0 (two slots) and takes one of them
+    assert first is not None
+    study = first.study
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for t in (*running, *waiting):  # the running slot and the waiting one, each queued again
+        study.enqueue_trial(t.params, user_attrs={R.GENERATION: t.user_attrs[R.GENERATION], R.SLOT: t.user_attrs[R.SLOT]})
+    second, _ = cells.reserve()
+    assert second is not None and second.trial.number == waiting[0].number  # the one queued first
+    trials = study.get_trials(deepcopy=False)
+    copies = [t for t in trials if t.system_attrs.get(R.FAIL_KIND) == R.DUPLICATE]
+    assert sorted(t.number for t in copies) == [2, 3] and all(t.datetime_start is None for t in copies)
+    assert [t.state for t in trials[:2]] == [TrialState.RUNNING, TrialState.RUNNING]
+    assert cells.reserve() == (None, False)  # nothing else to run until the two finish

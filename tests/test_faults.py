@@ -407,6 +407,63 @@ def test_a_tell_cut_off_by_a_lost_connection_is_recorded_once(cut):
         optuna.delete_study(study_name=name, storage=open_storage(PG_URL))
 
 
+def _queuing_commit(n: int):
+    """The COMMIT of the ``n``-th trial queued WAITING (counted over every connection): it reaches
+    the server, its answer does not."""
+    seen = {"queued": 0}
+
+    def match(state: dict, data: bytes) -> bool:
+        if b"UPDATE trials SET state" in data and b"WAITING" in data:  # a trial is created, then set WAITING
+            seen["queued"] += 1
+            state["queued"] = seen["queued"]
+            return False
+        return state.get("queued") == n and b"COMMIT" in data
+
+    return match
+
+
+@pytest.mark.parametrize("n, fails", [(1, 0), (3, 1), (3, 0)], ids=["search-slot", "requeued-slot", "eval-seed"])
+@pytest.mark.integration
+def test_a_unit_queued_twice_across_a_lost_connection_runs_once(tmp_path, n, fails):
+    """The creation of a queued trial reaches the database but its answer is lost: a search slot
+    of the first generation, a failed slot's re-queued attempt, an evaluation seed. Optuna's RDB
+    storage creates the trial a second time by itself; the copy is ended unrun, and the budget
+    stays exact: each slot and seed complete once."""
+    from types import SimpleNamespace
+
+    from wdstudy.cells import ensure_studies
+    from wdstudy.spec import load_spec
+    from wdstudy.worker import Worker
+
+    proxy = PgProxy()
+    name = f"dup-{uuid.uuid4().hex[:8]}"
+    spec = load_spec(write_spec(tmp_path, name=name, regularizers=["decoupled"],
+                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
+                                evaluation={"seeds": 2}))
+    calls = {"n": 0}
+
+    def train(cell, lr, wd, seed, callbacks, with_test):
+        calls["n"] += 1
+        if calls["n"] <= fails:
+            raise RuntimeError("a run that raised (simulated)")
+        return SimpleNamespace(metrics={spec.search.objective: lr, "val_error": lr, "test_error": lr}, history=[])
+
+    try:
+        ensure_studies(spec, open_storage(proxy.url()))
+        proxy.arm(_queuing_commit(n), 0.0)
+        Worker(spec, proxy.url(), poll=0.05, log=lambda m: None, train=train).run()
+        assert proxy.armed == 0 and len(proxy.cuts) == 1
+        storage = open_storage(PG_URL)
+        assert_exact(storage, name, budget=2, seeds=2, cells=1)
+        _once_each(storage, name)
+        copies = [t for s in storage.get_all_studies() if s.study_name.startswith(f"{name}/")
+                  for t in storage.get_all_trials(s._study_id) if t.system_attrs.get("fail_kind") == "duplicate"]
+        assert len(copies) == 1 and copies[0].datetime_start is None  # queued twice, the copy never ran
+    finally:
+        proxy.close()
+        _drop(PG_URL, name)
+
+
 @pytest.mark.integration
 def test_a_pruned_search_trains_on_through_an_outage_and_reports_when_the_storage_is_back(monkeypatch):
     """With a pruner, each epoch asks the storage; while it is unreachable, the epoch's report is

@@ -196,6 +196,16 @@ def decision_record(spec: StudySpec) -> dict[str, Any]:
 
 # -- the engine ----------------------------------------------------------------------------------
 
+def duplicate(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` is a unit's second copy, ended unrun (:meth:`Retries.end_duplicates`)."""
+    return trial.system_attrs.get(R.FAIL_KIND) == R.DUPLICATE
+
+
+def _queued(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` was queued by the engine as an attempt of a unit (a search slot, a seed)."""
+    return R.GENERATION in trial.user_attrs or R.SEED in trial.user_attrs
+
+
 class Retries:
     """What becomes of a failed unit: :meth:`fail` ends it FAIL with its reason and re-queues it (or
     its replacement, or gives it up); :meth:`release_dead` does so for the trials of dead or
@@ -230,7 +240,7 @@ class Retries:
         """
         phase, cell = self._owner[study.study_name]
         key = phase.key(failed)
-        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key]
+        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key and not duplicate(t)]
         if all(t.number != failed.number for t in same):
             same.append(failed)
         attrs = phase.retry_attrs(failed)
@@ -245,6 +255,35 @@ class Retries:
             del attrs[R.VARIANT]
         study.enqueue_trial(params, user_attrs=attrs)
         return True
+
+    def end_duplicates(self, study: optuna.Study, phase: Phase, trials: list[FrozenTrial]) -> int:
+        """End FAIL (kind :data:`~wdstudy.records.DUPLICATE`), unrun, every WAITING trial whose unit
+        already has another attempt that runs, finished, or waits queued earlier; returns how many.
+
+        A unit is queued twice when the storage kept a trial's creation whose answer was lost: Optuna's
+        RDB storage creates the trial again by itself, and a lock lost in the same outage lets another
+        worker queue it too. Each unit has at most one attempt that is not FAIL; this restores that
+        before anything is reserved, whatever the interleaving.
+        """
+        keep: dict[tuple, FrozenTrial] = {}
+        for t in sorted(trials, key=lambda t: (t.state == TrialState.WAITING, t.number)):
+            if t.state != TrialState.FAIL and _queued(t):
+                keep.setdefault(phase.key(t), t)
+        storage = storage_of(study)
+        ended = 0
+        for t in trials:
+            if t.state != TrialState.WAITING or not _queued(t) or keep[phase.key(t)] is t:
+                continue
+            tid = trial_id(t)
+            storage.set_trial_system_attr(tid, R.FAIL_REASON, f"queued twice: trial {keep[phase.key(t)].number} "
+                                          "is this unit's attempt")
+            storage.set_trial_system_attr(tid, R.FAIL_KIND, R.DUPLICATE)
+            try:
+                storage.set_trial_state_values(tid, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            ended += 1
+        return ended
 
     def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None) -> int:
         now = time.time()
@@ -382,6 +421,8 @@ class Cells(Retries):
         """A WAITING trial of ``study`` reserved, or (None, True) when it has nothing left to run."""
         trials = study.get_trials(deepcopy=False)
         if self._release_stale(study, [t for t in trials if t.state == TrialState.RUNNING]):
+            trials = study.get_trials(deepcopy=False)
+        if self.end_duplicates(study, phase, trials):
             trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return self._take(cell, study, phase), False

@@ -77,13 +77,19 @@ def _by_candidate_seed(trials: list[FrozenTrial]) -> dict[tuple, list[FrozenTria
     return runs
 
 
+def _attempts(ts: list[FrozenTrial]) -> list[FrozenTrial]:
+    """A unit's trials without the copies queued twice and ended unrun (``duplicate``)."""
+    return [t for t in ts if t.system_attrs.get(R.FAIL_KIND) != R.DUPLICATE] or ts
+
+
 def _failed_only(ts: list[FrozenTrial]) -> bool:
     """Every attempt failed and none was re-queued (its worker died between the two)."""
     return all(t.state == TrialState.FAIL for t in ts)
 
 
 def _last(ts: list[FrozenTrial]) -> FrozenTrial:
-    return max(ts, key=lambda t: t.number)
+    """The latest attempt (not a copy queued twice)."""
+    return max(_attempts(ts), key=lambda t: t.number)
 
 
 class Phase:

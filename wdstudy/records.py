@@ -26,7 +26,7 @@ Per trial:
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
-  stopped or let its lease expire).
+  stopped or let its lease expire; :data:`DUPLICATE`: a second copy of a queued unit, never run).
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ FAIL_REASON = "fail_reason"
 FAIL_KIND = "fail_kind"
 ERROR = "error"
 LOST = "lost"
+#: a unit queued twice (its first queuing reached the storage, the answer did not): the copy is never run
+DUPLICATE = "duplicate"
 
 # -- the searched strength ------------------------------------------------------------------
 #: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself
