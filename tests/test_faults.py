@@ -454,7 +454,8 @@ def test_a_unit_queued_twice_across_a_lost_connection_runs_once(tmp_path, n, fai
         Worker(spec, proxy.url(), poll=0.05, log=lambda m: None, train=train).run()
         assert proxy.armed == 0 and len(proxy.cuts) == 1
         storage = open_storage(PG_URL)
-        assert_exact(storage, name, budget=2, seeds=2, cells=1)
+        prog = assert_exact(storage, name, budget=2, seeds=2, cells=1)
+        assert list(prog.fail) == [fails]  # the copy is no failed run
         _once_each(storage, name)
         copies = [t for s in storage.get_all_studies() if s.study_name.startswith(f"{name}/")
                   for t in storage.get_all_trials(s._study_id) if t.system_attrs.get("fail_kind") == "duplicate"]

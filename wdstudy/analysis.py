@@ -158,7 +158,10 @@ def race_frame(storage, study: str) -> pd.DataFrame:
 
 
 def progress_frame(storage, study: str) -> pd.DataFrame:
-    """Per cell: budget, trials by state, best objective so far, race and evaluation runs done."""
+    """Per cell: budget, trials by state, best objective so far, race and evaluation runs done.
+
+    A unit's second copy, queued twice and ended unrun (``fail_kind`` ``duplicate``), is no run:
+    it is not counted."""
     rows = []
     races = race_studies(storage, study)
     for name, (s, ev) in cell_studies(storage, study).items():
@@ -167,6 +170,8 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
         counts = {st: 0 for st in STATES}
         best = math.inf
         for t in trials:
+            if t.system_attrs.get(R.FAIL_KIND) == R.DUPLICATE:
+                continue  # a unit queued twice: its copy never ran, no run failed
             counts[t.state.name] += 1
             if t.state == TrialState.COMPLETE and t.value is not None:
                 best = min(best, t.value)

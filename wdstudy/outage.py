@@ -24,6 +24,11 @@ holds the lock's session, and a lock lost in an outage protects nothing. Inside
 :func:`retry_block` a transient error aborts the block (:class:`StorageDisconnected`); the
 lock is released, the storage waited for, and the whole block run again from what the
 storage holds — which :mod:`wdstudy.cells` is built to repair, as after a crash.
+
+A trial's creation (queuing a unit) is the one write neither can make safe by itself: when its
+COMMIT reached the database and the answer was lost, Optuna's RDB storage creates the trial again
+on its own, below this wrapper. The engine takes care of it: a reservation ends every second copy
+of a queued unit FAIL, unrun (``fail_kind`` ``duplicate``), so each unit still runs once.
 """
 
 from __future__ import annotations
