@@ -465,6 +465,51 @@ def test_a_unit_queued_twice_across_a_lost_connection_runs_once(tmp_path, n, fai
         _drop(PG_URL, name)
 
 
+def _reservation_commit(state: dict, data: bytes) -> bool:
+    """The COMMIT of a reservation (a waiting trial set RUNNING): it reaches the server, its answer does not."""
+    if _reservation(state, data):
+        state["take"] = True
+        return False
+    return bool(state.get("take")) and b"COMMIT" in data
+
+
+@pytest.mark.integration
+def test_a_reservation_whose_answer_is_lost_is_failed_as_lost_and_run_once(tmp_path, monkeypatch):
+    """The worker's block is run again and takes another unit; the trial it had set RUNNING, untagged,
+    is failed as lost once its lease (from its start, or the outage's end) expires, and re-queued:
+    the budget stays exact."""
+    from types import SimpleNamespace
+
+    from wdstudy.cells import ensure_studies
+    from wdstudy.spec import load_spec
+    from wdstudy.worker import Worker
+
+    monkeypatch.setattr("wdstudy.storage.GRACE_PERIOD", 2.0)
+    proxy = PgProxy()
+    name = f"take-{uuid.uuid4().hex[:8]}"
+    spec = load_spec(write_spec(tmp_path, name=name, regularizers=["decoupled"],
+                                search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2, "batch": 2},
+                                evaluation={"seeds": 1}))
+
+    def train(cell, lr, wd, seed, callbacks, with_test):
+        return SimpleNamespace(metrics={spec.search.objective: lr, "val_error": lr, "test_error": lr}, history=[])
+
+    try:
+        ensure_studies(spec, open_storage(proxy.url()))
+        proxy.arm(_reservation_commit, 0.0)
+        Worker(spec, proxy.url(), poll=0.05, log=lambda m: None, train=train).run()
+        assert proxy.armed == 0 and len(proxy.cuts) == 1
+        storage = open_storage(PG_URL)
+        prog = assert_exact(storage, name, budget=2, seeds=1, cells=1)
+        assert list(prog.fail) == [1]
+        _once_each(storage, name)
+        failed = trials_frame(storage, name).query("state == 'FAIL'")
+        assert list(failed.fail_kind) == ["lost"] and failed.worker.isna().all()  # never run
+    finally:
+        proxy.close()
+        _drop(PG_URL, name)
+
+
 @pytest.mark.integration
 def test_a_pruned_search_trains_on_through_an_outage_and_reports_when_the_storage_is_back(monkeypatch):
     """With a pruner, each epoch asks the storage; while it is unreachable, the epoch's report is
