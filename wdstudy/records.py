@@ -1,8 +1,11 @@
-"""Every key wdstudy writes to an Optuna storage, and the package-version record.
+"""Every key wdstudy writes to an Optuna storage, the typed records that read them back, and the
+package-version record.
 
-One owner for the storage's vocabulary: the engine (``cells``, ``worker``, ``storage``)
-writes these keys and the read side (``analysis``, ``report``) reads them, and neither
-spells a key itself. Plain data only (no torch), so reading a study stays fast.
+One owner for the storage's vocabulary: the engine (``cells``, ``phases``, ``worker``,
+``storage``) writes these keys and the read side (``analysis``, ``report``, ``verdicts``,
+``simulate``, and the engine where it reads) reads them back through the typed records
+:class:`CellRecord`, :class:`RunRecord` (a trial) and :class:`StudyRecord` (a study), and
+neither spells a key itself. Plain data only (no torch), so reading a study stays fast.
 
 Per study (user attributes):
 
@@ -21,8 +24,8 @@ Per trial:
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
   it too), the metrics :data:`METRIC_KEYS` (with the run's mechanics scalars,
-  :data:`MECHANICS_KEYS`; read with :func:`metric_of`, which knows their older names),
-  :data:`HISTORY` (read with :func:`history_row`) and :data:`MECHANICS` (per layer and checkpoint);
+  :data:`MECHANICS_KEYS`; :meth:`RunRecord.metric` reads them, also under their older names),
+  :data:`HISTORY` (:attr:`RunRecord.history`) and :data:`MECHANICS` (per layer and checkpoint);
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
