@@ -235,7 +235,7 @@ class Retries:
             same.append(failed)
         attrs = phase.retry_attrs(failed)
         params: dict[str, Any] = failed.params
-        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
+        errors = sum(R.RunRecord.of(t).fail_kind == R.ERROR for t in same)
         if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
             replacement = phase.replacement(cell, failed, attrs, trials)
             if replacement is None:

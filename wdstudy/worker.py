@@ -148,7 +148,7 @@ class Worker:
                 frozen = unit.study.tell(trial, value, skip_if_finished=True)
         if frozen.state == TrialState.FAIL:
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
-                     f"({frozen.system_attrs.get(R.FAIL_REASON)}); its result is discarded")
+                     f"({R.RunRecord.of(frozen).fail_reason}); its result is discarded")
 
 class UnitRunner:
     """One unit's training run, as its phase plans it (:class:`~wdstudy.phases.RunPlan`), and its
@@ -179,7 +179,7 @@ class UnitRunner:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
         if plan.curve_as_steps:  # the learning curve as Optuna's intermediate values, for the dashboard
-            for row in trial.user_attrs.get(R.HISTORY) or []:
+            for row in R.RunRecord.from_attrs(trial.user_attrs).history:
                 v = row.get(plan.key)
                 if v is not None and math.isfinite(v):
                     trial.report(v, int(row["epoch"]))
