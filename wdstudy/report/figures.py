@@ -498,8 +498,8 @@ def _tau_band(ax, tau: Timescale) -> None:
     where = ax.get_yaxis_transform()  # x in the panel's width, y in τ_epoch
     for y, text in ((1.0, "1 epoch"), (tau.epochs, f"training length: {tau.epochs:g} epochs")):
         ax.axhline(y, color=BAND_COLOUR, lw=0.9, zorder=2)
-        ax.text(0.98, y, text, transform=where, ha="right", va="bottom", fontsize=6.5, color=BAND_COLOUR, zorder=5,
-                bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
+        # no box behind the label: it would hide a dashed end of the searched range running close by
+        ax.text(0.98, y, text, transform=where, ha="right", va="bottom", fontsize=6.5, color=BAND_COLOUR, zorder=5)
 
 
 def _padded(bounds, share: float = 0.04) -> tuple[float, float]:
