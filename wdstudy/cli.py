@@ -107,7 +107,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
     return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet,
-                  threads=args.threads, dry_run=args.dry_run, per_device=args.per_device)
+                  threads=args.threads, dry_run=args.dry_run, per_device=args.per_device,
+                  landscape_axis=args.landscape_axis)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -217,8 +218,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .preflight import check_output
     from .spec import load_spec
 
+    if args.landscape_axis is not None:
+        from .spec import check_landscape_axis
+
+        check_landscape_axis(args.landscape_axis)
     check_output(load_spec(args.spec))  # the report's folder can be written, before the work of drawing it
-    return write_report(args.spec, args.storage)
+    return write_report(args.spec, args.storage, landscape_axis=args.landscape_axis)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -377,9 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads per worker (default: the cores divided between the workers)")
         p.add_argument("--quiet", action="store_true", help="no live progress display")
 
+    def landscape_axis(p):  # checked by wdstudy.spec.check_landscape_axis: one error line, not argparse's usage
+        p.add_argument("--landscape-axis", metavar="{auto,lambda,tau_epoch}",
+                       help="the landscape figure's y axis for the decoupled-decay arms: lambda (λ), tau_epoch "
+                            "(their timescale in epochs, with the band from one epoch to the training length) or "
+                            "auto (tau_epoch when searched over timescale_epochs); default: the spec's "
+                            "report.landscape_axis, else auto")
+
     p = sub.add_parser("launch", help="run a study: search every cell, evaluate, export")
     spec_and_storage(p)
     pool_options(p)
+    landscape_axis(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the planned worker slots (devices, threads, accelerator) and exit; touches no storage")
     p.set_defaults(func=cmd_launch)
@@ -422,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)
+    landscape_axis(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="progress of a study, without running anything")

@@ -105,9 +105,13 @@ def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) 
 
 def launch(spec_path: str, storage: str | None = None, devices: str = "auto", workers: int | None = None,
            quiet: bool = False, threads: int | None = None, dry_run: bool = False,
-           per_device: int | None = None) -> int:
+           per_device: int | None = None, landscape_axis: str | None = None) -> int:
     """``python -m wdstudy launch``: plan the slots, run the pool to the end, then export, summarize and
     report; returns the exit code (0: every unit finished, 1: some did not, 130: stopped)."""
+    if landscape_axis is not None:  # refused now, not after the study has trained
+        from ..spec import check_landscape_axis
+
+        check_landscape_axis(landscape_axis)
     slots = plan_slots(devices, workers, threads, per_device)
     if dry_run:  # the plan only: nothing is opened or written
         load_spec(spec_path)
@@ -137,7 +141,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         raise unwritable(exc, shown(out)) from None
     print(summary_text(store, spec.name))
     print(f"exported {', '.join(shown(p) for p in paths)}")
-    write_report(spec_path, storage, quiet=quiet)
+    write_report(spec_path, storage, quiet=quiet, landscape_axis=landscape_axis)
     if not complete:
         print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
@@ -190,11 +194,16 @@ def summary_text(storage, study: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(spec_path: str, storage: str | None = None, quiet: bool = False) -> int:
-    """Build the study's report from its storage alone into the spec's output folder."""
+def write_report(spec_path: str, storage: str | None = None, quiet: bool = False,
+                 landscape_axis: str | None = None) -> int:
+    """Build the study's report from its storage alone into the spec's output folder; the landscape
+    figure's axis is ``landscape_axis`` (``--landscape-axis``), else the spec's ``report.landscape_axis``."""
     from ..cells import spec_drift
     from ..report import build_report
+    from ..spec import check_landscape_axis
 
+    if landscape_axis is not None:
+        check_landscape_axis(landscape_axis)
     spec = load_spec(spec_path)
     url = resolve_url(spec, storage)
     start = time.monotonic()
@@ -203,7 +212,8 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     if drift:
         print(f"note: {drift}")
     try:
-        paths = build_report(store, spec.name, spec.output_dir(), storage_label(url))
+        paths = build_report(store, spec.name, spec.output_dir(), storage_label(url),
+                             landscape_axis or spec.report.landscape_axis)
     except OSError as exc:
         from ..outage import classify
 

@@ -54,6 +54,16 @@ class ReportData:
     decision: dict = field(default_factory=dict)  # the decision settings (margin, alpha, primary, looks)
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the runs' mechanics (analysis.diagnostics_frame)
     meaning: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell's pick: report.meaning.meaning_table
+    #: the landscape figure's y axis for the decoupled-decay arms: ``auto``, ``lambda`` or ``tau_epoch``
+    #: (:data:`wdstudy.spec.LANDSCAPE_AXES`; ``auto`` resolved by :meth:`tau_landscape`)
+    landscape_axis: str = "auto"
+
+    def tau_landscape(self) -> bool:
+        """Whether the landscape figure draws the decoupled-decay arms over τ_epoch: asked for, or
+        (``auto``) their decoupled arm was searched over ``timescale_epochs``."""
+        if self.landscape_axis == "auto":
+            return any(c.decay_axis is not None and c.decay_axis[0] == "timescale_epochs" for c in self.cells.values())
+        return self.landscape_axis == "tau_epoch"
 
     def groups(self) -> list[tuple[str, str]]:
         """The (task, optimizer) pairs of the study, in table order."""
