@@ -21,6 +21,7 @@ import sqlalchemy
 
 from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.redact import redact
+from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 
 from .conftest import PG_URL, assert_exact, journal, wait_for, write_spec
@@ -318,7 +319,8 @@ def test_a_corrupt_record_in_the_middle_is_set_aside_alone(finished, tmp_path):
 def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    # room for the study's start and the journal's disk reserve (RESERVE_BYTES), not for the study
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=144k", "tmpfs", str(mnt)], capture_output=True, text=True)
     assert r.returncode == 0, f"a tmpfs is needed (as root, as in CI): {r.stderr}"
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -339,15 +341,45 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     url = str(small_disk / "out" / "optuna.journal")
     done = trials_frame(open_storage(url), "tiny")
     assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
+    # the units running at the stop were failed with the full disk's reason, in the room the disk
+    # reserve left: none is RUNNING, and none counts against its retries
+    stopped = _trials(open_storage(url), "tiny")
+    FAIL, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
+    assert not [k for k, (state, *_) in stopped.items() if state == RUNNING], stopped
+    failed = [(kind, why) for state, _, kind, why in stopped.values() if state == FAIL]
+    assert failed and all(kind == "storage" for kind, _ in failed), failed
+    assert any(f"cannot write {url}: No space left on device" in why for _, why in failed), failed
+    reserve = Path(f"{url}.wdstudy-reserve")  # spent on those failure records, unless they fit without it
+    for log in (small_disk / "out" / "logs").glob("worker-*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
+    from wdstudy.journal import RESERVE_BYTES
+
+    assert reserve.stat().st_size == RESERVE_BYTES  # made whole again, now that the disk has room
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
     _once_each(storage, "tiny")
     kept = trials_frame(storage, "tiny").set_index(["cell", "trial"])
     first = done[done.state == "COMPLETE"].set_index(["cell", "trial"])
     assert (kept.loc[first.index, "value"] == first.value).all()  # nothing stored before the stop was lost
+    finished = {k: v for k, v in stopped.items() if v[0].is_finished()}  # and the failed ones stay as they were
+    assert finished and finished.items() <= _trials(storage, "tiny").items()
+    # the evaluation seeds are the spec's, and the stopped units re-ran with their own parameters
+    ev = evaluations_frame(storage, "tiny")
+    assert sorted(ev[ev.state == "COMPLETE"].seed.astype(int)) == sorted(2 * load_spec(spec).evaluation.seed_list())
+    assert not [t.number for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)
+                if t.user_attrs.get("variant")]
+
+
+def _trials(storage, study: str) -> dict:
+    """Every trial of every phase study of ``study``: (state, values, fail kind, fail reason) by
+    (phase study, trial number)."""
+    return {(s.study_name, t.number): (t.state, t.values, t.system_attrs.get("fail_kind"),
+                                       t.system_attrs.get("fail_reason"))
+            for s in storage.get_all_studies() if s.study_name.startswith(f"{study}/")
+            for t in storage.get_all_trials(s._study_id, deepcopy=False)}
 
 
 # -- a database outage -------------------------------------------------------------------------------

@@ -15,6 +15,15 @@ storage. Each turn of the loop has three steps, Optuna's ask-and-tell:
    then stop the worker. So does a device the worker was promised but cannot use
    (:class:`~wdstudy.train.DeviceUnavailable`): the trial fails with that reason and the
    worker takes no more work, instead of failing every trial of the study in seconds.
+
+A storage that cannot be written (a full disk, a quota, a read-only or forbidden path: the
+journal, the database or the run's own files) stops the worker
+(:class:`~wdstudy.outage.StorageUnwritable`). Before it stops, it fails its running trial
+with that reason and kind :data:`~wdstudy.records.STORAGE` (re-queued, counted as no
+retry), under the study lock; on a full journal disk it does so in the room the journal's disk
+reserve leaves once deleted (:mod:`wdstudy.journal`). If even that cannot be written (several
+workers stopped at once, more than the reserve holds), the trial stays RUNNING under a dead
+owner and the next launch re-queues it.
 """
 
 from __future__ import annotations
@@ -31,12 +40,12 @@ from optuna.trial import TrialState
 from . import records as R
 from .cells import Cells
 from .errors import one_line
-from .outage import StorageFault, classify, retry_block, unwritable
+from .outage import StorageFault, StorageUnwritable, classify, full, retry_block, unwritable
 from .phases import RunPlan, Unit
 from .redact import scrub
-from .signals import STOP, WorkerStopped
+from .signals import STOP, WorkerStopped, stopped
 from .spec import Cell, StudySpec
-from .storage import Lease, StudyLock, open_storage, owner_tag, trial_id
+from .storage import Lease, StudyLock, is_rdb, open_storage, owner_tag, trial_id
 
 #: A training run as the worker calls it: ``train(cell, lr, weight_decay, seed, callbacks, with_test)``
 #: returns an object with ``metrics`` (a dict holding the objective and, with ``with_test``,
@@ -76,7 +85,10 @@ class Worker:
                     unit, finished = retry_block(self._reserve, self.url, log=self.log)
             except WorkerStopped as exc:  # stopped while reserving: the unit it got is failed and re-queued
                 if unit is not None:  # no second signal can interrupt this: the first one ignored the rest
-                    self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
+                    self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
+                raise
+            except StorageUnwritable as fault:  # a trial it was taking as the disk filled is failed too
+                self._fail_unwritable(None, fault)
                 raise
             if unit is None:
                 if finished:
@@ -108,17 +120,59 @@ class Worker:
 
         retry_block(block, self.url, log=self.log)
 
+    def _fail_unwritable(self, unit: Unit | None, fault: StorageUnwritable) -> None:
+        """Before the worker stops on a storage that cannot be written: fail ``unit`` (and a trial it
+        was taking) with the reason, kind :data:`~wdstudy.records.STORAGE`, and re-queue it. On a
+        full journal disk, the disk reserve beside the journal is deleted to make room for it. What
+        still cannot be written stays RUNNING for the next launch to re-queue."""
+        taken = self.cells.taken
+        if unit is None and taken is None:
+            return
+        why = f"worker {owner_tag()} stopped: {fault.what or fault}"
+
+        def fail_all() -> None:
+            if taken is not None:
+                self.cells.fail(taken[0], taken[1], why, R.STORAGE)
+                self.cells.taken = None
+            if unit is not None:
+                self.cells.fail(unit.study, trial_id(unit.trial), why, R.STORAGE)
+
+        def block() -> None:
+            with self.lock:
+                try:
+                    fail_all()
+                except StorageUnwritable as again:  # the failed append was undone: no half record
+                    from .journal import release_reserve
+
+                    if not (full(again) and not is_rdb(self.url) and release_reserve(self.url)):
+                        raise
+                    fail_all()
+
+        try:
+            with STOP.held():
+                retry_block(block, self.url, log=self.log)
+        except (StorageFault, WorkerStopped, OSError):  # no room even so (or a log on the full disk)
+            pass
+
     def execute(self, unit: Unit) -> None:
-        """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
+        """Run a reserved unit and record its result (FAIL and re-queue if it raises); on a storage
+        that cannot be written, fail it with the reason and stop (:class:`StorageUnwritable`)."""
+        try:
+            self._execute(unit)
+        except StorageUnwritable as fault:
+            self._fail_unwritable(unit, fault)
+            raise
+
+    def _execute(self, unit: Unit) -> None:
         trial = unit.trial
         try:
             with self._lease(self.storage, trial_id(trial)):
                 value = self.runner.run(unit)
         except WorkerStopped as exc:
             with STOP.held():
-                self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
+                self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
             raise
-        except StorageFault:  # the storage is full or gone: its trial is re-queued by the next launch
+        except StorageFault:  # the storage is full (its trial is failed by execute) or gone (re-queued by the next launch)
             raise
         except Exception as exc:
             if classify(exc) == "unwritable":  # a full disk under the run's own files: the same stop
@@ -292,9 +346,14 @@ def _stop_check():
     class StopCheck(Callback):
         def on_train_batch_end(self, *args) -> None:
             if STOP.pending is not None and not STOP.depth:
-                raise WorkerStopped(f"stopped by signal {STOP.pending}")
+                raise stopped(STOP.pending)
 
     return StopCheck()
+
+
+def _kind(stop: WorkerStopped) -> str:
+    """A stopped worker's trial is lost, unless its launch stopped it for a storage that cannot be written."""
+    return R.STORAGE if stop.by_storage else R.LOST
 
 
 def _device_fault(exc: BaseException) -> bool:
