@@ -200,7 +200,7 @@ def keep_reserve(journal: str, size: int = RESERVE_BYTES) -> bool:
             return True
     except OSError:
         pass
-    fresh = f"{path}.{os.getpid()}"
+    fresh = f"{path}.new"  # one name (the study lock is held): a process killed here leaves no litter behind
     try:
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

@@ -85,7 +85,11 @@ class Worker:
                     unit, finished = retry_block(self._reserve, self.url, log=self.log)
             except WorkerStopped as exc:  # stopped while reserving: the unit it got is failed and re-queued
                 if unit is not None:  # no second signal can interrupt this: the first one ignored the rest
-                    self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
+                    try:
+                        self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
+                    except StorageUnwritable as fault:  # the disk is full too: in the reserve's room
+                        self._fail_unwritable(unit, fault)
+                        raise
                 raise
             except StorageUnwritable as fault:  # a trial it was taking as the disk filled is failed too
                 self._fail_unwritable(None, fault)
