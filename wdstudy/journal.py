@@ -21,9 +21,9 @@ middle. A write-ahead log's answer is to truncate to the last complete record; s
 first fail its running trial with the reason — a write to the full disk. So a small file of
 :data:`RESERVE_BYTES` lies beside the journal, ``optuna.journal.wdstudy-reserve``
 (:func:`reserve_path`): made (or made whole again) by every launch and worker when it opens
-the study and the disk has room (:func:`keep_reserve`), and deleted by the first worker whose
-append fails with ``ENOSPC`` / ``EDQUOT`` (:func:`release_reserve`), which frees room for the
-failure records of a few workers. It holds random bytes (a compressing file system still
+the study and the disk has room (:func:`keep_reserve`), and deleted by a worker whose failure
+record does not fit either (``ENOSPC`` / ``EDQUOT``; :func:`release_reserve`), which frees room
+for the failure records of a few workers. It holds random bytes (a compressing file system still
 counts them), is no part of the study, and ``repair`` refuses it.
 """
 
