@@ -23,7 +23,9 @@ first fail its running trial with the reason — a write to the full disk. So a 
 (:func:`reserve_path`): made (or made whole again) by every launch and worker when it opens
 the study and the disk has room (:func:`keep_reserve`), and deleted by a worker whose failure
 record does not fit either (``ENOSPC`` / ``EDQUOT``; :func:`release_reserve`), which frees room
-for the failure records of a few workers. It holds random bytes (a compressing file system still
+for the failure records of a few workers. A worker takes a new unit only with the reserve whole
+(it makes it whole again if the disk has room): once it is spent, the other workers stop at their
+next reservation instead of filling its room with new work. It holds random bytes (a compressing file system still
 counts them), is no part of the study, and ``repair`` refuses it.
 """
 
@@ -191,9 +193,10 @@ def is_reserve(path: str) -> bool:
     return str(path).endswith(RESERVE_SUFFIX)
 
 
-def keep_reserve(journal: str, size: int = RESERVE_BYTES) -> bool:
+def keep_reserve(journal: str, size: int = RESERVE_BYTES, strict: bool = False) -> bool:
     """Make the disk reserve beside ``journal`` whole (``size`` bytes) if the disk has room; True
-    if it is. A disk without room gets none and keeps no partial one. Call it holding the study lock."""
+    if it is. A disk without room gets none and keeps no partial one; with ``strict``, the error
+    is raised (``OSError``: ``ENOSPC``, ...). Call it holding the study lock."""
     path = reserve_path(journal)
     try:
         if os.path.getsize(path) >= size:
@@ -209,11 +212,13 @@ def keep_reserve(journal: str, size: int = RESERVE_BYTES) -> bool:
         finally:
             os.close(fd)
         os.replace(fresh, path)
-    except OSError:  # a full disk, a read-only folder: no reserve, nothing left behind
+    except OSError as exc:  # a full disk, a read-only folder: no reserve, nothing left behind
         try:
             os.unlink(fresh)
         except OSError:
             pass
+        if strict:
+            raise OSError(exc.errno, exc.strerror) from None  # the journal's error, not the reserve's name
         return False
     return True
 

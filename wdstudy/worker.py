@@ -21,7 +21,8 @@ journal, the database or the run's own files) stops the worker
 (:class:`~wdstudy.outage.StorageUnwritable`). Before it stops, it fails its running trial
 with that reason and kind :data:`~wdstudy.records.STORAGE` (re-queued, counted as no
 retry), under the study lock; on a full journal disk it does so in the room the journal's disk
-reserve leaves once deleted (:mod:`wdstudy.journal`). If even that cannot be written (several
+reserve leaves once deleted (:mod:`wdstudy.journal`); no worker takes a new unit while that
+reserve cannot be made whole. If even that cannot be written (several
 workers stopped at once, more than the reserve holds), the trial stays RUNNING under a dead
 owner and the next launch re-queues it.
 """
@@ -74,6 +75,7 @@ class Worker:
         self.runner = UnitRunner(spec, train, self.log)
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
+        self._journal = storage is None and not is_rdb(url)  # a journal file this worker opened
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
@@ -107,8 +109,14 @@ class Worker:
         return ran
 
     def _reserve(self) -> tuple[Unit | None, bool]:
-        """One reservation under the study lock (run again from the start after a lost connection)."""
+        """One reservation under the study lock (run again from the start after a lost connection).
+        On a journal, no new unit without the disk reserve whole: a disk too full to hold it stops
+        the worker (the reserve's room is for the failure records of the units already running)."""
         with self.lock:
+            if self._journal:
+                from .journal import keep_reserve
+
+                keep_reserve(self.url, strict=True)
             if self.cells.taken is not None:  # a trial this worker got as its connection dropped
                 study, taken_id = self.cells.taken
                 self.cells.fail(study, taken_id, f"worker {owner_tag()}: the storage connection was lost while "
