@@ -341,8 +341,8 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     url = str(small_disk / "out" / "optuna.journal")
     done = trials_frame(open_storage(url), "tiny")
     assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
-    # the units running at the stop were failed with the full disk's reason, in the room the disk
-    # reserve left: none is RUNNING, and none counts against its retries
+    # the units running at the stop were failed with the full disk's reason (in the room the disk
+    # reserve left, if they needed it): none is RUNNING
     stopped = _trials(open_storage(url), "tiny")
     FAIL, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
     assert not [k for k, (state, *_) in stopped.items() if state == RUNNING], stopped
