@@ -154,7 +154,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 4
     except StorageFault as exc:  # a full disk, a long outage: the launcher stops the pool
-        print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        try:
+            print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        except OSError:  # its log on the full disk: the launcher says so
+            pass
         return STORAGE_FAULT
     except OSError as exc:  # its log on a full disk: the same stop (the message may not get written)
         from .outage import classify, unwritable
@@ -284,7 +287,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from .journal import repair
+    from .journal import RESERVE_SUFFIX, is_reserve, repair
     from .spec import load_spec
     from .storage import is_rdb, resolve_url
 
@@ -298,6 +301,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
         raise WdstudyError(f"storage={redact(url)!r}: a database keeps its own records whole; "
                            "repair applies to journal files")
+    if is_reserve(url):
+        raise WdstudyError(f"storage={url!r}: is the journal's disk reserve, not a journal; "
+                           f"repair {url[: -len(RESERVE_SUFFIX)]}")
     if not Path(url).is_file():
         raise WdstudyError(f"storage={url!r}: no such journal file")
 

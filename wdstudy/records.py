@@ -29,7 +29,9 @@ Per trial:
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
-  stopped or let its lease expire).
+  stopped or let its lease expire; :data:`STORAGE`: its worker stopped because the storage or
+  the run's files could not be written — a full disk, not the run's failure, so it does not
+  count against the retries).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ FAIL_REASON = "fail_reason"
 FAIL_KIND = "fail_kind"
 ERROR = "error"
 LOST = "lost"
+STORAGE = "storage"
 
 # -- the searched strength ------------------------------------------------------------------
 #: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself

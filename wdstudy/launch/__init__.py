@@ -81,18 +81,22 @@ def checked_spec(spec_path: str, storage: str | None, check_factories: bool = Tr
 
 
 def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) -> None:
-    """Create the cell studies or check them against the spec; re-queue trials of dead workers.
+    """Create the cell studies or check them against the spec; re-queue trials of dead workers;
+    make the journal's disk reserve whole if the disk has room (:func:`~wdstudy.journal.keep_reserve`).
 
     ``wait``: a storage that cannot be reached is waited for (within the outage window)
     rather than an error at once (a worker; ``launch`` tells a wrong URL at once)."""
     from ..cells import Cells, ensure_studies
-    from ..storage import open_storage
+    from ..journal import keep_reserve
+    from ..storage import is_rdb, open_storage
 
     store = retry_block(lambda: open_storage(url), url) if wait else open_storage(url)
     text = scrub(Path(spec_path).read_text())  # stored with the study and shown in its report: no password
 
     def block():
         with StudyLock(url, spec.name):
+            if not is_rdb(url):  # before the trials of dead workers take the room
+                keep_reserve(url)
             grown = ensure_studies(spec, store, text)
             Cells(spec, store).release_dead()
         return grown
