@@ -133,38 +133,8 @@ class Worker:
         retry_block(block, self.url, log=self.log)
 
     def _fail_unwritable(self, unit: Unit | None, fault: StorageUnwritable) -> None:
-        """Before the worker stops on a storage that cannot be written: fail ``unit`` (and a trial it
-        was taking) with the reason, kind :data:`~wdstudy.records.STORAGE`, and re-queue it. On a
-        full journal disk, the disk reserve beside the journal is deleted to make room for it. What
-        still cannot be written stays RUNNING for the next launch to re-queue."""
-        taken = self.cells.taken
-        if unit is None and taken is None:
-            return
-        why = f"worker {owner_tag()} stopped: {fault.what or fault}"
-
-        def fail_all() -> None:
-            if taken is not None:
-                self.cells.fail(taken[0], taken[1], why, R.STORAGE)
-                self.cells.taken = None
-            if unit is not None:
-                self.cells.fail(unit.study, trial_id(unit.trial), why, R.STORAGE)
-
-        def block() -> None:
-            with self.lock:
-                try:
-                    fail_all()
-                except StorageUnwritable as again:  # the failed append was undone: no half record
-                    from .journal import release_reserve
-
-                    if not (full(again) and not is_rdb(self.url) and release_reserve(self.url)):
-                        raise
-                    fail_all()
-
-        try:
-            with STOP.held():
-                retry_block(block, self.url, log=self.log)
-        except (StorageFault, WorkerStopped, OSError):  # no room even so (or a log on the full disk)
-            pass
+        """Before the worker stops on a storage that cannot be written: :func:`fail_unwritable`."""
+        fail_unwritable(self.cells, self.lock, self.url, self.log, unit, fault)
 
     def execute(self, unit: Unit) -> None:
         """Run a reserved unit and record its result (FAIL and re-queue if it raises); on a storage
@@ -215,6 +185,43 @@ class Worker:
         if frozen.state == TrialState.FAIL:
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
                      f"({R.RunRecord.of(frozen).fail_reason}); its result is discarded")
+
+
+def fail_unwritable(cells: Cells, lock, url: str, log: Callable[[str], None], unit: Unit | None,
+                    fault: StorageUnwritable) -> None:
+    """Before a worker stops on a storage that cannot be written: fail ``unit`` (and a trial it
+    was taking) with the reason, kind :data:`~wdstudy.records.STORAGE`, and re-queue it. On a
+    full journal disk, the disk reserve beside the journal is deleted to make room for it. What
+    still cannot be written stays RUNNING for the next launch to re-queue."""
+    taken = cells.taken
+    if unit is None and taken is None:
+        return
+    why = f"worker {owner_tag()} stopped: {fault.what or fault}"
+
+    def fail_all() -> None:
+        if taken is not None:
+            cells.fail(taken[0], taken[1], why, R.STORAGE)
+            cells.taken = None
+        if unit is not None:
+            cells.fail(unit.study, trial_id(unit.trial), why, R.STORAGE)
+
+    def block() -> None:
+        with lock:
+            try:
+                fail_all()
+            except StorageUnwritable as again:  # the failed append was undone: no half record
+                from .journal import release_reserve
+
+                if not (full(again) and not is_rdb(url) and release_reserve(url)):
+                    raise
+                fail_all()
+
+    try:
+        with STOP.held():
+            retry_block(block, url, log=log)
+    except (StorageFault, WorkerStopped, OSError):  # no room even so (or a log on the full disk)
+        pass
+
 
 class UnitRunner:
     """One unit's training run, as its phase plans it (:class:`~wdstudy.phases.RunPlan`), and its
