@@ -22,6 +22,7 @@ import sqlalchemy
 
 from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.redact import redact
+from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 
 from .conftest import PG_URL, assert_exact, journal, wait_for, write_spec
@@ -325,7 +326,8 @@ def test_a_corrupt_record_in_the_middle_is_set_aside_alone(finished, tmp_path):
 def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    # room for the study's start and the journal's disk reserve (RESERVE_BYTES), not for the study
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=144k", "tmpfs", str(mnt)], capture_output=True, text=True)
     assert r.returncode == 0, f"a tmpfs is needed (as root, as in CI): {r.stderr}"
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -346,15 +348,45 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     url = str(small_disk / "out" / "optuna.journal")
     done = trials_frame(open_storage(url), "tiny")
     assert 0 < (done.state == "COMPLETE").sum() < 24  # it stopped mid-study
+    # the units running at the stop were failed with the full disk's reason (in the room the disk
+    # reserve left, if they needed it): none is RUNNING
+    stopped = _trials(open_storage(url), "tiny")
+    FAIL, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
+    assert not [k for k, (state, *_) in stopped.items() if state == RUNNING], stopped
+    failed = [(kind, why) for state, _, kind, why in stopped.values() if state == FAIL]
+    assert failed and all(kind == "storage" for kind, _ in failed), failed
+    assert any(f"cannot write {url}: No space left on device" in why for _, why in failed), failed
+    reserve = Path(f"{url}.wdstudy-reserve")  # spent on those failure records, unless they fit without it
+    for log in (small_disk / "out" / "logs").glob("worker-*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     r = run("launch", str(spec), "--workers", "2", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
+    from wdstudy.journal import RESERVE_BYTES
+
+    assert reserve.stat().st_size == RESERVE_BYTES  # made whole again, now that the disk has room
     storage = open_storage(url)
     assert_exact(storage, "tiny", budget=12, seeds=2, cells=2)
     _once_each(storage, "tiny")
     kept = trials_frame(storage, "tiny").set_index(["cell", "trial"])
     first = done[done.state == "COMPLETE"].set_index(["cell", "trial"])
     assert (kept.loc[first.index, "value"] == first.value).all()  # nothing stored before the stop was lost
+    finished = {k: v for k, v in stopped.items() if v[0].is_finished()}  # and the failed ones stay as they were
+    assert finished and finished.items() <= _trials(storage, "tiny").items()
+    # the evaluation seeds are the spec's, and the stopped units re-ran with their own parameters
+    ev = evaluations_frame(storage, "tiny")
+    assert sorted(ev[ev.state == "COMPLETE"].seed.astype(int)) == sorted(2 * load_spec(spec).evaluation.seed_list())
+    assert not [t.number for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)
+                if t.user_attrs.get("variant")]
+
+
+def _trials(storage, study: str) -> dict:
+    """Every trial of every phase study of ``study``: (state, values, fail kind, fail reason) by
+    (phase study, trial number)."""
+    return {(s.study_name, t.number): (t.state, t.values, t.system_attrs.get("fail_kind"),
+                                       t.system_attrs.get("fail_reason"))
+            for s in storage.get_all_studies() if s.study_name.startswith(f"{study}/")
+            for t in storage.get_all_trials(s._study_id, deepcopy=False)}
 
 
 # -- a database outage -------------------------------------------------------------------------------
@@ -678,3 +710,176 @@ def test_a_network_file_systems_hiccup_is_an_outage_and_a_full_disk_is_not(tmp_p
 
     assert retry_block(append, str(tmp_path / "optuna.journal"), log=lines.append) == "appended"
     assert len(calls) == 3 and any("unreachable" in ln for ln in lines) and any("again" in ln for ln in lines)
+
+
+# -- a full disk, in this process: the disk reserve, the retries, the run's own files ----------------
+
+
+def _fake_train(fill=None):
+    """A training run that measures nothing; ``fill(call)`` runs first (the disk fills, a file write fails)."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def train(cell, lr, wd, seed, callbacks, with_test):
+        calls.append(1)
+        if fill is not None:
+            fill(len(calls))
+        v = 0.3 + lr + 0.001 * (seed % 7)
+        m = {"val_error": v, "val_loss": v, "train_error": 0.1, "train_loss": 0.1, "val_size": 400,
+             "wall_time_s": 0.01, "device": "cpu", "epochs": 1, "weight_norm": 1.0}
+        if with_test:
+            m.update(test_error=v, test_loss=v, gap_error=v - 0.1, gap_loss=v - 0.1)
+        return SimpleNamespace(metrics=m, history=[])
+
+    return train
+
+
+def test_a_full_journal_disk_fails_the_running_unit_in_the_room_of_the_disk_reserve(tmp_path, monkeypatch):
+    """The disk fills during a run: the append after it is cut off mid-write (ENOSPC), and the disk
+    has room again only once the reserve is deleted. The worker undoes the torn append, deletes the
+    reserve, fails its unit with the reason (re-queued, no retry counted) and stops with one line; the
+    next launch makes the reserve whole and the study completes to its exact budgets."""
+    import errno
+
+    import wdstudy.journal as J
+    from wdstudy.launch import create_cells
+    from wdstudy.outage import StorageUnwritable
+
+    from .conftest import quiet_worker
+
+    spec_path = write_spec(tmp_path, task_defaults={"epochs": 1})
+    spec = load_spec(spec_path)
+    url = str((tmp_path / "out" / "optuna.journal").resolve())
+    create_cells(spec, url, str(spec_path))
+    reserve = Path(J.reserve_path(url))
+    assert reserve.stat().st_size == J.RESERVE_BYTES
+    disk = {"full": False}
+    write_all = J._write_all
+
+    def cut_short(fd, data):  # half the record reaches the file, then the disk is full
+        if disk["full"] and reserve.exists():
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(J, "_write_all", cut_short)
+    storage = open_storage(url)
+    before = len(Path(url).read_bytes())
+    with pytest.raises(StorageUnwritable) as stop:
+        quiet_worker(spec, url, train=_fake_train(fill=lambda call: disk.update(full=call == 2))).run()
+    assert str(stop.value) == (f"cannot write {url}: No space left on device; free space (or fix the permission) "
+                               "and run the same command to resume")
+    assert not reserve.exists()  # its room went to the failure records
+    assert len(Path(url).read_bytes()) > before
+    assert not list(tmp_path.glob("out/optuna.journal.torn-*"))  # the torn append was undone, not set aside
+    trials = _trials(open_storage(url), "tiny")  # the journal reads whole
+    states = [state for state, *_ in trials.values()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 1
+    assert optuna.trial.TrialState.RUNNING not in states
+    (failed,) = [(kind, why) for state, _, kind, why in trials.values() if state == optuna.trial.TrialState.FAIL]
+    assert failed[0] == "storage" and failed[1].endswith(f"stopped: cannot write {url}: No space left on device")
+    assert states.count(optuna.trial.TrialState.WAITING) >= 1  # re-queued
+    disk["full"] = False  # space freed: the next launch makes the reserve whole and resumes
+    create_cells(spec, url, str(spec_path))
+    assert reserve.stat().st_size == J.RESERVE_BYTES
+    quiet_worker(spec, url, train=_fake_train()).run()
+    storage = open_storage(url)
+    assert_exact(storage, "tiny", budget=3, seeds=2, cells=2)
+    _once_each(storage, "tiny")
+
+
+@pytest.mark.parametrize("kind", ["error", "storage"])
+def test_a_full_disk_counts_against_no_retry(tmp_path, kind):
+    """A unit stopped by a full disk more often than any retry limit (MAX_LOST) keeps its parameters;
+    runs that raise more than MAX_RETRY times are replaced."""
+    from wdstudy import records as R
+    from wdstudy.cells import MAX_LOST, MAX_RETRY, Cells
+    from wdstudy.storage import trial_id
+
+    from .conftest import setup_study
+
+    spec, url = setup_study(tmp_path, task_defaults={"epochs": 1}, search={"trials": 1})  # one slot per cell
+    cells = Cells(spec, open_storage(url))
+    unit, _ = cells.reserve()
+    first = (unit.study.study_name, unit.trial.user_attrs[R.GENERATION], unit.trial.user_attrs[R.SLOT])
+    params = unit.trial.params
+    for _ in range(MAX_RETRY + 1 if kind == "error" else MAX_LOST + 1):
+        cells.fail(unit.study, trial_id(unit.trial), "worker h:1 stopped: cannot write X: No space left on device",
+                   kind)
+        unit, _ = cells.reserve()
+        assert (unit.study.study_name, unit.trial.user_attrs[R.GENERATION], unit.trial.user_attrs[R.SLOT]) == first
+    if kind == "storage":
+        assert unit.trial.params == params and not unit.trial.user_attrs.get(R.VARIANT)
+    else:
+        assert unit.trial.params != params and unit.trial.user_attrs.get(R.VARIANT) == 1
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+@pytest.mark.parametrize("where", ["journal", "postgresql"])
+def test_an_unwritable_file_of_the_run_fails_its_unit_with_the_reason(tmp_path, code, where):
+    """The run's own file cannot be written while the storage is fine (a database, a journal on
+    another disk): the unit fails with the reason, is re-queued, and the worker stops with one line."""
+    import errno
+
+    from wdstudy.journal import RESERVE_BYTES, keep_reserve, reserve_path
+    from wdstudy.outage import StorageUnwritable
+
+    from .conftest import quiet_worker
+
+    name = f"disk{uuid.uuid4().hex[:8]}"
+    url = PG_URL if where == "postgresql" else str((tmp_path / "out" / "optuna.journal").resolve())
+    spec = load_spec(write_spec(tmp_path, name=name, task_defaults={"epochs": 1}))
+    from wdstudy.cells import ensure_studies
+
+    ensure_studies(spec, open_storage(url))
+    if where == "journal":
+        assert keep_reserve(url)
+    number = getattr(errno, code)
+
+    def refused(call):
+        raise OSError(number, os.strerror(number), "/data/runs/export.csv")
+
+    try:
+        with pytest.raises(StorageUnwritable) as stop:
+            quiet_worker(spec, url, train=_fake_train(fill=refused)).run()
+        assert str(stop.value).startswith(f"cannot write the run's files: /data/runs/export.csv: {os.strerror(number)};")
+        trials = _trials(open_storage(url), name)
+        (failed,) = [(kind, why) for state, _, kind, why in trials.values() if state == optuna.trial.TrialState.FAIL]
+        assert failed == ("storage", failed[1]) and failed[1].endswith(
+            f"stopped: cannot write the run's files: /data/runs/export.csv: {os.strerror(number)}")
+        states = [state for state, *_ in trials.values()]
+        assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.WAITING in states
+        if where == "journal":  # the journal had room: its reserve is kept
+            assert Path(reserve_path(url)).stat().st_size == RESERVE_BYTES
+    finally:
+        if where == "postgresql":
+            _drop(url, name)
+
+
+def test_the_disk_reserve_is_no_journal_and_a_disk_without_room_gets_none(tmp_path, monkeypatch, capsys):
+    """``repair`` and every storage opening refuse the reserve; a disk without room for it gets
+    none, and no partial file."""
+    import errno
+
+    import wdstudy.journal as J
+    from wdstudy.cli import main
+    from wdstudy.errors import WdstudyError
+
+    url = str(tmp_path / "optuna.journal")
+    open_storage(url)
+    assert J.keep_reserve(url, size=4096) and os.path.getsize(J.reserve_path(url)) == 4096
+    assert main(["repair", J.reserve_path(url), "--yes"]) == 2
+    assert "disk reserve, not a journal" in capsys.readouterr().err
+    with pytest.raises(WdstudyError, match="disk reserve, not a journal"):
+        open_storage(J.reserve_path(url))
+    assert J.release_reserve(url) and not J.release_reserve(url)
+    write_all = J._write_all
+
+    def no_room(fd, data):
+        write_all(fd, data[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(J, "_write_all", no_room)
+    assert not J.keep_reserve(url)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.journal"]

@@ -85,3 +85,95 @@ def test_the_penalty_stored_under_its_old_name_is_read(stored):
     from wdstudy import records as R
 
     assert R.history_row({"epoch": 0, "l2_penalty": 0.5}) == {"epoch": 0, "penalty": 0.5}
+
+
+def _read_back(run, key: str):
+    """What ``run`` (a :class:`RunRecord`) reads of the stored user attribute ``key``."""
+    from wdstudy import records as R
+
+    current = {old: new for new, old in R.OLD_NAMES.items()}
+    if key == R.HISTORY:
+        return list(run.stored_history)
+    if key in current:
+        return run.metric(current[key])
+    if key in R.METRIC_KEYS:
+        return run.metric(key)
+    return getattr(run, key)  # an AttributeError: a key the engine writes that the record does not read
+
+
+def test_run_records_read_every_stored_trial_attribute(tmp_path):
+    """Every user attribute of every trial of the 0.1.0 journal is read back by its run record as
+    stored (the penalty, stored as ``l2_penalty``, under its current name); the studies' records
+    read the studies' attributes."""
+    from wdstudy import records as R
+    from wdstudy.storage import open_storage, study_trials
+
+    path = tmp_path / "optuna.journal"
+    shutil.copy(FIXTURES / "journal-v0.1.0.log", path)
+    storage = open_storage(str(path))
+    kinds = set()
+    for s in storage.get_all_studies():
+        study = R.StudyRecord.of(s)
+        for key, value in s.user_attrs.items():
+            assert getattr(study, key) == (R.cell_of(s.user_attrs) if key == R.CELL else value), key
+        for t in study_trials(storage, s):
+            run = R.RunRecord.of(t)
+            for key, value in t.user_attrs.items():
+                assert _read_back(run, key) == value, (s.study_name, t.number, key)
+            assert run.metric("penalty") == t.user_attrs["l2_penalty"]
+            assert run.history == [R.history_row(row) for row in t.user_attrs.get(R.HISTORY, [])]
+            kinds.add(s.study_name.rsplit("/", 1)[-1] if s.study_name.endswith(("race", "eval")) else "search")
+    assert kinds == {"search", "race", "eval"}
+
+
+def test_run_record_of_a_trial_round_trips_and_misses_are_none():
+    import optuna
+
+    from wdstudy import records as R
+
+    attrs = {R.GENERATION: 2, R.SLOT: 1, R.VARIANT: 1, R.SEED: 7, R.CANDIDATE: 3, R.OUTCOME: "diverged",
+             R.REASON: "val_loss is nan", R.WORKER: "host:1", R.CUDA_VISIBLE_DEVICES: "0", R.DEVICE: "cpu",
+             R.TEST_OUTCOMES: R.encode_outcomes([0, 1, 1], is_rate=True), "val_error": 0.25, "penalty": 0.5,
+             "tau_epoch": 4.0, R.MECHANICS: {"step": [0, 10], "weight_norm": [1.0, 0.9]},
+             R.HISTORY: [{"epoch": 0, "val_error": 0.5, "penalty": 0.4}, {"epoch": 1, "l2_penalty": 0.3}]}
+    trial = optuna.trial.create_trial(value=0.25, params={"lr": 0.1}, distributions={
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}, user_attrs=attrs,
+        system_attrs={R.FAIL_REASON: "lease expired", R.FAIL_KIND: R.LOST})
+    run = R.RunRecord.of(trial)
+    assert (run.generation, run.slot, run.variant, run.seed, run.candidate) == (2, 1, 1, 7, 3)
+    assert (run.outcome, run.reason, run.worker, run.cuda_visible_devices, run.device) == (
+        "diverged", "val_loss is nan", "host:1", "0", "cpu")
+    assert R.decode_outcomes(run.test_outcomes).tolist() == [0.0, 1.0, 1.0]
+    assert (run.metric("val_error"), run.metric("penalty"), run.metric("tau_epoch")) == (0.25, 0.5, 4.0)
+    assert run.metric("seed") == 7 and run.metric("device") == "cpu"
+    assert run.mechanics == attrs[R.MECHANICS] and run.slot_key == (2, 1, 1) and run.candidate_or(0) == 3
+    assert run.history == [{"epoch": 0, "val_error": 0.5, "penalty": 0.4}, {"epoch": 1, "penalty": 0.3}]
+    assert (run.fail_reason, run.fail_kind) == ("lease expired", R.LOST)
+    assert R.RunRecord.from_attrs(trial.user_attrs) == R.RunRecord.from_attrs(dict(attrs))
+    assert R.RunRecord.from_attrs(attrs) != R.RunRecord.from_attrs({**attrs, R.SEED: 8})
+    with pytest.raises(AttributeError):
+        run.seed = 8  # type: ignore[misc]
+
+    # the stored penalty wins over its old name; a trial that stored neither has none
+    assert R.RunRecord.from_attrs({"penalty": 0.1, "l2_penalty": 0.2}).metric("penalty") == 0.1
+    assert R.RunRecord.from_attrs({"l2_penalty": 0.2}).metric("penalty") == 0.2
+
+    empty = R.RunRecord.from_attrs({})
+    assert all(getattr(empty, f) is None for f in ("generation", "slot", "variant", "seed", "candidate", "outcome",
+                                                 "reason", "worker", "cuda_visible_devices", "device",
+                                                 "test_outcomes", "mechanics", "fail_reason", "fail_kind"))
+    assert all(empty.metric(k) is None for k in R.METRIC_KEYS) and empty.val_size is None
+    assert empty.history == [] and empty.slot_key == (0, 0, 0) and empty.candidate_or(4) == 4
+
+
+def test_study_record_reads_a_study_and_misses_are_none():
+    from wdstudy import records as R
+
+    ev = R.StudyRecord.from_attrs({R.BEST_PARAMS: {"lr": 0.1}, R.BEST_TRIAL: 3, R.BEST_VALUE: 0.2, R.PICK: 1,
+                                   R.SURVIVORS: [1, 0], R.SEEDS_OPEN: 4, R.RACE_MEAN: 0.21})
+    assert (ev.best_params, ev.best_trial, ev.best_value, ev.pick, ev.survivors, ev.race_mean) == (
+        {"lr": 0.1}, 3, 0.2, 1, [1, 0], 0.21)
+    assert ev.seeds_open_or(2) == 4 and ev.cell is None and ev.candidates is None and ev.decision is None
+    empty = R.StudyRecord.from_attrs({})
+    assert empty.seeds_open is None and empty.seeds_open_or(2) == 2 and empty.best_params is None
+    assert empty == R.StudyRecord()

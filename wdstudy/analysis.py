@@ -34,7 +34,9 @@ def cell_studies(storage, study: str) -> dict[str, tuple[optuna.study.StudySumma
 
 def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
     rows = []
+    pick = R.StudyRecord.of(summary).pick if kind == "eval" else None
     for t in study_trials(storage, summary):
+        r = R.RunRecord.of(t)
         row = {
             "cell": summary.study_name[: -len("/eval")] if kind == "eval" else summary.study_name,
             "task": cell.task_name,
@@ -46,26 +48,24 @@ def _rows(storage, summary, cell: R.CellRecord, kind: str) -> list[dict]:
             "value": t.value,
             "lr": t.params.get("lr"),
             "weight_decay": cell.decay_of(t.params) if t.params else None,
-            "generation": t.user_attrs.get(R.GENERATION),
-            "slot": t.user_attrs.get(R.SLOT),
-            "outcome": t.user_attrs.get(R.OUTCOME),
-            "reason": None if t.state == TrialState.COMPLETE
-            else (t.user_attrs.get(R.REASON) or t.system_attrs.get(R.FAIL_REASON)),
-            "fail_kind": t.system_attrs.get(R.FAIL_KIND),
-            "worker": t.user_attrs.get(R.WORKER),
-            "cuda_visible_devices": t.user_attrs.get(R.CUDA_VISIBLE_DEVICES),
+            "generation": r.generation,
+            "slot": r.slot,
+            "outcome": r.outcome,
+            "reason": None if t.state == TrialState.COMPLETE else (r.reason or r.fail_reason),
+            "fail_kind": r.fail_kind,
+            "worker": r.worker,
+            "cuda_visible_devices": r.cuda_visible_devices,
             "start": t.datetime_start,
             "end": t.datetime_complete,
         }
         for k in R.METRIC_KEYS:
-            row[k] = R.metric_of(t.user_attrs, k)
+            row[k] = r.metric(k)
         if kind == "eval":
             if row["seed"] is None:
-                row["seed"] = t.user_attrs.get(R.SEED)
-            pick = summary.user_attrs.get(R.PICK)
-            row["candidate"] = t.user_attrs.get(R.CANDIDATE, pick)
-            row["pick"] = t.user_attrs.get(R.CANDIDATE, pick) == pick
-            row["test_outcomes"] = t.user_attrs.get(R.TEST_OUTCOMES)
+                row["seed"] = r.seed
+            row["candidate"] = r.candidate_or(pick)
+            row["pick"] = r.candidate_or(pick) == pick
+            row["test_outcomes"] = r.test_outcomes
         rows.append(row)
     return rows
 
@@ -74,8 +74,8 @@ def trials_frame(storage, study: str) -> pd.DataFrame:
     """One row per search trial of every cell."""
     rows = []
     for _name, (s, ev) in cell_studies(storage, study).items():
-        chosen = ev.user_attrs.get(R.BEST_TRIAL) if ev is not None else None
-        cell_rows = _rows(storage, s, R.cell_of(s.user_attrs), "search")
+        chosen = R.StudyRecord.of(ev).best_trial if ev is not None else None
+        cell_rows = _rows(storage, s, R.StudyRecord.of(s).cell, "search")
         for row in cell_rows:
             row["chosen"] = row["trial"] == chosen  # the configuration its evaluation retrains
         rows += cell_rows
@@ -123,7 +123,7 @@ def evaluations_frame(storage, study: str, survivors: bool = False) -> pd.DataFr
     rows = []
     for _name, (s, ev) in cell_studies(storage, study).items():
         if ev is not None:
-            rows += _rows(storage, ev, R.cell_of(s.user_attrs), "eval")
+            rows += _rows(storage, ev, R.StudyRecord.of(s).cell, "eval")
     out = pd.DataFrame(rows)
     if not survivors and len(out):
         out = out[out["pick"]].reset_index(drop=True)
@@ -144,7 +144,7 @@ def race_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     cells = {name: R.cell_of(s.user_attrs) for name, (s, _) in cell_studies(storage, study).items()}
     for name, s in race_studies(storage, study).items():
-        cands = s.user_attrs.get(R.CANDIDATES)
+        cands = R.StudyRecord.of(s).candidates
         cell = cells.get(name)
         if not cands or cell is None:
             continue
@@ -165,7 +165,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     races = race_studies(storage, study)
     for name, (s, ev) in cell_studies(storage, study).items():
-        cell = R.cell_of(s.user_attrs)
+        cell = R.StudyRecord.of(s).cell
         trials = study_trials(storage, s)
         counts = {st: 0 for st in STATES}
         best = math.inf
@@ -180,9 +180,9 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
         if ev is not None:
             ev_trials = study_trials(storage, ev)
             ev_done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ev_trials)
-            if R.BEST_PARAMS in ev.user_attrs:
-                ev_total = (len(ev.user_attrs.get(R.SURVIVORS) or [0])
-                            * ev.user_attrs.get(R.SEEDS_OPEN, len(cell.eval_seeds)))
+            evr = R.StudyRecord.of(ev)
+            if evr.best_params is not None:
+                ev_total = len(evr.survivors or [0]) * evr.seeds_open_or(len(cell.eval_seeds))
         searched = counts["COMPLETE"] + counts["PRUNED"] >= cell.budget and not counts["RUNNING"]
         selection = cell.selection
         # the race runs the search's best top_k completed trials: as many as there are, once it is searched
@@ -218,22 +218,23 @@ def diagnostics_frame(storage, study: str) -> pd.DataFrame:
     rows = []
     summaries = {s.study_name: s for s in storage.get_all_studies()}
     for name, (s, _) in cell_studies(storage, study).items():
-        cell = R.cell_of(s.user_attrs)
+        cell = R.StudyRecord.of(s).cell
         for phase, key in (("search", name), ("race", f"{name}/race"), ("eval", f"{name}/eval")):
             if key not in summaries:
                 continue
+            pick = R.StudyRecord.of(summaries[key]).pick if phase == "eval" else None
             for t in study_trials(storage, summaries[key]):
-                table = t.user_attrs.get(R.MECHANICS)
+                r = R.RunRecord.of(t)
+                table = r.mechanics
                 if not table or not t.params:
                     continue
-                pick = summaries[key].user_attrs.get(R.PICK) if phase == "eval" else None
                 head = {"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
                         "regularizer": cell.regularizer, "phase": phase, "trial": t.number,
                         # an evaluation run of the race's pick (survivors are evaluated too)
-                        "pick": phase == "eval" and t.user_attrs.get(R.CANDIDATE, pick) == pick,
-                        "state": t.state.name, "seed": t.user_attrs.get(R.SEED, t.user_attrs.get("seed")),
+                        "pick": phase == "eval" and r.candidate_or(pick) == pick,
+                        "state": t.state.name, "seed": r.seed,
                         "lr": t.params.get("lr"), "weight_decay": cell.decay_of(t.params),
-                        **{k: t.user_attrs.get(k) for k in R.MECHANICS_KEYS}}
+                        **{k: r.metric(k) for k in R.MECHANICS_KEYS}}
                 columns = list(table)
                 for values in zip(*(table[c] for c in columns)):
                     rows.append({**head, **dict(zip(columns, values))})

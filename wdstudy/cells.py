@@ -20,7 +20,8 @@ generation's last trial with other cells' work.
 **Retries.** A trial that fails — the run raised (``error``), or its worker died, was
 stopped or let its lease expire (``lost``) — is re-queued with the same parameters, slot
 and generation in the same locked block that failed it, so a cell's budget is exact. A slot
-gives up on its parameters after :data:`MAX_RETRY` errors (or :data:`MAX_LOST` losses)
+gives up on its parameters after :data:`MAX_RETRY` errors (or :data:`MAX_LOST` losses; a stop
+by a storage that cannot be written, ``storage``, is no failure of the run and counts as neither)
 and is refilled with a replacement proposal (``variant`` 1, 2, drawn from the same history
 with another seed); a slot whose :data:`MAX_VARIANT` replacements fail too is given up, as is
 an evaluation seed after as many failures: the study ends short of its budget, the launch
@@ -236,16 +237,18 @@ class Retries:
         """Queue the next attempt of ``failed``'s unit (its phase says which); False if it is given up.
 
         After :data:`MAX_RETRY` errors or :data:`MAX_LOST` losses the unit gets its phase's
-        replacement (a search slot's next proposal) or, without one, is given up.
+        replacement (a search slot's next proposal) or, without one, is given up; failures of kind
+        :data:`~wdstudy.records.STORAGE` (a full disk stopped the worker) count as neither.
         """
         phase, cell = self._owner[study.study_name]
         key = phase.key(failed)
         same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key and not duplicate(t)]
         if all(t.number != failed.number for t in same):
             same.append(failed)
+        same = [t for t in same if t.system_attrs.get(R.FAIL_KIND) != R.STORAGE]  # a full disk: not the run's
         attrs = phase.retry_attrs(failed)
         params: dict[str, Any] = failed.params
-        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
+        errors = sum(R.RunRecord.of(t).fail_kind == R.ERROR for t in same)
         if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
             replacement = phase.replacement(cell, failed, attrs, trials)
             if replacement is None:
@@ -285,25 +288,27 @@ class Retries:
             ended += 1
         return ended
 
-    def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None) -> int:
+    def _release_stale(self, study: optuna.Study, running: list[FrozenTrial], dead_pids=None,
+                       why: str | None = None, kind: str = R.LOST) -> int:
         now = time.time()
         released = 0
         for t in running:
             reason = stale_reason(t, now, dead_pids)
             if reason is not None:
-                self.fail(study, trial_id(t), reason, R.LOST)
+                self.fail(study, trial_id(t), f"{reason}; {why}" if why else reason, kind)
                 released += 1
         return released
 
-    def release_dead(self, dead_pids=None) -> int:
-        """Fail and re-queue every stale RUNNING trial of the study (of ``dead_pids`` only, if given)."""
+    def release_dead(self, dead_pids=None, why: str | None = None, kind: str = R.LOST) -> int:
+        """Fail and re-queue every stale RUNNING trial of the study (of ``dead_pids`` only, if given);
+        ``why`` (added to each reason) and ``kind``: a launch that stopped its pool for a full disk."""
         released = 0
         existing = {s.study_name for s in self.storage.get_all_studies()}
         for name in self.spec.study_names():
             if name in existing:
                 study = self.existing(name)
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                released += self._release_stale(study, running, dead_pids)
+                released += self._release_stale(study, running, dead_pids, why, kind)
         return released
 
 

@@ -107,7 +107,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
     return launch(args.spec, storage=args.storage, devices=args.devices, workers=args.workers, quiet=args.quiet,
-                  threads=args.threads, dry_run=args.dry_run, per_device=args.per_device)
+                  threads=args.threads, dry_run=args.dry_run, per_device=args.per_device,
+                  landscape_axis=args.landscape_axis)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -153,7 +154,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 4
     except StorageFault as exc:  # a full disk, a long outage: the launcher stops the pool
-        print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        try:
+            print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
+        except OSError:  # its log on the full disk: the launcher says so
+            pass
         return STORAGE_FAULT
     except OSError as exc:  # its log on a full disk: the same stop (the message may not get written)
         from .outage import classify, unwritable
@@ -217,8 +221,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .preflight import check_output
     from .spec import load_spec
 
+    if args.landscape_axis is not None:
+        from .spec import check_landscape_axis
+
+        check_landscape_axis(args.landscape_axis)
     check_output(load_spec(args.spec))  # the report's folder can be written, before the work of drawing it
-    return write_report(args.spec, args.storage)
+    return write_report(args.spec, args.storage, landscape_axis=args.landscape_axis)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -279,7 +287,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from .journal import repair
+    from .journal import RESERVE_SUFFIX, is_reserve, repair
     from .spec import load_spec
     from .storage import is_rdb, resolve_url
 
@@ -293,6 +301,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
         raise WdstudyError(f"storage={redact(url)!r}: a database keeps its own records whole; "
                            "repair applies to journal files")
+    if is_reserve(url):
+        raise WdstudyError(f"storage={url!r}: is the journal's disk reserve, not a journal; "
+                           f"repair {url[: -len(RESERVE_SUFFIX)]}")
     if not Path(url).is_file():
         raise WdstudyError(f"storage={url!r}: no such journal file")
 
@@ -377,9 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads per worker (default: the cores divided between the workers)")
         p.add_argument("--quiet", action="store_true", help="no live progress display")
 
+    def landscape_axis(p):  # checked by wdstudy.spec.check_landscape_axis: one error line, not argparse's usage
+        p.add_argument("--landscape-axis", metavar="{auto,lambda,tau_epoch}",
+                       help="the landscape figure's y axis for the decoupled-decay arms: lambda (λ), tau_epoch "
+                            "(their timescale in epochs, with the band from one epoch to the training length) or "
+                            "auto (tau_epoch when searched over timescale_epochs); default: the spec's "
+                            "report.landscape_axis, else auto")
+
     p = sub.add_parser("launch", help="run a study: search every cell, evaluate, export")
     spec_and_storage(p)
     pool_options(p)
+    landscape_axis(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the planned worker slots (devices, threads, accelerator) and exit; touches no storage")
     p.set_defaults(func=cmd_launch)
@@ -422,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.html and report.pdf from the study's storage")
     spec_and_storage(p)
+    landscape_axis(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="progress of a study, without running anything")

@@ -16,6 +16,17 @@ middle. A write-ahead log's answer is to truncate to the last complete record; s
   ``python -m wdstudy repair SPEC`` (:func:`repair`), which keeps every complete record —
   including a complete record written right after a torn one on the same line — and sets the
   damaged bytes aside in a ``.torn-<timestamp>`` file, after a confirmation.
+
+**The disk reserve.** A full disk stops the workers (:mod:`wdstudy.outage`), but each should
+first fail its running trial with the reason — a write to the full disk. So a small file of
+:data:`RESERVE_BYTES` lies beside the journal, ``optuna.journal.wdstudy-reserve``
+(:func:`reserve_path`): made (or made whole again) by every launch and worker when it opens
+the study and the disk has room (:func:`keep_reserve`), and deleted by a worker whose failure
+record does not fit either (``ENOSPC`` / ``EDQUOT``; :func:`release_reserve`), which frees room
+for the failure records of a few workers. A worker takes a new unit only with the reserve whole
+(it makes it whole again if the disk has room): once it is spent, the other workers stop at their
+next reservation instead of filling its room with new work. It holds random bytes (a compressing file system still
+counts them), is no part of the study, and ``repair`` refuses it.
 """
 
 from __future__ import annotations
@@ -33,6 +44,10 @@ from optuna.storages.journal._file import get_lock_file
 from .errors import WdstudyError
 
 _RECORD_START = b'{"op_code":'
+RESERVE_SUFFIX = ".wdstudy-reserve"
+#: Size of the disk reserve beside a journal: room for the failure records (reason, kind, state and
+#: the re-queued trial, about 2 kB) of a few workers stopped by a full disk at once, page by page.
+RESERVE_BYTES = 48 * 1024
 
 
 def _say(msg: str) -> None:
@@ -165,6 +180,57 @@ class JournalBackend(JournalFileBackend):
                     raise
             finally:
                 os.close(fd)
+
+
+# -- the disk reserve ---------------------------------------------------------------------------
+
+def reserve_path(journal: str) -> str:
+    """The disk reserve of the journal at ``journal`` (see the module's description)."""
+    return f"{journal}{RESERVE_SUFFIX}"
+
+
+def is_reserve(path: str) -> bool:
+    return str(path).endswith(RESERVE_SUFFIX)
+
+
+def keep_reserve(journal: str, size: int = RESERVE_BYTES, strict: bool = False) -> bool:
+    """Make the disk reserve beside ``journal`` whole (``size`` bytes) if the disk has room; True
+    if it is. A disk without room gets none and keeps no partial one; with ``strict``, the error
+    is raised (``OSError``: ``ENOSPC``, ...). Call it holding the study lock."""
+    path = reserve_path(journal)
+    try:
+        if os.path.getsize(path) >= size:
+            return True
+    except OSError:
+        pass
+    fresh = f"{path}.new"  # one name (the study lock is held): a process killed here leaves no litter behind
+    try:
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, os.urandom(size))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, path)
+    except OSError as exc:  # a full disk, a read-only folder: no reserve, nothing left behind
+        try:
+            os.unlink(fresh)
+        except OSError:
+            pass
+        if strict:
+            raise OSError(exc.errno, exc.strerror) from None  # the journal's error, not the reserve's name
+        return False
+    return True
+
+
+def release_reserve(journal: str) -> bool:
+    """Delete the disk reserve beside ``journal`` (its room goes to the failure records); True if
+    there was one."""
+    try:
+        os.unlink(reserve_path(journal))
+    except OSError:
+        return False
+    return True
 
 
 # -- damage in the middle: finding it, repairing it -------------------------------------------------

@@ -70,7 +70,11 @@ class StorageFault(WdstudyError):
 
 class StorageUnwritable(StorageFault):
     """The storage (or an export) cannot be written: a full disk, a quota, a read-only or
-    forbidden path."""
+    forbidden path. ``what`` says what, with the reason (``cannot write PATH: REASON``, the
+    failure reason of a trial it stops); ``code`` is the error's ``errno``."""
+
+    what: str = ""
+    code: int | None = None
 
 
 class StorageOutage(StorageFault):
@@ -134,8 +138,16 @@ def reason(exc: BaseException) -> str:
 
 
 def unwritable(exc: BaseException, what: str) -> StorageUnwritable:
-    return StorageUnwritable(f"cannot write {what}: {reason(exc)}; free space (or fix the permission) and run "
-                             "the same command to resume")
+    fault = StorageUnwritable(f"cannot write {what}: {reason(exc)}; free space (or fix the permission) and run "
+                              "the same command to resume")
+    fault.what = f"cannot write {what}: {reason(exc)}"
+    fault.code = next((e.errno for e in _chain(exc) if isinstance(e, OSError) and e.errno in UNWRITABLE), None)
+    return fault
+
+
+def full(fault: BaseException) -> bool:
+    """Whether ``fault`` is a full disk or a quota (the disk reserve makes room), not a forbidden path."""
+    return isinstance(fault, StorageUnwritable) and fault.code in (errno.ENOSPC, errno.EDQUOT)
 
 
 # -- the outage, seen once per process --------------------------------------------------------------
@@ -203,10 +215,10 @@ def wait_out(label: str, exc: BaseException, attempt: int, log: Callable[[str], 
         raise StorageOutage(f"storage {label} unreachable for {time.monotonic() - since:.0f} s, longer than "
                             f"WDSTUDY_STORAGE_OUTAGE={window:g} s ({reason(exc)}); stopped. Run the same "
                             "command to resume once it is back") from None
-    from .signals import STOP, WorkerStopped
+    from .signals import STOP, stopped
 
-    if STOP.stopping:  # asked to stop during the outage: do not wait out the window
-        raise WorkerStopped(f"stopped by signal {STOP.pending} during a storage outage")
+    if STOP.pending is not None:  # asked to stop during the outage: do not wait out the window
+        raise stopped(STOP.pending, " during a storage outage")
     time.sleep(min(_backoff(attempt), max(0.05, window - (time.monotonic() - since) + 0.05)))
 
 

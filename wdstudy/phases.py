@@ -73,13 +73,21 @@ class Unit:
 def _by_candidate_seed(trials: list[FrozenTrial]) -> dict[tuple, list[FrozenTrial]]:
     runs: dict[tuple, list[FrozenTrial]] = defaultdict(list)
     for t in trials:
-        runs[(t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED))].append(t)
+        r = R.RunRecord.of(t)
+        runs[(r.candidate, r.seed)].append(t)
     return runs
 
 
 def _attempts(ts: list[FrozenTrial]) -> list[FrozenTrial]:
     """A unit's trials without the copies queued twice and ended unrun (``duplicate``)."""
     return [t for t in ts if t.system_attrs.get(R.FAIL_KIND) != R.DUPLICATE] or ts
+
+
+def _candidates(race: optuna.Study) -> list[dict[str, Any]]:
+    """A race study's candidates, set as it was opened (before any of its runs was queued)."""
+    candidates = R.StudyRecord.of(race).candidates
+    assert candidates is not None, f"race study {race.study_name} has no candidates"
+    return candidates
 
 
 def _failed_only(ts: list[FrozenTrial]) -> bool:
@@ -118,7 +126,8 @@ class Phase:
 
     def key(self, trial: FrozenTrial) -> tuple:
         """The unit a trial is an attempt of: (candidate, seed) for a race or evaluation run."""
-        return (trial.user_attrs.get(R.CANDIDATE), trial.user_attrs.get(R.SEED))
+        r = R.RunRecord.of(trial)
+        return (r.candidate, r.seed)
 
     def retry_attrs(self, failed: FrozenTrial) -> dict[str, Any]:
         ua = failed.user_attrs
@@ -167,15 +176,16 @@ class SearchPhase(Phase):
             return None
         attrs[R.VARIANT] += 1
         generation, slot = attrs[R.GENERATION], attrs[R.SLOT]
-        history = [t for t in trials if t.state in FINISHED and t.user_attrs.get(R.GENERATION, 0) < generation]
+        history = [t for t in trials if t.state in FINISHED and R.RunRecord.of(t).slot_key[0] < generation]
         return propose(self.seeds(cell), cell, history, generation, slot + 1, attrs[R.VARIANT])[slot]
 
     def advance(self, cells: Cells, cell: Cell, study: optuna.Study, trials: list[FrozenTrial]) -> bool:
         """Repair, or open the next generation; True if something was queued."""
         slots: dict[tuple[int, int], list[FrozenTrial]] = defaultdict(list)
         for t in trials:
-            if R.GENERATION in t.user_attrs:
-                slots[(t.user_attrs[R.GENERATION], t.user_attrs[R.SLOT])].append(t)
+            r = R.RunRecord.of(t)
+            if r.generation is not None:
+                slots[r.slot_key[:2]].append(t)
         queued = False
         for _, ts in sorted(slots.items()):
             if _failed_only(ts):
@@ -189,7 +199,7 @@ class SearchPhase(Phase):
             generation += 1  # the last generation is whole (and, here, finished): open the next
         if generation * batch >= budget:
             return False
-        history = [t for t in trials if t.state in FINISHED and t.user_attrs.get(R.GENERATION, 0) < generation]
+        history = [t for t in trials if t.state in FINISHED and R.RunRecord.of(t).slot_key[0] < generation]
         for slot, params in enumerate(propose(self.seeds(cell), cell, history, generation, size(generation))):
             if (generation, slot) not in slots:
                 study.enqueue_trial(params, user_attrs={R.GENERATION: generation, R.SLOT: slot})
@@ -197,9 +207,9 @@ class SearchPhase(Phase):
         return queued
 
     def plan(self, unit: Unit) -> RunPlan:
-        ua, prune = unit.trial.user_attrs, self.spec.search.pruner != "none"
-        return RunPlan(label=f"{unit.cell.name} trial {unit.trial.number} (generation {ua.get(R.GENERATION)}, "
-                             f"slot {ua.get(R.SLOT)})",
+        run, prune = R.RunRecord.from_attrs(unit.trial.user_attrs), self.spec.search.pruner != "none"
+        return RunPlan(label=f"{unit.cell.name} trial {unit.trial.number} (generation {run.generation}, "
+                             f"slot {run.slot})",
                        seed=self.seeds(unit.cell).search.seed, key=self.spec.search.objective, prune=prune,
                        curve_as_steps=not prune)
 
@@ -216,12 +226,13 @@ class RacePhase(Phase):
     def open(self, cells: Cells, cell: Cell) -> optuna.Study | None:
         """The cell's race study, created with the search's best ``top_k`` configurations."""
         race = cells.study(cell.race_name)
-        if race is not None and R.CANDIDATES in race.user_attrs and cell.race_name in cells.checked:
+        candidates = R.StudyRecord.of(race).candidates if race is not None else None
+        if candidates is not None and cell.race_name in cells.checked:
             return race
         top = ranked(cells.existing(cell.name).get_trials(deepcopy=False))[: self.spec.selection.top_k]
-        if race is not None and R.CANDIDATES in race.user_attrs:
+        if candidates is not None:
             cells.checked.add(cell.race_name)  # once per view: a spec grows only between launches
-            if [c["trial"] for c in race.user_attrs[R.CANDIDATES]] == [t.number for t in top]:
+            if [c["trial"] for c in candidates] == [t.number for t in top]:
                 return race
             for name in (cell.race_name, cell.eval_name):  # a grown search found other candidates
                 if cells.study(name) is not None:
@@ -240,7 +251,7 @@ class RacePhase(Phase):
         """Queue each (candidate, race seed) without a run, or re-queue a failed one."""
         runs = _by_candidate_seed(trials)
         queued = False
-        for i, cand in enumerate(study.user_attrs[R.CANDIDATES]):
+        for i, cand in enumerate(_candidates(study)):
             for seed in self.seeds(cell).selection.seed_list():
                 ts = runs.get((i, seed))
                 if not ts:
@@ -269,7 +280,7 @@ class EvalPhase(Phase):
         """The cell's evaluation study, created with its chosen configuration (or repaired):
         the race's pick where the spec races, else the search's best trial."""
         ev = cells.study(cell.eval_name)
-        if ev is not None and R.BEST_PARAMS in ev.user_attrs:
+        if ev is not None and R.StudyRecord.of(ev).best_params is not None:
             if cell.eval_name in cells.checked:
                 return ev
             cells.checked.add(cell.eval_name)  # once per view: a spec grows only between launches
@@ -282,7 +293,7 @@ class EvalPhase(Phase):
         if self.spec.selection.races:
             race = cells.existing(cell.race_name)
             race_trials = race.get_trials(deepcopy=False)
-            standings = race_standings(race.user_attrs[R.CANDIDATES], race_trials)
+            standings = race_standings(_candidates(race), race_trials)
             pick = next((c for c in standings if c["chosen"]), None)
             if pick is None:
                 return None  # every candidate diverged or was given up: nothing to evaluate
@@ -311,23 +322,23 @@ class EvalPhase(Phase):
     def _still_chosen(self, cells: Cells, cell: Cell, ev: optuna.Study) -> bool:
         """Whether ``ev`` still evaluates what the race (or the search) chooses now; raises its open
         seeds to a grown fixed number of evaluation seeds."""
-        attrs = ev.user_attrs
+        chosen = R.StudyRecord.of(ev)
         if self.spec.selection.races:
             race = cells.existing(cell.race_name)
             race_trials = race.get_trials(deepcopy=False)
-            standings = race_standings(race.user_attrs[R.CANDIDATES], race_trials)
+            standings = race_standings(_candidates(race), race_trials)
             pick = next((c for c in standings if c["chosen"]), None)
-            if pick is None or pick["trial"] != attrs.get(R.BEST_TRIAL):
+            if pick is None or pick["trial"] != chosen.best_trial:
                 return False
-            if R.SURVIVORS in attrs and attrs[R.SURVIVORS] != self.survivors(cell, standings, pick["rank"] - 1,
-                                                                             race_trials):
+            if chosen.survivors is not None and chosen.survivors != self.survivors(cell, standings, pick["rank"] - 1,
+                                                                                   race_trials):
                 return False
         else:
             best = best_trial(cells.existing(cell.name).get_trials(deepcopy=False))
-            if best is None or best.number != attrs.get(R.BEST_TRIAL):
+            if best is None or best.number != chosen.best_trial:
                 return False
         looks = self.spec.evaluation.looks()
-        if len(looks) == 1 and attrs.get(R.SEEDS_OPEN, looks[0]) < looks[0]:
+        if len(looks) == 1 and chosen.seeds_open_or(looks[0]) < looks[0]:
             ev.set_user_attr(R.SEEDS_OPEN, looks[0])  # more evaluation seeds: the new ones get queued
         return True
 
@@ -344,10 +355,11 @@ class EvalPhase(Phase):
         race = {i: [math.nan] * len(seeds) for i in range(len(standings))}
         sizes = []
         for t in race_trials:
-            c, s = t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED)
+            r = R.RunRecord.of(t)
+            c, s = r.candidate, r.seed
             if t.state == TrialState.COMPLETE and t.value is not None and c is not None and s in seeds:
                 race[int(c)][seeds.index(s)] = t.value
-                sizes.append(t.user_attrs.get("val_size") or 0)
+                sizes.append(r.val_size or 0)
         is_rate = task_metric(cell.task.name).is_rate
         resolution = 1.0 / max(sizes) if is_rate and sizes and max(sizes) > 0 else 0.0
         diverged = [i for i, c in enumerate(standings) if c["diverged"] or not c["race_n"]]
@@ -358,14 +370,14 @@ class EvalPhase(Phase):
     def advance(self, cells: Cells, cell: Cell, study: optuna.Study, trials: list[FrozenTrial]) -> bool:
         """Queue each (survivor, seed) of the open rounds that has no run yet, or re-queue a failed one."""
         runs = _by_candidate_seed(trials)
-        attrs = study.user_attrs
-        survivors = attrs.get(R.SURVIVORS)
-        params = {None: attrs[R.BEST_PARAMS]}
-        if survivors:
-            cands = cells.existing(cell.race_name).user_attrs[R.CANDIDATES]
-            params = {c: cands[c]["params"] for c in survivors}
+        chosen = R.StudyRecord.of(study)
+        assert chosen.best_params is not None, "an evaluation study is opened with its chosen configuration"
+        params: dict[int | None, dict[str, Any]] = {None: chosen.best_params}
+        if chosen.survivors:
+            cands = _candidates(cells.existing(cell.race_name))
+            params = {c: cands[c]["params"] for c in chosen.survivors}
         queued = False
-        for seed in self.seeds(cell).evaluation.seed_list(attrs.get(R.SEEDS_OPEN, self.spec.evaluation.max_seeds)):
+        for seed in self.seeds(cell).evaluation.seed_list(chosen.seeds_open_or(self.spec.evaluation.max_seeds)):
             for cand, p in params.items():
                 ts = runs.get((cand, seed))
                 if not ts:
@@ -439,7 +451,7 @@ class Rounds:
         n_open = None
         for c in group:
             ev = cells.study(c.eval_name)
-            if ev is None or R.BEST_PARAMS not in ev.user_attrs:
+            if ev is None or R.StudyRecord.of(ev).best_params is None:
                 if cells.finished(c):  # finished with nothing to evaluate (no search trial completed)
                     continue
                 return None, None
@@ -450,7 +462,7 @@ class Rounds:
                 return None, None
             if self.evaluation.advance(cells, c, ev, trials):  # open rounds not all queued yet (or a run failed)
                 return None, None
-            opened = ev.user_attrs.get(R.SEEDS_OPEN, looks[0])
+            opened = R.StudyRecord.of(ev).seeds_open_or(looks[0])
             if n_open is not None and opened != n_open:
                 return None, None  # the group is being moved to the next round (repaired on the next call)
             n_open = opened

@@ -100,7 +100,7 @@ def propose(spec: StudySpec, cell: Cell, history: list[FrozenTrial], generation:
 
 
 def _slot_key(t: FrozenTrial) -> tuple[int, int, int]:
-    return (t.user_attrs.get(R.GENERATION, 0), t.user_attrs.get(R.SLOT, 0), t.user_attrs.get(R.VARIANT, 0))
+    return R.RunRecord.of(t).slot_key
 
 
 def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -118,8 +118,9 @@ def race_standings(candidates: list[dict], trials: list[FrozenTrial]) -> list[di
     seed is never picked: it would not be a configuration one can recommend.
     """
     out = []
+    candidate_of = [R.RunRecord.of(t).candidate for t in trials]
     for i, cand in enumerate(candidates):
-        runs = [t for t in trials if t.user_attrs.get(R.CANDIDATE) == i]
+        runs = [t for t, c in zip(trials, candidate_of) if c == i]
         values = [t.value for t in runs if t.state == TrialState.COMPLETE and t.value is not None]
         diverged = any(t.state == TrialState.PRUNED for t in runs)
         out.append({**cand, "rank": i + 1, "race_values": values, "race_n": len(values), "diverged": diverged,
@@ -148,7 +149,7 @@ class GenerationPruner(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         # the pruners read a study's direction and trials only: a view of the earlier generations is one
-        view = cast(optuna.Study, _EarlierGenerations(study, trial.user_attrs.get(R.GENERATION, 0)))
+        view = cast(optuna.Study, _EarlierGenerations(study, R.RunRecord.of(trial).slot_key[0]))
         return self.inner.prune(view, trial)
 
 
@@ -162,7 +163,7 @@ class _EarlierGenerations:
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
         return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
-                if t.user_attrs.get(R.GENERATION, 0) < self._generation]
+                if R.RunRecord.of(t).slot_key[0] < self._generation]
 
 
 def pruner(spec: StudySpec, cell: Cell) -> optuna.pruners.BasePruner:

@@ -1,8 +1,11 @@
-"""Every key wdstudy writes to an Optuna storage, and the package-version record.
+"""Every key wdstudy writes to an Optuna storage, the typed records that read them back, and the
+package-version record.
 
-One owner for the storage's vocabulary: the engine (``cells``, ``worker``, ``storage``)
-writes these keys and the read side (``analysis``, ``report``) reads them, and neither
-spells a key itself. Plain data only (no torch), so reading a study stays fast.
+One owner for the storage's vocabulary: the engine (``cells``, ``phases``, ``worker``,
+``storage``) writes these keys and the read side (``analysis``, ``report``, ``verdicts``,
+``simulate``, and the engine where it reads) reads them back through the typed records
+:class:`CellRecord`, :class:`RunRecord` (a trial) and :class:`StudyRecord` (a study), and
+neither spells a key itself. Plain data only (no torch), so reading a study stays fast.
 
 Per study (user attributes):
 
@@ -21,20 +24,23 @@ Per trial:
   :data:`WORKER`, :data:`CUDA_VISIBLE_DEVICES`, :data:`DEVICE` (what the run trained on,
   ``cuda:0 NAME`` or ``cpu``: written as training starts, so pruned and diverged runs have
   it too), the metrics :data:`METRIC_KEYS` (with the run's mechanics scalars,
-  :data:`MECHANICS_KEYS`; read with :func:`metric_of`, which knows their older names),
-  :data:`HISTORY` (read with :func:`history_row`) and :data:`MECHANICS` (per layer and checkpoint);
+  :data:`MECHANICS_KEYS`; :meth:`RunRecord.metric` reads them, also under their older names),
+  :data:`HISTORY` (:attr:`RunRecord.history`) and :data:`MECHANICS` (per layer and checkpoint);
 * system attributes, the engine's bookkeeping: :data:`OWNER` (``host:pid``),
   :data:`LEASE` (wall-clock time of the owner's last renewal), :data:`FAIL_REASON` and
   :data:`FAIL_KIND` (:data:`ERROR`: the run raised; :data:`LOST`: its worker died, was
-  stopped or let its lease expire; :data:`DUPLICATE`: a second copy of a queued unit, never run).
+  stopped or let its lease expire; :data:`STORAGE`: its worker stopped because the storage or
+  the run's files could not be written — a full disk, not the run's failure, so it does not
+  count against the retries; :data:`DUPLICATE`: a second copy of a queued unit, never run).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 # -- studies ---------------------------------------------------------------------------------
 CELL = "cell"
@@ -83,7 +89,7 @@ METRIC_KEYS = (
 OLD_NAMES = {"penalty": "l2_penalty"}
 
 
-def metric_of(attrs: dict[str, Any], key: str) -> Any:
+def metric_of(attrs: Mapping[str, Any], key: str) -> Any:
     """A trial's metric ``key`` from its user attributes, also from a trial an earlier release
     stored under the key's old name (:data:`OLD_NAMES`)."""
     value = attrs.get(key)
@@ -92,10 +98,12 @@ def metric_of(attrs: dict[str, Any], key: str) -> Any:
     return value
 
 
+_CURRENT_NAMES = {v: k for k, v in OLD_NAMES.items()}
+
+
 def history_row(row: dict[str, Any]) -> dict[str, Any]:
     """One epoch of a stored :data:`HISTORY`, its keys under their current names."""
-    old = {v: k for k, v in OLD_NAMES.items()}
-    return {old.get(k, k): v for k, v in row.items()}
+    return {_CURRENT_NAMES.get(k, k): v for k, v in row.items()}
 
 
 # -- trials: system attributes ---------------------------------------------------------------
@@ -107,6 +115,7 @@ ERROR = "error"
 LOST = "lost"
 #: a unit queued twice (its first queuing reached the storage, the answer did not): the copy is never run
 DUPLICATE = "duplicate"
+STORAGE = "storage"
 
 # -- the searched strength ------------------------------------------------------------------
 #: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself
@@ -285,10 +294,145 @@ def _pair(values) -> tuple[float, float]:
     return low, high
 
 
-def cell_of(attrs: dict[str, Any]) -> CellRecord | None:
+def cell_of(attrs: Mapping[str, Any]) -> CellRecord | None:
     """The cell record in a study's user attributes (None for a study that is no cell's search)."""
     stored = attrs.get(CELL)
     return None if stored is None else CellRecord.from_dict(stored)
+
+
+_T = TypeVar("_T")
+
+# -- the run record -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a trial's attributes say about its run, typed: the read side of the per-trial keys
+    above (written by ``wdstudy.phases``, ``wdstudy.cells`` and ``wdstudy.worker`` under those
+    keys, which stay the storage's format).
+
+    :meth:`of` reads a trial (an Optuna ``FrozenTrial``), :meth:`from_attrs` its user (and
+    system) attributes, also those an earlier release stored: a metric stored under its old
+    name (:data:`OLD_NAMES`) is read under its current one, and a field the run never stored is
+    None. Values are as stored (nothing is converted); ``metrics``, ``mechanics`` and the
+    history's rows are the stored objects: read them, never change them.
+    """
+
+    #: search trial: its generation and slot in it, and the variant (> 0 for a replacement proposal)
+    generation: int | None = None
+    slot: int | None = None
+    variant: int | None = None
+    #: race and evaluation trial: the training seed; race trial (and a survivor's evaluation
+    #: run): the index of its candidate in the race's :data:`CANDIDATES`
+    seed: int | None = None
+    candidate: int | None = None
+    #: ``complete``, ``pruned`` or ``diverged``, and why a run did not complete
+    outcome: str | None = None
+    reason: str | None = None
+    worker: str | None = None
+    cuda_visible_devices: str | None = None
+    #: what the run trained on (``cuda:0 NAME`` or ``cpu``)
+    device: str | None = None
+    #: evaluation trial: per-example test outcomes (:func:`decode_outcomes`)
+    test_outcomes: str | None = None
+    #: every metric of :data:`METRIC_KEYS` under its current name (None where not stored)
+    metrics: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    #: per layer and checkpoint, column-wise (None for a run made before it was recorded)
+    mechanics: dict[str, list] | None = field(default=None, hash=False, repr=False)
+    #: the epochs of :data:`HISTORY` as stored (see :attr:`history` for them under current names)
+    stored_history: tuple[dict[str, Any], ...] = field(default=(), hash=False, repr=False)
+    #: system attributes: why the run failed, and how (:data:`ERROR` or :data:`LOST`)
+    fail_reason: str | None = None
+    fail_kind: str | None = None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The run's epochs, their keys under their current names (:func:`history_row`)."""
+        return [history_row(row) for row in self.stored_history]
+
+    def metric(self, key: str) -> Any:
+        """The metric ``key`` of :data:`METRIC_KEYS` (None where the run did not store it)."""
+        return self.metrics.get(key)
+
+    @property
+    def val_size(self) -> int | None:
+        """How many validation examples the run's metrics were measured on."""
+        return self.metrics.get("val_size")
+
+    def candidate_or(self, default: _T) -> int | _T:
+        """The run's candidate; ``default`` (the pick) for an evaluation run that stores none."""
+        return default if self.candidate is None else self.candidate
+
+    @property
+    def slot_key(self) -> tuple[int, int, int]:
+        """(generation, slot, variant), 0 where not stored: a search trial's place in the proposals."""
+        return (self.generation or 0, self.slot or 0, self.variant or 0)
+
+    @classmethod
+    def from_attrs(cls, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any] | None = None) -> RunRecord:
+        """The record of a trial with these user (and system) attributes."""
+        ua, sa = user_attrs, system_attrs or {}
+        return cls(
+            generation=ua.get(GENERATION), slot=ua.get(SLOT), variant=ua.get(VARIANT), seed=ua.get(SEED),
+            candidate=ua.get(CANDIDATE), outcome=ua.get(OUTCOME), reason=ua.get(REASON), worker=ua.get(WORKER),
+            cuda_visible_devices=ua.get(CUDA_VISIBLE_DEVICES), device=ua.get(DEVICE),
+            test_outcomes=ua.get(TEST_OUTCOMES), metrics={k: metric_of(ua, k) for k in METRIC_KEYS},
+            mechanics=ua.get(MECHANICS), stored_history=tuple(ua.get(HISTORY) or ()),
+            fail_reason=sa.get(FAIL_REASON), fail_kind=sa.get(FAIL_KIND),
+        )
+
+    @classmethod
+    def of(cls, trial: Any) -> RunRecord:
+        """The record of a trial (an Optuna ``FrozenTrial``: its user and system attributes)."""
+        return cls.from_attrs(trial.user_attrs, trial.system_attrs)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study's user attributes say, typed: the read side of the per-study keys above
+    (a search study's cell and decision settings, a race study's candidates, an evaluation
+    study's pick, survivors, open seeds and chosen configuration). A key the study does not
+    hold is None; values are as stored (the mappings and lists are the stored objects: read
+    them, never change them)."""
+
+    #: search study: what defines the cell (:func:`cell_of`), the decision settings
+    cell: CellRecord | None = None
+    decision: dict[str, Any] | None = field(default=None, hash=False)
+    spec_yaml: str | None = None
+    versions: dict[str, str] | None = field(default=None, hash=False)
+    #: race study: the search's best configurations, best first (set once the race is complete)
+    candidates: list[dict[str, Any]] | None = field(default=None, hash=False)
+    #: evaluation study: the configuration its runs retrain (set last: the study is complete),
+    #: the trial it came from, its objective and its race mean
+    best_params: dict[str, Any] | None = field(default=None, hash=False)
+    best_trial: int | None = None
+    best_value: float | None = None
+    race_mean: float | None = None
+    #: evaluation study with a race: the pick's and the survivors' indices in the race's candidates
+    pick: int | None = None
+    survivors: list[int] | None = field(default=None, hash=False)
+    #: evaluation study: the evaluation seeds opened so far
+    seeds_open: int | None = None
+
+    def seeds_open_or(self, default: int) -> int:
+        """The evaluation seeds opened so far; ``default`` for a study that stores none."""
+        return default if self.seeds_open is None else self.seeds_open
+
+    @classmethod
+    def from_attrs(cls, user_attrs: Mapping[str, Any]) -> StudyRecord:
+        """The record of a study with these user attributes."""
+        a = user_attrs
+        return cls(
+            cell=cell_of(a), decision=a.get(DECISION), spec_yaml=a.get(SPEC_YAML), versions=a.get(VERSIONS),
+            candidates=a.get(CANDIDATES), best_params=a.get(BEST_PARAMS), best_trial=a.get(BEST_TRIAL),
+            best_value=a.get(BEST_VALUE), race_mean=a.get(RACE_MEAN), pick=a.get(PICK), survivors=a.get(SURVIVORS),
+            seeds_open=a.get(SEEDS_OPEN),
+        )
+
+    @classmethod
+    def of(cls, study: Any) -> StudyRecord:
+        """The record of a study (an Optuna ``Study`` or ``FrozenStudy``: its user attributes)."""
+        return cls.from_attrs(study.user_attrs)
 
 
 PACKAGES = ("wdstudy", "torch", "torchvision", "lightning", "optuna", "optuna-integration", "pandas", "numpy")

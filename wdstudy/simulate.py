@@ -151,7 +151,7 @@ def one_study(spec, landscapes: dict[str, Landscape], effect: float, study: int,
                 race = worker.cells.study(c.race_name) if s.selection.races else None
                 if ev is None:
                     continue
-                n_open = ev.user_attrs.get(R.SEEDS_OPEN, n_open)
+                n_open = R.StudyRecord.of(ev).seeds_open_or(n_open)
                 runs_c = arm_runs(s.replica(c.replicate).selection.seed_list(), race.get_trials() if race else None,
                                   ev.user_attrs, ev.get_trials())
                 replicas.setdefault(c.regularizer, []).append(runs_c)
@@ -242,7 +242,7 @@ def fit_landscape(storage, study: str) -> dict[str, dict]:
     trial sits in its ranges."""
     from .analysis import cell_studies, evaluations_frame, race_frame, trials_frame
 
-    cells = {n: R.cell_of(s.user_attrs) for n, (s, _) in cell_studies(storage, study).items()}
+    cells = {n: R.StudyRecord.of(s).cell for n, (s, _) in cell_studies(storage, study).items()}
     if not cells:
         raise WdstudyError(f"study={study!r}: no cells in this storage")
     ev, tr, race = evaluations_frame(storage, study), trials_frame(storage, study), race_frame(storage, study)

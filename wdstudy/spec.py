@@ -220,6 +220,31 @@ class SelectionSpec(BaseModel):
         return list(range(self.first_seed, self.first_seed + self.seeds)) if self.races else []
 
 
+#: what the report's landscape figure draws on its y axis: ``lambda`` (λ, every arm), ``tau_epoch``
+#: (the decoupled-decay arms over their timescale τ_epoch in epochs; the other arms stay over λ), or
+#: ``auto``: ``tau_epoch`` when the decoupled arm was searched over ``timescale_epochs``, else ``lambda``
+LANDSCAPE_AXES = ("auto", "lambda", "tau_epoch")
+
+
+class ReportSpec(BaseModel):
+    """How the report draws what the study measured (it changes no run: a report can be rebuilt with
+    other settings at any time)."""
+
+    model_config = _STRICT
+    landscape_axis: Literal["auto", "lambda", "tau_epoch"] = Field(
+        "auto", description="the y axis of the landscape figure's decoupled-decay panels: `lambda` (λ), "
+                            "`tau_epoch` (their timescale τ_epoch = 1/(η·λ·steps per epoch), with the band from one "
+                            "epoch to the training length), or `auto` (`tau_epoch` when the decoupled arm was "
+                            "searched over `timescale_epochs`, else `lambda`); `report --landscape-axis` overrides it")
+
+
+def check_landscape_axis(value: str, where: str = "--landscape-axis") -> str:
+    """``value`` if it is one of :data:`LANDSCAPE_AXES`, else a one-line error naming ``where``."""
+    if value not in LANDSCAPE_AXES:
+        raise WdstudyError(f"{where}={value!r}: choose {', '.join(LANDSCAPE_AXES[:-1])} or {LANDSCAPE_AXES[-1]}")
+    return value
+
+
 #: how far apart the seeds of two replicates are (more than any study's seeds of one kind)
 REPLICA_STRIDE = 100_003
 
@@ -240,6 +265,7 @@ class StudySpec(BaseModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     selection: SelectionSpec = SelectionSpec()
     decision: DecisionSpec = DecisionSpec()
+    report: ReportSpec = ReportSpec()
     replicates: int = Field(1, ge=1, le=20, description="independent repeats of each cell's whole pipeline (search, "
                             "race, evaluation) on their own seeds; with 2 or more, decisions rest on the spread "
                             "between replicates, the luck of the pick included")

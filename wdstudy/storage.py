@@ -152,6 +152,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     path = Path(url)
     if path.is_dir():
         raise WdstudyError(f"storage={url!r}: is a folder; give the journal file, e.g. {path / 'optuna.journal'}")
+    from .journal import RESERVE_SUFFIX
+
+    if url.endswith(RESERVE_SUFFIX):
+        raise WdstudyError(f"storage={url!r}: is the journal's disk reserve, not a journal; give "
+                           f"{url[: -len(RESERVE_SUFFIX)]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -52,6 +52,20 @@ def _metrics(value: float, seed: int, with_test: bool, rng) -> dict:
     return m
 
 
+def _timescale(cell: Cell, params: dict, epochs: int) -> dict:
+    """The run's timescale scalars as :class:`wdstudy.mechanics.Mechanics` records them: steps per
+    epoch (the task's, else 29), the run's epochs, and τ_iter, τ_epoch for a decoupled-decay arm."""
+    from wdstudy.arms import WEIGHT_DECAYS
+
+    spe = cell.task.steps_per_epoch or 29
+    wd = R.decay_of(params, spe)
+    out = {"steps_per_epoch": spe, "run_epochs": float(epochs), "tau_iter": None, "tau_epoch": None}
+    if cell.regularizer in WEIGHT_DECAYS and wd > 0:
+        tau = 1.0 / wd if cell.regularizer == "independent" else 1.0 / (params["lr"] * wd)
+        out.update(tau_iter=tau, tau_epoch=tau / spe)
+    return out
+
+
 def fill(spec: StudySpec, storage, *, trials: int | None = None, seeds: int | None = None, epochs: int = 10,
          seed: int = 0, skip_eval: tuple[str, ...] = ()) -> None:
     """Create every cell of ``spec`` with ``trials`` complete trials and ``seeds`` evaluation runs."""
@@ -73,7 +87,8 @@ def add_trials(spec: StudySpec, cell: Cell, storage, n: int, epochs: int, rng, s
         params = {k: float(10 ** rng.uniform(math.log10(d.low), math.log10(d.high))) for k, d in dists.items()}
         value = synthetic_value(cell.regularizer, math.log10(params["lr"]),
                                 math.log10(R.decay_of(params, cell.task.steps_per_epoch) or 1e-8), rng)
-        attrs = {**_metrics(value, spec.search.seed, False, rng), "history": _history(epochs, value, rng),
+        attrs = {**_metrics(value, spec.search.seed, False, rng), **_timescale(cell, params, epochs),
+                 "history": _history(epochs, value, rng),
                  "outcome": "complete", "worker": "synthetic:0",
                  R.GENERATION: i // spec.search.batch, R.SLOT: i % spec.search.batch}
         batch.append(create_trial(state=state, params=params, distributions=dists,

@@ -23,13 +23,16 @@ DEFAULT_DECISION = {"margin": 1.0, "mse_margin": 0.01, "alpha": 0.05, "primary":
 
 def arm_runs(race_seeds: Sequence[int], race_trials: Sequence[FrozenTrial] | None,
              ev_attrs: Mapping, ev_trials: Sequence[FrozenTrial]) -> D.ArmRuns | None:
-    """One arm's runs from its race and evaluation studies (None before it has a pick)."""
-    if R.BEST_PARAMS not in ev_attrs:
+    """One arm's runs from its race and evaluation studies (None before it has a pick); ``ev_attrs``
+    are the evaluation study's user attributes."""
+    ev = R.StudyRecord.from_attrs(ev_attrs)
+    if ev.best_params is None:
         return None
-    pick = int(ev_attrs.get(R.PICK, 0))
+    pick = int(ev.pick or 0)
     race: dict[int, list[float]] = {}
     for t in race_trials or ():
-        c, s = t.user_attrs.get(R.CANDIDATE), t.user_attrs.get(R.SEED)
+        r = R.RunRecord.of(t)
+        c, s = r.candidate, r.seed
         if c is None or s not in race_seeds:
             continue
         row = race.setdefault(int(c), [math.nan] * len(race_seeds))
@@ -40,10 +43,12 @@ def arm_runs(race_seeds: Sequence[int], race_trials: Sequence[FrozenTrial] | Non
     for t in ev_trials:
         if t.state != TrialState.COMPLETE or t.value is None:
             continue
-        c = int(t.user_attrs.get(R.CANDIDATE, pick))
-        s = int(t.user_attrs[R.SEED])
+        r = R.RunRecord.of(t)
+        c = int(r.candidate_or(pick))
+        assert r.seed is not None, "an evaluation run is queued with its seed"
+        s = int(r.seed)
         evals.setdefault(c, {})[s] = float(t.value)
-        text = t.user_attrs.get(R.TEST_OUTCOMES)
+        text = r.test_outcomes
         if text:
             outcomes.setdefault(c, {})[s] = R.decode_outcomes(text)
     evals.setdefault(pick, {})
@@ -118,9 +123,9 @@ def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
     out = {}
     for name, s in summaries.items():
         ev = summaries.get(f"{name}/eval")
-        if not name.startswith(f"{study}/") or R.CELL not in s.user_attrs or ev is None:
+        if not name.startswith(f"{study}/") or ev is None:
             continue
-        cell = R.cell_of(s.user_attrs)
+        cell = R.StudyRecord.of(s).cell
         if cell is None:
             continue
         race = summaries.get(f"{name}/race")
@@ -128,13 +133,14 @@ def study_arms(storage, study: str) -> dict[str, tuple[D.ArmRuns, int]]:
         runs = arm_runs(list(cell.race_seeds), race_trials, ev.user_attrs,
                         study_trials(storage, ev))
         if runs is not None:
-            out[name] = (runs, int(ev.user_attrs.get(R.SEEDS_OPEN, len(cell.eval_seeds))))
+            out[name] = (runs, int(R.StudyRecord.of(ev).seeds_open_or(len(cell.eval_seeds))))
     return out
 
 
 def decision_settings(storage, study: str) -> dict:
     """The decision settings stored with the study's cells (defaults for a storage that predates them)."""
     for s in storage.get_all_studies():
-        if s.study_name.startswith(f"{study}/") and R.DECISION in s.user_attrs:
-            return s.user_attrs[R.DECISION]
+        decision = R.StudyRecord.of(s).decision if s.study_name.startswith(f"{study}/") else None
+        if decision is not None:
+            return decision
     return dict(DEFAULT_DECISION)

@@ -15,6 +15,16 @@ storage. Each turn of the loop has three steps, Optuna's ask-and-tell:
    then stop the worker. So does a device the worker was promised but cannot use
    (:class:`~wdstudy.train.DeviceUnavailable`): the trial fails with that reason and the
    worker takes no more work, instead of failing every trial of the study in seconds.
+
+A storage that cannot be written (a full disk, a quota, a read-only or forbidden path: the
+journal, the database or the run's own files) stops the worker
+(:class:`~wdstudy.outage.StorageUnwritable`). Before it stops, it fails its running trial
+with that reason and kind :data:`~wdstudy.records.STORAGE` (re-queued, counted as no
+retry), under the study lock; on a full journal disk it does so in the room the journal's disk
+reserve leaves once deleted (:mod:`wdstudy.journal`); no worker takes a new unit while that
+reserve cannot be made whole. If even that cannot be written (several
+workers stopped at once, more than the reserve holds), the trial stays RUNNING under a dead
+owner and the next launch re-queues it.
 """
 
 from __future__ import annotations
@@ -31,12 +41,12 @@ from optuna.trial import TrialState
 from . import records as R
 from .cells import Cells
 from .errors import one_line
-from .outage import StorageFault, classify, retry_block, unwritable
+from .outage import StorageFault, StorageUnwritable, classify, full, retry_block, unwritable
 from .phases import RunPlan, Unit
 from .redact import scrub
-from .signals import STOP, WorkerStopped
+from .signals import STOP, WorkerStopped, stopped
 from .spec import Cell, StudySpec
-from .storage import Lease, StudyLock, open_storage, owner_tag, trial_id
+from .storage import Lease, StudyLock, is_rdb, open_storage, owner_tag, trial_id
 
 #: A training run as the worker calls it: ``train(cell, lr, weight_decay, seed, callbacks, with_test)``
 #: returns an object with ``metrics`` (a dict holding the objective and, with ``with_test``,
@@ -65,6 +75,7 @@ class Worker:
         self.runner = UnitRunner(spec, train, self.log)
         self.poll = poll
         self.progress_file = os.environ.get("WDSTUDY_PROGRESS_FILE")
+        self._journal = storage is None and not is_rdb(url)  # a journal file this worker opened
 
     def run(self, max_units: int | None = None) -> int:
         """Work until done (or ``max_units`` units); returns the number of units run."""
@@ -76,7 +87,14 @@ class Worker:
                     unit, finished = retry_block(self._reserve, self.url, log=self.log)
             except WorkerStopped as exc:  # stopped while reserving: the unit it got is failed and re-queued
                 if unit is not None:  # no second signal can interrupt this: the first one ignored the rest
-                    self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
+                    try:
+                        self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
+                    except StorageUnwritable as fault:  # the disk is full too: in the reserve's room
+                        self._fail_unwritable(unit, fault)
+                        raise
+                raise
+            except StorageUnwritable as fault:  # a trial it was taking as the disk filled is failed too
+                self._fail_unwritable(None, fault)
                 raise
             if unit is None:
                 if finished:
@@ -91,8 +109,14 @@ class Worker:
         return ran
 
     def _reserve(self) -> tuple[Unit | None, bool]:
-        """One reservation under the study lock (run again from the start after a lost connection)."""
+        """One reservation under the study lock (run again from the start after a lost connection).
+        On a journal, no new unit without the disk reserve whole: a disk too full to hold it stops
+        the worker (the reserve's room is for the failure records of the units already running)."""
         with self.lock:
+            if self._journal:
+                from .journal import keep_reserve
+
+                keep_reserve(self.url, strict=True)
             if self.cells.taken is not None:  # a trial this worker got as its connection dropped
                 study, taken_id = self.cells.taken
                 self.cells.fail(study, taken_id, f"worker {owner_tag()}: the storage connection was lost while "
@@ -108,17 +132,29 @@ class Worker:
 
         retry_block(block, self.url, log=self.log)
 
+    def _fail_unwritable(self, unit: Unit | None, fault: StorageUnwritable) -> None:
+        """Before the worker stops on a storage that cannot be written: :func:`fail_unwritable`."""
+        fail_unwritable(self.cells, self.lock, self.url, self.log, unit, fault)
+
     def execute(self, unit: Unit) -> None:
-        """Run a reserved unit and record its result (FAIL and re-queue if it raises)."""
+        """Run a reserved unit and record its result (FAIL and re-queue if it raises); on a storage
+        that cannot be written, fail it with the reason and stop (:class:`StorageUnwritable`)."""
+        try:
+            self._execute(unit)
+        except StorageUnwritable as fault:
+            self._fail_unwritable(unit, fault)
+            raise
+
+    def _execute(self, unit: Unit) -> None:
         trial = unit.trial
         try:
             with self._lease(self.storage, trial_id(trial)):
                 value = self.runner.run(unit)
         except WorkerStopped as exc:
             with STOP.held():
-                self._fail(unit, f"worker {owner_tag()} {exc}", R.LOST)
+                self._fail(unit, f"worker {owner_tag()} {exc}", _kind(exc))
             raise
-        except StorageFault:  # the storage is full or gone: its trial is re-queued by the next launch
+        except StorageFault:  # the storage is full (its trial is failed by execute) or gone (re-queued by the next launch)
             raise
         except Exception as exc:
             if classify(exc) == "unwritable":  # a full disk under the run's own files: the same stop
@@ -148,7 +184,44 @@ class Worker:
                 frozen = unit.study.tell(trial, value, skip_if_finished=True)
         if frozen.state == TrialState.FAIL:
             self.log(f"[{owner_tag()}] {unit.study.study_name} trial {trial.number} was taken over "
-                     f"({frozen.system_attrs.get(R.FAIL_REASON)}); its result is discarded")
+                     f"({R.RunRecord.of(frozen).fail_reason}); its result is discarded")
+
+
+def fail_unwritable(cells: Cells, lock, url: str, log: Callable[[str], None], unit: Unit | None,
+                    fault: StorageUnwritable) -> None:
+    """Before a worker stops on a storage that cannot be written: fail ``unit`` (and a trial it
+    was taking) with the reason, kind :data:`~wdstudy.records.STORAGE`, and re-queue it. On a
+    full journal disk, the disk reserve beside the journal is deleted to make room for it. What
+    still cannot be written stays RUNNING for the next launch to re-queue."""
+    taken = cells.taken
+    if unit is None and taken is None:
+        return
+    why = f"worker {owner_tag()} stopped: {fault.what or fault}"
+
+    def fail_all() -> None:
+        if taken is not None:
+            cells.fail(taken[0], taken[1], why, R.STORAGE)
+            cells.taken = None
+        if unit is not None:
+            cells.fail(unit.study, trial_id(unit.trial), why, R.STORAGE)
+
+    def block() -> None:
+        with lock:
+            try:
+                fail_all()
+            except StorageUnwritable as again:  # the failed append was undone: no half record
+                from .journal import release_reserve
+
+                if not (full(again) and not is_rdb(url) and release_reserve(url)):
+                    raise
+                fail_all()
+
+    try:
+        with STOP.held():
+            retry_block(block, url, log=log)
+    except (StorageFault, WorkerStopped, OSError):  # no room even so (or a log on the full disk)
+        pass
+
 
 class UnitRunner:
     """One unit's training run, as its phase plans it (:class:`~wdstudy.phases.RunPlan`), and its
@@ -179,7 +252,7 @@ class UnitRunner:
             trial.set_user_attr(R.OUTCOME, "pruned")
             return None
         if plan.curve_as_steps:  # the learning curve as Optuna's intermediate values, for the dashboard
-            for row in trial.user_attrs.get(R.HISTORY) or []:
+            for row in R.RunRecord.from_attrs(trial.user_attrs).history:
                 v = row.get(plan.key)
                 if v is not None and math.isfinite(v):
                     trial.report(v, int(row["epoch"]))
@@ -298,9 +371,14 @@ def _stop_check():
     class StopCheck(Callback):
         def on_train_batch_end(self, *args) -> None:
             if STOP.pending is not None and not STOP.depth:
-                raise WorkerStopped(f"stopped by signal {STOP.pending}")
+                raise stopped(STOP.pending)
 
     return StopCheck()
+
+
+def _kind(stop: WorkerStopped) -> str:
+    """A stopped worker's trial is lost, unless its launch stopped it for a storage that cannot be written."""
+    return R.STORAGE if stop.by_storage else R.LOST
 
 
 def _device_fault(exc: BaseException) -> bool:

@@ -81,18 +81,22 @@ def checked_spec(spec_path: str, storage: str | None, check_factories: bool = Tr
 
 
 def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) -> None:
-    """Create the cell studies or check them against the spec; re-queue trials of dead workers.
+    """Create the cell studies or check them against the spec; re-queue trials of dead workers;
+    make the journal's disk reserve whole if the disk has room (:func:`~wdstudy.journal.keep_reserve`).
 
     ``wait``: a storage that cannot be reached is waited for (within the outage window)
     rather than an error at once (a worker; ``launch`` tells a wrong URL at once)."""
     from ..cells import Cells, ensure_studies
-    from ..storage import open_storage
+    from ..journal import keep_reserve
+    from ..storage import is_rdb, open_storage
 
     store = retry_block(lambda: open_storage(url), url) if wait else open_storage(url)
     text = scrub(Path(spec_path).read_text())  # stored with the study and shown in its report: no password
 
     def block():
         with StudyLock(url, spec.name):
+            if not is_rdb(url):  # before the trials of dead workers take the room
+                keep_reserve(url)
             grown = ensure_studies(spec, store, text)
             Cells(spec, store).release_dead()
         return grown
@@ -105,9 +109,13 @@ def create_cells(spec: StudySpec, url: str, spec_path: str, wait: bool = False) 
 
 def launch(spec_path: str, storage: str | None = None, devices: str = "auto", workers: int | None = None,
            quiet: bool = False, threads: int | None = None, dry_run: bool = False,
-           per_device: int | None = None) -> int:
+           per_device: int | None = None, landscape_axis: str | None = None) -> int:
     """``python -m wdstudy launch``: plan the slots, run the pool to the end, then export, summarize and
     report; returns the exit code (0: every unit finished, 1: some did not, 130: stopped)."""
+    if landscape_axis is not None:  # refused now, not after the study has trained
+        from ..spec import check_landscape_axis
+
+        check_landscape_axis(landscape_axis)
     slots = plan_slots(devices, workers, threads, per_device)
     if dry_run:  # the plan only: nothing is opened or written
         load_spec(spec_path)
@@ -137,7 +145,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         raise unwritable(exc, shown(out)) from None
     print(summary_text(store, spec.name))
     print(f"exported {', '.join(shown(p) for p in paths)}")
-    write_report(spec_path, storage, quiet=quiet)
+    write_report(spec_path, storage, quiet=quiet, landscape_axis=landscape_axis)
     if not complete:
         print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
@@ -190,11 +198,16 @@ def summary_text(storage, study: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(spec_path: str, storage: str | None = None, quiet: bool = False) -> int:
-    """Build the study's report from its storage alone into the spec's output folder."""
+def write_report(spec_path: str, storage: str | None = None, quiet: bool = False,
+                 landscape_axis: str | None = None) -> int:
+    """Build the study's report from its storage alone into the spec's output folder; the landscape
+    figure's axis is ``landscape_axis`` (``--landscape-axis``), else the spec's ``report.landscape_axis``."""
     from ..cells import spec_drift
     from ..report import build_report
+    from ..spec import check_landscape_axis
 
+    if landscape_axis is not None:
+        check_landscape_axis(landscape_axis)
     spec = load_spec(spec_path)
     url = resolve_url(spec, storage)
     start = time.monotonic()
@@ -203,7 +216,8 @@ def write_report(spec_path: str, storage: str | None = None, quiet: bool = False
     if drift:
         print(f"note: {drift}")
     try:
-        paths = build_report(store, spec.name, spec.output_dir(), storage_label(url))
+        paths = build_report(store, spec.name, spec.output_dir(), storage_label(url),
+                             landscape_axis or spec.report.landscape_axis)
     except OSError as exc:
         from ..outage import classify
 

@@ -139,14 +139,25 @@ class Pool:
                 self._start(s)
 
     def stop(self, cells: Cells, timeout: float = 60.0) -> None:
-        """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers.
+        """SIGTERM every worker (each fails and re-queues its trial), then SIGKILL stragglers. When a
+        storage that cannot be written stopped the pool, the signal is
+        :data:`~wdstudy.signals.STORAGE_STOP` instead: the trials are failed as the full disk's
+        (``fail_kind: storage``, no retry counted), also those of workers that did not get to fail them.
 
         If the storage cannot take the re-queuing now (full, unreachable), the trials stay
         RUNNING under dead owners: the next launch re-queues them before it starts."""
-        self.terminate(timeout)
+        from .. import records as R
+        from ..signals import STORAGE_STOP
+
+        by_storage = self.fault is not None and ("cannot write " in self.fault or "cannot be written" in self.fault)
+        self.terminate(timeout, STORAGE_STOP if by_storage else signal.SIGTERM)
         try:
             with StudyLock(self.url, self.spec.name):
-                cells.release_dead(dead_pids={s.proc.pid for s in self.slots if s.proc is not None})
+                dead = {s.proc.pid for s in self.slots if s.proc is not None}
+                if by_storage:
+                    cells.release_dead(dead_pids=dead, why=f"stopped by its launch: {self.fault}", kind=R.STORAGE)
+                else:
+                    cells.release_dead(dead_pids=dead)
         except StorageFault:
             pass
         except Exception as exc:
@@ -155,12 +166,13 @@ class Pool:
             if classify(exc) is None:
                 raise
 
-    def terminate(self, timeout: float = 60.0) -> None:
-        """SIGTERM every running worker's process group; SIGKILL what is left after ``timeout`` seconds."""
+    def terminate(self, timeout: float = 60.0, signum: int = signal.SIGTERM) -> None:
+        """SIGTERM (or ``signum``) every running worker's process group; SIGKILL what is left after
+        ``timeout`` seconds."""
         for s in self.slots:
             if s.proc is not None and s.proc.poll() is None:
                 try:
-                    os.killpg(s.proc.pid, signal.SIGTERM)
+                    os.killpg(s.proc.pid, signum)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + timeout

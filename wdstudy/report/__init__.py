@@ -37,9 +37,17 @@ class ReportPaths:
     tables: list[Path]
 
 
-def build_report(storage, study: str, out_dir: Path, storage_label: str) -> ReportPaths:
-    """Write report.html, report.pdf, figures/ and tables/ for ``study`` into ``out_dir``."""
+def build_report(storage, study: str, out_dir: Path, storage_label: str, landscape_axis: str = "auto",
+                 where: str = "landscape_axis") -> ReportPaths:
+    """Write report.html, report.pdf, figures/ and tables/ for ``study`` into ``out_dir``.
+
+    ``landscape_axis`` (:data:`wdstudy.spec.LANDSCAPE_AXES`): the landscape figure's y axis for the
+    decoupled-decay arms; a bad value is refused naming ``where`` (the flag or spec key it came from)."""
+    from ..spec import check_landscape_axis
+
+    check_landscape_axis(landscape_axis, where)
     d = load_report_data(storage, study, storage_label)
+    d.landscape_axis = landscape_axis
     compute_tables(d, importance=False)
     figures = render_all(d)  # computes the importances while the figures are drawn
     sections = build_document(d, figures)

@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .. import records as R
+from ..arms import WEIGHT_DECAYS
 from ..stats import mean_ci, tuning_curve
 from .style import arms_in, color, label, shrink
 from .tables import NEAR_LR, ReportData, search_order, top_trials
@@ -303,6 +304,10 @@ def fig_landscapes(d: ReportData) -> Figure | None:
                              gridspec_kw={"width_ratios": [1] * ncol + [0.045]})
     axes = [row[:-1] for row in grid]
     tops = []
+    tau_axis = d.tau_landscape()
+    drawn_tau: set[str] = set()  # the arms drawn over τ_epoch, those without a timescale, those not measured
+    over_lambda: set[str] = set()
+    unmeasured: set[str] = set()
     for i, (task, opt, cells, regs, done, values) in enumerate(rows):
         sc = _scale(d, task)
         vmin = float(values.min()) * sc
@@ -317,12 +322,20 @@ def fig_landscapes(d: ReportData) -> Figure | None:
                 continue
             reg = regs[j]
             allt = d.trials[d.trials.cell == cells[reg]]
-            mappable = _landscape_panel(ax, done[reg], allt, d.cells[cells[reg]], vmin, vmax, sc) or mappable
-            lo, hi = d.cells[cells[reg]].weight_decay_range
-            ax.set_title(f"{task} · {opt} · {label(reg)}", fontsize=8.5)
+            cell = d.cells[cells[reg]]
+            tau = _timescale_of(cell, allt) if tau_axis and reg in WEIGHT_DECAYS else None
+            if tau_axis and reg in WEIGHT_DECAYS and tau is None:
+                unmeasured.add(label(reg))
+            mappable = _landscape_panel(ax, done[reg], allt, cell, vmin, vmax, sc, tau) or mappable
+            # over τ_epoch the y labels are wider: the titles take two lines, not to run into each other
+            ax.set_title(f"{task} · {opt}{chr(10) if tau_axis else ' · '}{label(reg)}", fontsize=8.5)
             if i == len(rows) - 1:
                 ax.set_xlabel("learning rate η")
-            ax.set_ylabel(f"λ ({label(reg)})", fontsize=8)
+            ax.set_ylabel(f"τ_epoch ({label(reg)}, epochs)" if tau else f"λ ({label(reg)})", fontsize=8)
+            if tau:
+                drawn_tau.add(label(reg))
+            elif reg not in WEIGHT_DECAYS:
+                over_lambda.add(label(reg))
         if mappable is not None:
             cb = fig.colorbar(mappable, cax=grid[i][-1], extend="max")
             cb.set_label("val. error (%)" if d.rate(task) else _metric_name(d, task).replace("validation", "val."),
@@ -334,37 +347,123 @@ def fig_landscapes(d: ReportData) -> Figure | None:
            "Each dot is one completed search trial, coloured by its validation result; × pruned or diverged; "
            "★ the chosen configuration. No surface is interpolated between the trials.")
     _fit(fig)
+    if drawn_tau:
+        return Figure("landscapes", "landscapes", "Landscapes over (η, λ) and (η, τ_epoch)", _with_note(d, (
+            f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
+            "worse trials share the darkest colour, so the good region is resolved. "
+            + _tau_caption(sorted(drawn_tau), sorted(over_lambda), sorted(unmeasured))
+            + (" τ_epoch panels show the grid's points as dots (a grid in λ is no grid in τ_epoch)." if grid else ""))),
+            "Scatter of the search trials over learning rate and, for the decoupled-decay arms, their timescale "
+            "τ_epoch in epochs (λ for the others), one row per task and one panel per arm.", fig)
     return Figure("landscapes", "landscapes", "Landscapes over (η, λ)", _with_note(d, (
         f"{how} One colour scale per row, from the row's best trial to its median trial ({', '.join(tops)}); "
         "worse trials share the darkest colour, so the good region is resolved. Each panel spans its arm's own "
         "λ range (the y axes differ): compare arms through the per-step shrink (section 5)."
         + (" An arm searched over its per-step shrink η·λ (or its timescale, in steps or epochs) covers the "
            "band between the dashed lines, the λ of the range's two ends at each η." if any(
-               c.decay_axis for c in d.cells.values()) else ""))),
+               c.decay_axis for c in d.cells.values()) else "")
+        + (f" Drawn over λ although τ_epoch was asked for: {', '.join(sorted(unmeasured))} (its runs recorded no "
+           "steps per epoch)." if unmeasured else ""))),
         "Scatter of the search trials over learning rate and λ, one row per task and one panel per arm.", fig)
 
 
+#: the timescale band of Wang & Aitchison (ICML 2025): the best τ_epoch lies between about one epoch and
+#: the training length, and stays put as model and data grow
+TAU_CITATION = "Wang & Aitchison, ICML 2025, “How to set AdamW's weight decay as you scale model and dataset size”"
+BAND_COLOUR = "#2a6f97"
+
+
+def _tau_caption(tau: list[str], lam: list[str], unmeasured: list[str]) -> str:
+    """What a landscape figure drawn over τ_epoch shows: which panels, the band, where λ stays."""
+    text = (f"Panels of {', '.join(tau)}: y axis the arm's timescale τ_epoch = τ_iter / steps per epoch, with "
+            "τ_iter = 1/(η·λ) steps at the peak learning rate (1/λ for independent), the number of epochs over "
+            "which the weights average their recent updates; each dot at the τ_epoch its run recorded. The blue "
+            "lines mark one epoch and the training length (the run's epochs): Wang & Aitchison find the best "
+            "τ_epoch between about these two, and the same τ_epoch best as model and dataset grow "
+            f"({TAU_CITATION}). The dashed lines bound the searched range at each η, in τ_epoch (diagonal for "
+            "a decoupled arm searched over λ, since τ_epoch falls as η grows; horizontal for one searched over "
+            "its timescale or per-step shrink, and for independent).")
+    if lam:
+        text += (f" Panels of {', '.join(lam)}: over λ, their own range — a penalty or L1 arm has no "
+                 "decoupled timescale (with Adam, L2's shrink of each weight is divided by that weight's "
+                 "gradient scale), so it has no τ_epoch to draw; compare arms through the per-step shrink "
+                 "(section 5).")
+    if unmeasured:
+        text += f" Over λ although τ_epoch was asked for: {', '.join(unmeasured)} (its runs recorded no steps per epoch)."
+    return text
+
+
+@dataclass
+class Timescale:
+    """How a decoupled-decay cell's (η, λ) maps to τ_epoch, from what its runs recorded."""
+
+    regularizer: str
+    steps_per_epoch: float
+    epochs: float  # the run's length: the band's upper line
+
+    def of(self, lr, wd):
+        """τ_epoch of (η, λ): 1/(η·λ·steps per epoch), or 1/(λ·steps per epoch) for ``independent``."""
+        lr, wd = np.asarray(lr, float), np.asarray(wd, float)
+        rate = wd if self.regularizer == "independent" else lr * wd
+        with np.errstate(divide="ignore"):
+            return 1.0 / (rate * self.steps_per_epoch)
+
+    def trials(self, t: pd.DataFrame) -> np.ndarray:
+        """The τ_epoch of trials: the one each run recorded, else (a run stopped before it measured)
+        the one its (η, λ) gives."""
+        own = pd.to_numeric(t.tau_epoch, errors="coerce").to_numpy(float) if "tau_epoch" in t \
+            else np.full(len(t), np.nan)
+        return np.where(np.isnan(own), self.of(t.lr, t.weight_decay), own)
+
+
+def _timescale_of(cell: R.CellRecord, trials: pd.DataFrame) -> Timescale | None:
+    """The cell's :class:`Timescale`: its steps per epoch as its runs measured them (else as its
+    record stores them), its length in epochs as they ran; None without a steps per epoch."""
+    def recorded(col: str) -> float | None:
+        v = pd.to_numeric(trials[col], errors="coerce").dropna() if col in trials else pd.Series(dtype=float)
+        return float(v.median()) if len(v) else None
+
+    spe = recorded("steps_per_epoch") or cell.steps_per_epoch
+    epochs = recorded("run_epochs") or cell.task.get("epochs")
+    if not spe or not epochs:
+        return None
+    return Timescale(cell.regularizer, float(spe), float(epochs))
+
+
 def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: R.CellRecord, vmin: float, vmax: float,
-                     sc: float):
+                     sc: float, tau: Timescale | None = None):
+    """One arm's search trials over (η, λ), or with ``tau`` over (η, τ_epoch) with the band from one
+    epoch to the training length."""
     import seaborn as sns
 
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(*_padded(cell.lr_range))
-    ax.set_ylim(*_padded(cell.weight_decay_range))
+    searched = cell.searched_decay
+    lrs = np.geomspace(*cell.lr_range, 50)
+    # the searched range's two ends as λ at each η (the band of (η, λ) that the searched axis covers)
+    ends = [] if searched is None else [
+        np.array([cell.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs]) for bound in searched[1]]
+    if tau is not None:
+        ends = [tau.of(lrs, lam) for lam in ends]
+        ax.set_ylim(*_padded(_tau_limits(tau, cell, ends)))
+        _tau_band(ax, tau)
+    else:
+        ax.set_ylim(*_padded(cell.weight_decay_range))
     if done.empty:
         ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
         return None
-    searched = cell.searched_decay
-    if searched is not None and searched[0] != "lambda":  # the band of (η, λ) that the searched axis covers
-        lrs = np.geomspace(*cell.lr_range, 50)
-        for bound in searched[1]:
-            ax.plot(lrs, [cell.decay_of({"lr": a, R.DECAY_AXES[searched[0]]: bound}) for a in lrs],
-                    color="#999999", lw=0.8, ls="--", zorder=1)
+    if searched is not None and (searched[0] != "lambda" or tau is not None):  # the searched band, dashed
+        for end in ends:
+            ax.plot(lrs, end, color="#999999", lw=0.8, ls="--", zorder=1)
     cmap = sns.color_palette(CMAP, as_cmap=True)
-    x, y, v = done.lr.to_numpy(float), done.weight_decay.to_numpy(float), sc * done.value.to_numpy(float)
+
+    def ys(t: pd.DataFrame) -> np.ndarray:
+        return tau.trials(t) if tau is not None else t.weight_decay.to_numpy(float)
+
+    x, y, v = done.lr.to_numpy(float), ys(done), sc * done.value.to_numpy(float)
     mappable = None
-    if cell.sampler == "grid":
+    if cell.sampler == "grid" and tau is None:
         grid = done.assign(x=np.log10(x), y=np.log10(y), v=v).groupby(["y", "x"]).v.mean().unstack()
         ex, ey = _edges(grid.columns.to_numpy()), _edges(grid.index.to_numpy())
         mappable = ax.pcolormesh(10 ** ex, 10 ** ey, grid.to_numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
@@ -374,12 +473,33 @@ def _landscape_panel(ax, done: pd.DataFrame, allt: pd.DataFrame, cell: R.CellRec
                      edgecolors="#333333", linewidths=0.5, zorder=3)
     bad = allt[allt.state == "PRUNED"]
     if len(bad):
-        ax.scatter(bad.lr.astype(float), bad.weight_decay.astype(float), marker="x", c="#555555", s=18,
-                   linewidths=0.8, zorder=3)
+        ax.scatter(bad.lr.astype(float), ys(bad), marker="x", c="#555555", s=18, linewidths=0.8, zorder=3)
     chosen = done[done.chosen] if "chosen" in done and done.chosen.any() else done.loc[[done.value.idxmin()]]
-    ax.scatter(chosen.lr.astype(float), chosen.weight_decay.astype(float), marker="*", s=170, c="gold",
+    ax.scatter(chosen.lr.astype(float), ys(chosen), marker="*", s=170, c="gold",
                edgecolors="black", linewidths=0.8, zorder=4)
     return mappable or sc_
+
+
+def _tau_limits(tau: Timescale, cell: R.CellRecord, ends: list[np.ndarray]) -> tuple[float, float]:
+    """The y range of a τ_epoch panel: the searched range (its dashed ends, or the τ_epoch of the λ
+    range's corners) and the band from one epoch to the training length."""
+    if ends:
+        values = np.concatenate(ends)
+    else:
+        lo, hi = cell.weight_decay_range or (1.0, 1.0)
+        values = tau.of([cell.lr_range[0], cell.lr_range[1]], [lo, hi])
+    values = values[np.isfinite(values) & (values > 0)]
+    return min(float(values.min()), 1.0), max(float(values.max()), tau.epochs)
+
+
+def _tau_band(ax, tau: Timescale) -> None:
+    """The lines at τ_epoch = 1 and at the run's epochs, labelled, the band between them shaded."""
+    ax.axhspan(1.0, tau.epochs, color=BAND_COLOUR, alpha=0.07, lw=0, zorder=0)
+    where = ax.get_yaxis_transform()  # x in the panel's width, y in τ_epoch
+    for y, text in ((1.0, "1 epoch"), (tau.epochs, f"training length: {tau.epochs:g} epochs")):
+        ax.axhline(y, color=BAND_COLOUR, lw=0.9, zorder=2)
+        # no box behind the label: it would hide a dashed end of the searched range running close by
+        ax.text(0.98, y, text, transform=where, ha="right", va="bottom", fontsize=6.5, color=BAND_COLOUR, zorder=5)
 
 
 def _padded(bounds, share: float = 0.04) -> tuple[float, float]:

@@ -54,6 +54,16 @@ class ReportData:
     decision: dict = field(default_factory=dict)  # the decision settings (margin, alpha, primary, looks)
     diagnostics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the runs' mechanics (analysis.diagnostics_frame)
     meaning: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell's pick: report.meaning.meaning_table
+    #: the landscape figure's y axis for the decoupled-decay arms: ``auto``, ``lambda`` or ``tau_epoch``
+    #: (:data:`wdstudy.spec.LANDSCAPE_AXES`; ``auto`` resolved by :meth:`tau_landscape`)
+    landscape_axis: str = "auto"
+
+    def tau_landscape(self) -> bool:
+        """Whether the landscape figure draws the decoupled-decay arms over τ_epoch: asked for, or
+        (``auto``) their decoupled arm was searched over ``timescale_epochs``."""
+        if self.landscape_axis == "auto":
+            return any(c.decay_axis is not None and c.decay_axis[0] == "timescale_epochs" for c in self.cells.values())
+        return self.landscape_axis == "tau_epoch"
 
     def groups(self) -> list[tuple[str, str]]:
         """The (task, optimizer) pairs of the study, in table order."""
@@ -106,8 +116,8 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
         from ..errors import WdstudyError
 
         raise WdstudyError(f"study={study!r}: no cells of this study in storage {storage_label}")
-    cells = {name: R.cell_of(s.user_attrs) for name, (s, _) in studies.items()}
-    first = next(iter(studies.values()))[0].user_attrs
+    cells = {name: R.StudyRecord.of(s).cell for name, (s, _) in studies.items()}
+    first = R.StudyRecord.of(next(iter(studies.values()))[0])
     objective = next(iter(cells.values())).objective
     from ..verdicts import decision_settings, study_arms
 
@@ -115,7 +125,8 @@ def load_report_data(storage, study: str, storage_label: str) -> ReportData:
     d = ReportData(study, storage_label, cells, trials_frame(storage, study), evaluations_frame(storage, study),
                    progress_frame(storage, study), _histories(storage, studies),
                    survivors(race_frame(storage, study), arms),
-                   first.get(R.SPEC_YAML, ""), first.get(R.VERSIONS, {}), objective,
+                   first.spec_yaml if first.spec_yaml is not None else "",
+                   first.versions if first.versions is not None else {}, objective,
                    arms=arms, decision=decision_settings(storage, study))
     from ..analysis import diagnostics_frame
     from .meaning import meaning_table
@@ -144,13 +155,14 @@ def _histories(storage, studies) -> pd.DataFrame:
     for name, (s, ev) in studies.items():
         if ev is None:
             continue
-        cell = R.cell_of(s.user_attrs)
+        cell = R.StudyRecord.of(s).cell
         for t in study_trials(storage, ev):
             if t.state != optuna.trial.TrialState.COMPLETE:
                 continue
-            for h in map(R.history_row, t.user_attrs.get(R.HISTORY, [])):
+            run = R.RunRecord.of(t)
+            for h in run.history:
                 rows.append({"cell": name, "task": cell.task_name, "optimizer": cell.optimizer_name,
-                             "regularizer": cell.regularizer, "seed": t.user_attrs.get(R.SEED), **h})
+                             "regularizer": cell.regularizer, "seed": run.seed, **h})
     return pd.DataFrame(rows)
 
 
