@@ -221,13 +221,23 @@ def test_a_study_searched_over_tau_epoch_trains_the_lambda_it_stores(tmp_path):
     # the landscape's decoupled panel: the band the τ_epoch range covers, λ = 1/(η·τ·S) at its two ends
     from wdstudy.report.figures import fig_landscapes
 
-    figure = fig_landscapes(d)
-    assert figure is not None
-    panel = next(ax for ax in figure.fig.axes if ax.get_title().endswith("decoupled"))
-    bands = [line.get_data() for line in panel.get_lines() if line.get_linestyle() == "--"]
+    def dashed(axis: str) -> list:
+        d.landscape_axis = axis
+        figure = fig_landscapes(d)
+        assert figure is not None
+        panel = next(ax for ax in figure.fig.axes if ax.get_title().endswith("decoupled"))
+        return [line.get_data() for line in panel.get_lines() if line.get_linestyle() == "--"]
+
+    # over λ: the band of the τ_epoch range, λ = 1/(η·τ·S) at its two ends
+    bands = dashed("lambda")
     assert len(bands) == 2
     for (lrs, lams), tau in zip(bands, (0.5, 50.0)):
         assert np.allclose(np.asarray(lams) * np.asarray(lrs) * 4 * tau, 1.0, rtol=0, atol=1e-12)
+    # by default an arm searched over τ_epoch is drawn over τ_epoch: the range's ends are flat lines
+    bands = dashed("auto")
+    assert len(bands) == 2
+    for (_, taus), tau in zip(bands, (0.5, 50.0)):
+        assert np.allclose(np.asarray(taus), tau, rtol=1e-12)
 
 
 def test_the_simulator_runs_and_fits_a_study_searched_over_tau_epoch():
