@@ -170,7 +170,7 @@ def progress_frame(storage, study: str) -> pd.DataFrame:
         counts = {st: 0 for st in STATES}
         best = math.inf
         for t in trials:
-            if t.system_attrs.get(R.FAIL_KIND) == R.DUPLICATE:
+            if R.duplicate(t):
                 continue  # a unit queued twice: its copy never ran, no run failed
             counts[t.state.name] += 1
             if t.state == TrialState.COMPLETE and t.value is not None:

@@ -197,11 +197,6 @@ def decision_record(spec: StudySpec) -> dict[str, Any]:
 
 # -- the engine ----------------------------------------------------------------------------------
 
-def duplicate(trial: FrozenTrial) -> bool:
-    """Whether ``trial`` is a unit's second copy, ended unrun (:meth:`Retries.end_duplicates`)."""
-    return trial.system_attrs.get(R.FAIL_KIND) == R.DUPLICATE
-
-
 def _queued(trial: FrozenTrial) -> bool:
     """Whether ``trial`` was queued by the engine as an attempt of a unit (a search slot, a seed)."""
     return R.GENERATION in trial.user_attrs or R.SEED in trial.user_attrs
@@ -242,13 +237,14 @@ class Retries:
         """
         phase, cell = self._owner[study.study_name]
         key = phase.key(failed)
-        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key and not duplicate(t)]
+        same = [t for t in trials if t.state == TrialState.FAIL and phase.key(t) == key]
         if all(t.number != failed.number for t in same):
             same.append(failed)
-        same = [t for t in same if t.system_attrs.get(R.FAIL_KIND) != R.STORAGE]  # a full disk: not the run's
+        # an unrun second copy and a stop by a full disk are no failures of the run
+        same = [t for t in same if not R.duplicate(t) and t.system_attrs.get(R.FAIL_KIND) != R.STORAGE]
         attrs = phase.retry_attrs(failed)
         params: dict[str, Any] = failed.params
-        errors = sum(R.RunRecord.of(t).fail_kind == R.ERROR for t in same)
+        errors = sum(t.system_attrs.get(R.FAIL_KIND) == R.ERROR for t in same)
         if errors > MAX_RETRY or len(same) - errors > MAX_LOST:
             replacement = phase.replacement(cell, failed, attrs, trials)
             if replacement is None:

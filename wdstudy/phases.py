@@ -80,7 +80,7 @@ def _by_candidate_seed(trials: list[FrozenTrial]) -> dict[tuple, list[FrozenTria
 
 def _attempts(ts: list[FrozenTrial]) -> list[FrozenTrial]:
     """A unit's trials without the copies queued twice and ended unrun (``duplicate``)."""
-    return [t for t in ts if t.system_attrs.get(R.FAIL_KIND) != R.DUPLICATE] or ts
+    return [t for t in ts if not R.duplicate(t)] or ts
 
 
 def _candidates(race: optuna.Study) -> list[dict[str, Any]]:

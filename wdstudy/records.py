@@ -117,6 +117,12 @@ LOST = "lost"
 DUPLICATE = "duplicate"
 STORAGE = "storage"
 
+
+def duplicate(trial) -> bool:
+    """Whether ``trial`` is a unit's second copy, ended unrun (:meth:`wdstudy.cells.Retries.end_duplicates`)."""
+    return trial.system_attrs.get(FAIL_KIND) == DUPLICATE
+
+
 # -- the searched strength ------------------------------------------------------------------
 #: How a spec may search an arm's strength, and the trial parameter that holds it: λ itself
 #: (``weight_decay``), or, for the decoupled arm, the per-step shrink η·λ (``shrink``), its
