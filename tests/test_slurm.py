@@ -40,7 +40,12 @@ def jobs_of(name: str) -> list[str]:
 def slurm():
     if shutil.which("sbatch") is None:
         pytest.skip("Slurm is not installed here (no sbatch); bash tests/slurm/up.sh installs and starts it")
-    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while True:  # a node still completing the previous test's jobs ("comp") is up: wait for it
+        r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 or not r.stdout.startswith("comp") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     if r.returncode != 0 or not r.stdout.strip() or r.stdout.split()[0] not in ("idle", "mix", "alloc"):
         pytest.fail(f"Slurm is installed but its node is not up ({r.stdout.strip() or r.stderr.strip()}); "
                     "run bash tests/slurm/up.sh")
@@ -220,6 +225,15 @@ def test_a_cancelled_array_task_requeues_its_trial_and_a_resubmit_completes(tmp_
 PACED = f"{Path(__file__).parent / 'slurm' / 'paced_task.py'}:build"
 
 
+def paced_spec(tmp_path, name: str, *, pause: float, epochs: int, trials: int):
+    """A one-cell study (decoupled decay, 1 evaluation seed) on PostgreSQL of the paced test task: each
+    unit takes at least ``epochs × pause`` seconds, whatever the load."""
+    return write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
+                      tasks=[{"name": "paced", "factory": PACED, "pause": pause, "batch_size": 64}],
+                      task_defaults={"epochs": epochs}, search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": trials},
+                      evaluation={"seeds": 1})
+
+
 @pytest.mark.integration
 def test_an_array_task_at_its_time_limit_requeues_its_trial_and_a_resubmit_completes(tmp_path, slurm, pg_study):
     """At a task's --time Slurm sends SIGTERM (SIGKILL follows after KillWait): the worker fails and
@@ -229,10 +243,7 @@ def test_an_array_task_at_its_time_limit_requeues_its_trial_and_a_resubmit_compl
     # four units (3 trials, 1 evaluation seed) of at least 25 s each (24 s of them paced, whatever the
     # load): Slurm ends the task 60 to 90 s after it starts (its controller checks limits every 30 s),
     # so after the first unit and before the last, mid-unit
-    spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
-                      tasks=[{"name": "paced", "factory": PACED, "pause": 2.0, "batch_size": 64}],
-                      task_defaults={"epochs": 12}, search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 3},
-                      evaluation={"seeds": 1})
+    spec = paced_spec(tmp_path, name, pause=2.0, epochs=12, trials=3)
     r = cli("submit", str(spec), "--slurm", "--nodes", "1", "--cpus-per-task", "1", "--time", "1")
     assert r.returncode == 0, r.stderr
     array, report = submit_ids(r.stdout)
@@ -279,10 +290,7 @@ def test_a_preempted_array_task_requeues_its_trial_and_comes_back_by_itself(tmp_
     name = pg_study()
     # three units (2 trials, 1 evaluation seed) of at least 20 s each, paced whatever the load: the
     # urgent job lands mid-trial
-    spec = write_spec(tmp_path, name=name, storage=PG_URL, regularizers=["decoupled"],
-                      tasks=[{"name": "paced", "factory": PACED, "pause": 1.0, "batch_size": 64}],
-                      task_defaults={"epochs": 20}, search={"weight_decay": {"low": 1e-2, "high": 10}, "trials": 2},
-                      evaluation={"seeds": 1})
+    spec = paced_spec(tmp_path, name, pause=1.0, epochs=20, trials=2)
     r = cli("submit", str(spec), "--slurm", "--nodes", "1", "--cpus-per-task", "1", "--partition", "preemptible")
     assert r.returncode == 0, r.stderr
     array, report = submit_ids(r.stdout)
