@@ -216,13 +216,14 @@ def main() -> int:
                 r = subprocess.run([sys.executable, "-m", "wdstudy", "worker", str(d / "spec.yaml"), "--single"],
                                    capture_output=True, text=True, cwd=ROOT)
                 from wdstudy.analysis import trials_frame
+                from wdstudy.launch import DEVICE_FAULT
                 from wdstudy.storage import open_storage
 
                 df = trials_frame(open_storage(str(d / "out" / "optuna.journal")), "fault")
                 failed = df[df.state == "FAIL"]
-                if r.returncode != 4 or len(failed) != 1 or failed.fail_kind.iloc[0] != "lost":
+                if r.returncode != DEVICE_FAULT or len(failed) != 1 or failed.fail_kind.iloc[0] != "lost":
                     raise RuntimeError(f"exit {r.returncode}, {len(failed)} failed trial(s): {r.stderr[-300:]}")
-                return f"worker exited 4 after one lost trial ({failed.reason.iloc[0][:60]})"
+                return f"worker exited {DEVICE_FAULT} after one lost trial ({failed.reason.iloc[0][:60]})"
 
     if acc == "gpu" and not args.skip_throughput:
         @check("throughput")

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,39 @@ def pytest_unconfigure(config):
 
 
 # -- shared helpers ------------------------------------------------------------------------------
+
+
+@contextmanager
+def password_role():
+    """A PostgreSQL role with a password on the tests' server: (its URL, its password). The role,
+    and whatever it owns, is handed back and dropped at the end. (On a server with trust
+    authentication the password is not checked; these tests are about where it is shown.)"""
+    import sqlalchemy
+
+    role, password = f"wd_{uuid.uuid4().hex[:8]}", f"Pw{uuid.uuid4().hex[:12]}"
+    open_storage(PG_URL)  # Optuna's tables, if this is the first test on a fresh server, owned by its user
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"))
+    # the tests' server (on 127.0.0.1:5432, or the throwaway one on its Unix socket) as that role
+    url = sqlalchemy.engine.make_url(PG_URL).set(username=role, password=password).render_as_string(
+        hide_password=False)
+    try:
+        yield url, password
+    finally:
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f"REASSIGN OWNED BY {role} TO CURRENT_USER"))  # whatever it created
+            c.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
+
+
+def pdf_text(path: Path) -> str:
+    """A PDF's text and metadata (pypdf), to search for what must not be in it."""
+    from pypdf import PdfReader
+
+    reader = PdfReader(str(path))
+    meta = " ".join(str(v) for v in (reader.metadata or {}).values())
+    return meta + "\n".join(page.extract_text() or "" for page in reader.pages)
 
 
 def write_spec(tmp_path: Path, name: str = "tiny", **over) -> Path:

@@ -269,7 +269,10 @@ def test_a_sigkill_storm_does_not_stop_the_study(tmp_path):
             time.sleep(rng.uniform(0.3, 1.5))  # short: the kills must outpace a fast machine's study
             workers = _children(launcher.pid)
             if workers and running_trials(tmp_path, "tiny"):  # kill while trials are in flight
-                os.kill(rng.choice(workers), signal.SIGKILL)
+                try:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+                except ProcessLookupError:  # it exited (or was reaped) since it was listed
+                    continue
                 kills += 1
         out, err = launcher.communicate(timeout=900)
     finally:

@@ -25,7 +25,7 @@ from wdstudy.redact import redact
 from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 
-from .conftest import PG_URL, assert_exact, journal, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, journal, password_role, pdf_text, wait_for, write_spec
 from .pgproxy import PgProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,26 +83,16 @@ def test_redact_hides_a_password_given_as_a_query_parameter():
     assert "hunter22" not in shown and "password=***" in shown and "sslmode=require" in shown
 
 
-def _pdf_text(path: Path) -> str:
-    from pypdf import PdfReader
-
-    reader = PdfReader(str(path))
-    meta = " ".join(str(v) for v in (reader.metadata or {}).values())
-    return meta + "\n".join(page.extract_text() or "" for page in reader.pages)
-
-
 @pytest.mark.integration
 def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
     """A study on a password-protected PostgreSQL role: launch, status, report, errors, logs,
     every file of the output (the PDF's text included), and the workers' command lines."""
-    role, password = f"wd_{uuid.uuid4().hex[:8]}", f"Pw{uuid.uuid4().hex[:12]}"
-    open_storage(PG_URL)  # Optuna's tables, if this is the first test on a fresh server, owned by its user
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"))
-    # the tests' server (on 127.0.0.1:5432, or the throwaway one on its Unix socket) as that role
-    url = sqlalchemy.engine.make_url(PG_URL).set(username=role, password=password).render_as_string(
-        hide_password=False)
+    with password_role() as (url, password):
+        role = sqlalchemy.engine.make_url(url).username
+        _password_outputs(tmp_path, url, password, role)
+
+
+def _password_outputs(tmp_path, url: str, password: str, role: str) -> None:
     shown_url = url.replace(f"{role}:{password}@", f"{role}:***@", 1)
     assert shown_url != url
     name = f"pw-{uuid.uuid4().hex[:8]}"
@@ -158,17 +148,12 @@ def test_a_password_never_reaches_an_output_a_file_or_a_command_line(tmp_path):
         for p in files:
             texts.append(p.read_bytes().decode("latin-1"))
             if p.suffix == ".pdf":
-                texts.append(_pdf_text(p))
+                texts.append(pdf_text(p))
         leaks = [t[:200] for t in texts if password in t]
         assert not leaks, leaks
         assert any(role in t for t in texts)  # the outputs do name the storage, with its user
     finally:
         _drop(PG_URL, name)
-        with admin.connect() as c:
-            c.execute(sqlalchemy.text(f"REASSIGN OWNED BY {role} TO CURRENT_USER"))  # whatever it created
-            c.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
-        admin.dispose()
-
 
 # -- the journal: torn tails, damaged records, two launches --------------------------------------
 
@@ -352,7 +337,8 @@ def test_a_full_disk_stops_the_launch_cleanly_and_the_same_command_resumes(tmp_p
     # reserve left, if they needed it): none is RUNNING
     stopped = _trials(open_storage(url), "tiny")
     FAIL, RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
-    assert not [k for k, (state, *_) in stopped.items() if state == RUNNING], stopped
+    logs = {q.name: q.read_text(errors="replace")[-2000:] for q in (small_disk / "out" / "logs").glob("*.log")}
+    assert not [k for k, (state, *_) in stopped.items() if state == RUNNING], (stopped, r.stderr, logs)
     failed = [(kind, why) for state, _, kind, why in stopped.values() if state == FAIL]
     assert failed and all(kind == "storage" for kind, _ in failed), failed
     assert any(f"cannot write {url}: No space left on device" in why for _, why in failed), failed

@@ -23,14 +23,14 @@ from lightning.pytorch import Callback
 
 import wdstudy.train as train_module
 from wdstudy.analysis import trials_frame
-from wdstudy.cells import cell_record
+from wdstudy.cells import Cells, cell_record
 from wdstudy.launch import parse_nvidia_smi, plan_slots, why_cpu
 from wdstudy.spec import load_spec
 from wdstudy.storage import open_storage
 from wdstudy.tasks import task_config
 from wdstudy.train import DeviceUnavailable, check_accelerator, data_loss, gpu_numerics, make_trainer, train_run
 
-from .conftest import assert_exact, cli, journal, write_spec
+from .conftest import assert_exact, cli, journal, setup_study, write_spec
 
 SLURM_ENV = {"SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "wdstudy-x", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "1",
@@ -137,9 +137,13 @@ def test_a_driver_too_old_for_the_torch_build_is_named_with_what_to_install(tmp_
 
 
 FAULTY = '''
+from pathlib import Path
+
 import torch
 from torch import nn
 from wdstudy.tasks.user import UserTask
+
+MARK = Path(__file__).with_suffix(".failed")
 
 
 class Faulty(nn.Module):
@@ -148,7 +152,8 @@ class Faulty(nn.Module):
         self.lin = nn.Linear(8, 2)
 
     def forward(self, x):
-        if self.training:  # as a device-side assert surfaces: at the next CUDA call
+        if self.training and not MARK.exists():  # once: as a device-side assert surfaces, at a CUDA call
+            MARK.touch()
             raise torch.AcceleratorError("CUDA error: device-side assert triggered")
         return self.lin(x)
 
@@ -161,20 +166,51 @@ def build():
 
 
 @pytest.mark.integration
-def test_a_device_side_error_ends_its_worker_after_one_trial_lost_and_requeued(tmp_path):
+def test_a_device_side_error_ends_its_worker_its_trial_lost_and_launch_starts_a_fresh_one(tmp_path):
+    """The worker exits with DEVICE_FAULT after failing its trial as lost (no retry counted); its
+    launch replaces it, as any death, and the study completes: a device fault stops no pool."""
     (tmp_path / "faulty.py").write_text(textwrap.dedent(FAULTY))
     spec = write_spec(tmp_path, tasks=[{"name": "faulty", "factory": f"{tmp_path / 'faulty.py'}:build",
                                         "epochs": 1, "batch_size": 20}],
                       regularizers=["l2"], search={"weight_decay": L2, "trials": 3}, evaluation={"seeds": 1})
-    r = cli("worker", str(spec), "--single")
-    assert r.returncode == 4, r.stdout + r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("wdstudy: worker ") and "device error, exiting so a fresh process takes over: " \
-        "AcceleratorError: CUDA error: device-side assert triggered" in last
-    df = trials_frame(journal(tmp_path), "tiny")
+    r = cli("launch", str(spec), "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "faulty.failed").exists()
+    log = (tmp_path / "out" / "logs" / "worker-0.log").read_text()
+    assert ("device error, exiting so a fresh process takes over: "
+            "AcceleratorError: CUDA error: device-side assert triggered") in log
+    storage = journal(tmp_path)
+    df = trials_frame(storage, "tiny")
     failed = df[df.state == "FAIL"]
     assert len(failed) == 1 and failed.fail_kind.iloc[0] == "lost"  # lost: not counted against the retries
-    assert (df.state == "WAITING").any() and not (df.state == "RUNNING").any()
+    assert_exact(storage, "tiny", budget=3, seeds=1, cells=1)
+
+
+def test_the_pool_tells_each_exit_code_apart(tmp_path):
+    """A device fault is a death (the slot restarts); an outage and a full disk stop the pool, and
+    only a full disk stops the other workers with STORAGE_STOP (their trials failed as the disk's)."""
+    from wdstudy.launch import DEVICE_FAULT, Pool
+    from wdstudy.outage import STORAGE_FAULT, STORAGE_UNWRITABLE
+
+    class Exited:
+        pid = 999999
+
+        def __init__(self, rc):
+            self.rc = rc
+
+        def poll(self):
+            return self.rc
+
+    spec, url = setup_study(tmp_path)
+    log = tmp_path / "worker-0.log"
+    log.write_text("wdstudy: the reason it gave\n")
+    for rc, fault, unwritable in ((STORAGE_FAULT, "the reason it gave", False),
+                                  (STORAGE_UNWRITABLE, "the reason it gave", True), (DEVICE_FAULT, None, False)):
+        pool = Pool("spec.yaml", spec, url, [{}], tmp_path)
+        pool.slots[0].proc, pool.slots[0].log = Exited(rc), log
+        pool.reap(Cells(spec, open_storage(url)))
+        assert (pool.fault, pool.unwritable) == (fault, unwritable), rc
+        assert pool.slots[0].finished == (fault is not None) and (pool.slots[0].proc is None) == (fault is None)
 
 
 # -- 4. memory of finished runs ------------------------------------------------------------------------

@@ -7,6 +7,8 @@ The dry run and the refusals need no Slurm.
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -20,7 +22,7 @@ import pytest
 from wdstudy.analysis import evaluations_frame, trials_frame
 from wdstudy.storage import open_storage
 
-from .conftest import PG_URL, assert_exact, cli, wait_for, write_spec
+from .conftest import PG_URL, assert_exact, cli, password_role, pdf_text, wait_for, write_spec
 
 
 def slurm_state(job: str) -> tuple[str, str]:
@@ -65,7 +67,7 @@ def pg_study():
 
 
 def exec_line(script: str) -> list[str]:
-    return next(line for line in script.splitlines() if line.startswith("exec ")).split()
+    return shlex.split(next(line for line in script.splitlines() if line.startswith("exec ")))
 
 
 def submit_ids(stdout: str) -> tuple[str | None, str]:
@@ -97,6 +99,25 @@ def test_dry_run_prints_both_scripts_and_submits_nothing(tmp_path):
     assert "#SBATCH --dependency=afterany:ARRAY_JOB_ID" in report.splitlines()
     assert exec_line(report)[-1] == "--finish"
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.integration
+def test_a_storage_password_stays_out_of_the_scripts_and_the_jobs_command_lines(tmp_path):
+    spec = write_spec(tmp_path)
+    with password_role() as (url, password):
+        r = cli("submit", str(spec), "--slurm", "--nodes", "2", "--storage", url, "--dry-run")
+        assert r.returncode == 0, r.stderr
+        assert password not in r.stdout + r.stderr and url.replace(password, "***") in r.stdout
+        for script in r.stdout.split("#!/bin/bash")[1:]:
+            assert "--storage" not in exec_line(script)  # the job reads WDSTUDY_STORAGE, which sbatch passes on
+            assert ': "${WDSTUDY_STORAGE:?is not set' in script  # and stops at once without it
+            assert subprocess.run(["bash", "-n"], input="#!/bin/bash" + script, text=True).returncode == 0
+            guard = next(line for line in script.splitlines() if line.startswith(": "))
+            env = {k: v for k, v in os.environ.items() if k != "WDSTUDY_STORAGE"}
+            assert subprocess.run(["bash", "-c", guard], env=env, capture_output=True).returncode != 0
+        r = cli("submit", str(spec), "--slurm", "--storage", url, "--slurm-arg", "export=NONE", "--dry-run")
+        assert r.returncode == 2 and "--slurm-arg export=NONE: the jobs get the storage's password" in r.stderr
+        assert password not in r.stderr
 
 
 @pytest.mark.integration
@@ -163,28 +184,40 @@ def test_a_run_stops_after_the_batch_in_which_a_dropped_stop_signal_arrived(monk
 
 @pytest.mark.integration
 def test_submit_runs_a_study_to_exact_budgets_and_a_report(tmp_path, slurm, pg_study):
+    """Run as a role with a password, given on submit's command line (then in WDSTUDY_STORAGE): the
+    jobs get it in their environment; it is in no output, no file of the study, no job's command."""
     name = pg_study()
-    spec = write_spec(tmp_path, name=name, storage=PG_URL, search={"trials": 3})
-    r = cli("submit", str(spec), "--slurm", "--nodes", "2", "--cpus-per-task", "1", "--time", "15")
-    assert r.returncode == 0, r.stderr
-    array, report = submit_ids(r.stdout)
-    assert array and "squeue" in r.stdout and "status" in r.stdout
-    wait_for(lambda: not jobs_of(name), 900, "the array and the report job to end", interval=2)
-    for task in (f"{array}_0", f"{array}_1"):
-        assert slurm_state(task) == ("COMPLETED", "0:0"), task
-    assert slurm_state(report) == ("COMPLETED", "0:0")
-    storage = open_storage(PG_URL)
-    assert_exact(storage, name, budget=3, seeds=2, cells=2)
-    ev = evaluations_frame(storage, name)
-    assert sorted(ev.groupby("cell").seed.apply(lambda s: tuple(sorted(s))).unique()) == \
-        [tuple(sorted(ev.seed.unique()))]  # every evaluation seed, the same in both cells
-    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.pdf").exists()
-    logs = sorted(p.name for p in (tmp_path / "out" / "logs").glob("slurm-*"))
-    assert f"slurm-{array}_0.out" in logs and f"slurm-{array}_1.out" in logs
-    # a second submit of the finished study only writes the report again
-    r = cli("submit", str(spec), "--slurm", "--nodes", "2")
-    assert r.returncode == 0 and "submitted only report job" in r.stdout, r.stdout + r.stderr
-    wait_for(lambda: not jobs_of(name), 300, "the report job to end", interval=1)
+    spec = write_spec(tmp_path, name=name, search={"trials": 3})
+    with password_role() as (url, password):
+        r = cli("submit", str(spec), "--slurm", "--nodes", "2", "--cpus-per-task", "1", "--time", "15",
+                "--storage", url)
+        assert r.returncode == 0, r.stderr
+        array, report = submit_ids(r.stdout)
+        assert array and "squeue" in r.stdout and "status" in r.stdout
+        texts = [r.stdout, r.stderr] + [subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                                                       text=True).stdout for job in (array, report)]
+        assert all("Command=" in t for t in texts[2:])
+        wait_for(lambda: not jobs_of(name), 900, "the array and the report job to end", interval=2)
+        for task in (f"{array}_0", f"{array}_1"):
+            assert slurm_state(task) == ("COMPLETED", "0:0"), task
+        assert slurm_state(report) == ("COMPLETED", "0:0")
+        storage = open_storage(PG_URL)
+        assert_exact(storage, name, budget=3, seeds=2, cells=2)
+        ev = evaluations_frame(storage, name)
+        assert sorted(ev.groupby("cell").seed.apply(lambda s: tuple(sorted(s))).unique()) == \
+            [tuple(sorted(ev.seed.unique()))]  # every evaluation seed, the same in both cells
+        assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.pdf").exists()
+        logs = sorted(p.name for p in (tmp_path / "out" / "logs").glob("slurm-*"))
+        assert f"slurm-{array}_0.out" in logs and f"slurm-{array}_1.out" in logs
+        # a second submit of the finished study only writes the report again
+        r = cli("submit", str(spec), "--slurm", "--nodes", "2", env={**os.environ, "WDSTUDY_STORAGE": url})
+        assert r.returncode == 0 and "submitted only report job" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: not jobs_of(name), 300, "the report job to end", interval=1)
+        texts += [r.stdout, r.stderr]
+        for f in (tmp_path / "out").rglob("*"):
+            if f.is_file():
+                texts.append(pdf_text(f) if f.suffix == ".pdf" else f.read_bytes().decode("latin-1"))
+        assert not [t[:200] for t in texts if password in t]
 
 
 @pytest.mark.integration

@@ -113,7 +113,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .launch import plan_slots, prepare, run_pool
-    from .outage import STORAGE_FAULT, StorageFault
+    from .outage import STORAGE_UNWRITABLE, StorageFault, exit_code
 
     # the plan first: a bad option is refused before anything is written
     slots = None if args.single else plan_slots(args.devices, args.workers, args.threads, args.per_device)
@@ -123,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         spec, url = prepare(args.spec, args.storage, check_factories=not args.single, wait=args.single)
     except StorageFault as exc:
         print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
-        return STORAGE_FAULT
+        return exit_code(exc)
     if not args.single:
         try:
             return 0 if run_pool(args.spec, spec, url, slots, quiet=args.quiet) else 1
@@ -132,7 +132,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             return 130
     # one worker, in this process (what launch starts per device)
     from . import signals
-    from .launch import DEVICE_UNUSABLE
+    from .launch import DEVICE_FAULT, DEVICE_UNUSABLE
     from .train import DeviceFault, DeviceUnavailable
     from .worker import Worker
 
@@ -152,13 +152,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except DeviceFault as exc:  # its trial is failed as lost and re-queued; launch starts a fresh process
         print(f"wdstudy: worker {os.getpid()}: device error, exiting so a fresh process takes over: {exc}",
               file=sys.stderr)
-        return 4
+        return DEVICE_FAULT
     except StorageFault as exc:  # a full disk, a long outage: the launcher stops the pool
         try:
             print(f"wdstudy: {exc}", file=sys.stderr, flush=True)
         except OSError:  # its log on the full disk: the launcher says so
             pass
-        return STORAGE_FAULT
+        return exit_code(exc)
     except OSError as exc:  # its log on a full disk: the same stop (the message may not get written)
         from .outage import classify, unwritable
 
@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             print(f"wdstudy: {unwritable(exc, exc.filename or 'its log')}", file=sys.stderr, flush=True)
         except OSError:
             pass
-        return STORAGE_FAULT
+        return STORAGE_UNWRITABLE
     print(f"worker {os.getpid()} finished after {n} units", flush=True)
     # Everything is stored (each record is written before the storage call returns) and the log
     # is flushed: skip the interpreter's teardown of torch and Lightning, seconds of CPU that would

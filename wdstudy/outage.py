@@ -48,8 +48,17 @@ from .redact import redact, scrub
 
 UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 TRANSIENT_OS = (errno.EIO, errno.ESTALE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE)
-#: Exit code of a worker stopped by its storage (full disk, outage past the window): never a crash.
+#: Exit code of a worker stopped by its storage (an outage past the window): never a crash.
 STORAGE_FAULT = 4
+#: Exit code of a worker stopped by a storage that cannot be written (a full disk, a quota, a
+#: read-only or forbidden path): never a crash; its launch stops the other workers with
+#: :data:`~wdstudy.signals.STORAGE_STOP` so that their trials are failed as the full disk's.
+STORAGE_UNWRITABLE = 5
+
+
+def exit_code(fault: BaseException) -> int:
+    """The exit code of a worker stopped by ``fault``: :data:`STORAGE_UNWRITABLE` or :data:`STORAGE_FAULT`."""
+    return STORAGE_UNWRITABLE if isinstance(fault, StorageUnwritable) else STORAGE_FAULT
 
 
 def outage_window() -> float:

@@ -15,6 +15,10 @@ the job. Preemption and time limits: Slurm's SIGTERM before its kill reaches eve
 which re-queues its trial; ``--requeue`` brings a preempted array task back, while one that
 reached its time limit ends TIMEOUT and stays ended. Submitting again resumes: only the final
 job if every unit is recorded, else a new array (budgets are totals).
+
+A storage URL with a password stays off the scripts, their command lines and the printed output:
+the jobs get it in their environment (``WDSTUDY_STORAGE``, which ``sbatch`` passes on by default),
+and a job started without it stops at once with the reason instead of opening another storage.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WdstudyError
+from .redact import redact
 from .storage import is_rdb, resolve_url, shown
 
 #: Slurm options that have their own flag here (``--slurm-arg`` must not set them behind its back).
@@ -81,10 +86,10 @@ def check_storage(url: str, nodes: int) -> None:
     if url.startswith("postgresql"):
         return
     if url.startswith("sqlite"):
-        raise WdstudyError(f"storage={url!r}: SQLite locks up with many workers and on network file systems; "
+        raise WdstudyError(f"storage={redact(url)!r}: SQLite locks up with many workers and on network file systems; "
                            "give a PostgreSQL URL (--storage postgresql://USER@HOST/DB)")
     if is_rdb(url):
-        raise WdstudyError(f"storage={url!r}: give a PostgreSQL URL for a Slurm job")
+        raise WdstudyError(f"storage={redact(url)!r}: give a PostgreSQL URL for a Slurm job")
     if nodes > 1:
         raise WdstudyError(f"storage={url!r}: a journal file is safe for one node only (file locks over NFS are not); "
                            f"--nodes={nodes} needs a PostgreSQL URL (--storage postgresql://USER@HOST/DB)")
@@ -99,6 +104,20 @@ def _directives(opts: dict[str, str | None]) -> list[str]:
     return lines
 
 
+def secret(url: str) -> bool:
+    """Whether ``url`` carries a password (then it goes to the jobs in their environment only)."""
+    return redact(url) != url
+
+
+def _storage(url: str) -> tuple[list[str], list[str]]:
+    """The storage's arguments of a job's command line and the script lines that go with them."""
+    if not secret(url):
+        return ["--storage", url], []
+    return [], [f"# storage {redact(url)}: given in the job's environment (WDSTUDY_STORAGE), password kept out",
+                ': "${WDSTUDY_STORAGE:?is not set: submit passes the storage in the environment of each job '
+                'with sbatch --export=ALL, the default}"']
+
+
 def _common(o: SlurmOptions) -> dict[str, str | None]:
     return {"partition": o.partition, "account": o.account, "qos": o.qos}
 
@@ -106,7 +125,8 @@ def _common(o: SlurmOptions) -> dict[str, str | None]:
 def worker_script(spec_path: str, url: str, name: str, log_dir: Path, o: SlurmOptions, workdir: str) -> str:
     """The array's batch script: each task runs the worker pool of its node."""
     array = f"0-{o.nodes - 1}" + (f"%{o.array_parallelism}" if o.array_parallelism else "")
-    cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, "--storage", url, "--quiet"]
+    storage_args, storage_lines = _storage(url)
+    cmd = [sys.executable, "-m", "wdstudy", "worker", spec_path, *storage_args, "--quiet"]
     opts: dict[str, str | None] = {"job-name": f"wdstudy-{name}", "array": array, "nodes": "1", "ntasks": "1"}
     if o.gpus_per_node:
         opts["gpus-per-node"] = str(o.gpus_per_node)
@@ -128,8 +148,7 @@ def worker_script(spec_path: str, url: str, name: str, log_dir: Path, o: SlurmOp
     return "\n".join(["#!/bin/bash", *_directives(opts),
                       "# one worker pool per array task; Slurm's SIGTERM (time limit, preemption, scancel)",
                       "# makes every worker fail and re-queue its running trial before it exits",
-                      "export PYTHONUNBUFFERED=1",
-                      "exec " + shlex.join(cmd), ""])
+                      *storage_lines, "export PYTHONUNBUFFERED=1", "exec " + shlex.join(cmd), ""])
 
 
 def finish_script(spec_path: str, url: str, name: str, log_dir: Path, o: SlurmOptions, workdir: str,
@@ -142,18 +161,22 @@ def finish_script(spec_path: str, url: str, name: str, log_dir: Path, o: SlurmOp
     opts["output"] = str(log_dir / "slurm-%j-report.out")
     opts["open-mode"] = "append"
     opts["chdir"] = workdir
-    cmd = [sys.executable, "-m", "wdstudy", "submit", spec_path, "--storage", url, "--finish"]
-    return "\n".join(["#!/bin/bash", *_directives(opts), "export PYTHONUNBUFFERED=1", "exec " + shlex.join(cmd), ""])
+    storage_args, storage_lines = _storage(url)
+    cmd = [sys.executable, "-m", "wdstudy", "submit", spec_path, *storage_args, "--finish"]
+    return "\n".join(["#!/bin/bash", *_directives(opts), *storage_lines, "export PYTHONUNBUFFERED=1",
+                      "exec " + shlex.join(cmd), ""])
 
 
-def _sbatch(script: Path) -> str:
+def _sbatch(script: Path, url: str) -> str:
+    env = {**os.environ, "WDSTUDY_STORAGE": url} if secret(url) else None  # sbatch passes it to the job
     try:
-        r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120,
+                           env=env)
     except OSError as exc:
         raise WdstudyError(f"sbatch: cannot run it ({exc.strerror})") from None
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise WdstudyError(f"sbatch {script}: {why}")
+        raise WdstudyError(f"sbatch {script}: {redact(why) if '://' in why else why}")
     return r.stdout.strip().split(";")[0]
 
 
@@ -171,6 +194,10 @@ def submit(spec_path: str, storage: str | None, o: SlurmOptions, dry_run: bool =
     o.check()
     spec, url = checked_spec(spec_path, storage)
     check_storage(url, o.nodes)
+    export = o.extra.get("export", "ALL")
+    if secret(url) and export.split(",")[0] != "ALL" and "WDSTUDY_STORAGE" not in export.split(","):
+        raise WdstudyError(f"--slurm-arg export={export}: the jobs get the storage's password in their environment "
+                           "(WDSTUDY_STORAGE); use export=ALL or list WDSTUDY_STORAGE")
     spec_abs = str(Path(spec_path).resolve())
     if not is_rdb(url):
         url = str(Path(url).resolve())
@@ -199,19 +226,22 @@ def submit(spec_path: str, storage: str | None, o: SlurmOptions, dry_run: bool =
     if remaining:
         w = folder / "workers.sbatch"
         w.write_text(worker_script(spec_abs, url, spec.name, log_dir, o, workdir))
-        array_id = _sbatch(w)
+        array_id = _sbatch(w, url)
     f = folder / "report.sbatch"
     f.write_text(finish_script(spec_abs, url, spec.name, log_dir, o, workdir, array_id))
-    report_id = _sbatch(f)
-    where = url if is_rdb(url) else shown(url)
+    report_id = _sbatch(f, url)
     if array_id:
         print(f"submitted array {array_id} ({o.nodes} task(s)) for the {remaining} unit(s) left, "
               f"and report job {report_id} after it")
     else:
         print(f"every unit is recorded: submitted only report job {report_id}")
+    if secret(url):  # the commands a person types: the password stays in WDSTUDY_STORAGE, out of sight
+        where, how = "", f" (with WDSTUDY_STORAGE set to the storage, {redact(url)})"
+    else:
+        where, how = f" --storage {shlex.quote(url if is_rdb(url) else shown(url))}", ""
     print(f"follow: squeue --name wdstudy-{spec.name},wdstudy-{spec.name}-report · "
-          f"python -m wdstudy status {shlex.quote(spec_path)} --storage {shlex.quote(where)} · "
-          f"python -m wdstudy dashboard {shlex.quote(spec_path)} --storage {shlex.quote(where)}")
+          f"python -m wdstudy status {shlex.quote(spec_path)}{where} · "
+          f"python -m wdstudy dashboard {shlex.quote(spec_path)}{where}{how}")
     print(f"logs: {shown(log_dir)}; run the same command again to resume an unfinished study")
     return 0
 

@@ -37,10 +37,10 @@ from ..spec import StudySpec, load_spec
 from ..storage import StudyLock, open_existing, resolve_url, shown, storage_label
 from ..tasks.names import task_metric
 from .plan import format_plan, parse_nvidia_smi, plan_slots, visible_gpus, why_cpu
-from .pool import CRASH_LOOP, DEVICE_UNUSABLE, Pool, Slot, run_pool
+from .pool import CRASH_LOOP, DEVICE_FAULT, DEVICE_UNUSABLE, Pool, Slot, run_pool
 from .progress import Progress, format_progress, progress_line, progress_table, remaining_units
 
-__all__ = ["CRASH_LOOP", "DEVICE_UNUSABLE", "Pool", "Progress", "Slot", "checked_spec", "create_cells",
+__all__ = ["CRASH_LOOP", "DEVICE_FAULT", "DEVICE_UNUSABLE", "Pool", "Progress", "Slot", "checked_spec", "create_cells",
            "format_plan", "format_progress", "launch", "parse_nvidia_smi", "plan_slots", "prepare", "progress_line",
            "progress_table", "remaining_units", "run_pool", "summary_text", "visible_gpus", "why_cpu",
            "write_report"]

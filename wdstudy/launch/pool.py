@@ -5,9 +5,11 @@ Each worker is ``python -m wdstudy worker SPEC --single`` in a slot of its own (
 dies is replaced and its trial re-queued; only a slot that *crash-loops* (:data:`CRASH_LOOP`
 failures in a row without finishing a unit: the worker exits with an error or crashes, as opposed
 to being killed from outside) is given up, and a slot whose device is unusable
-(:data:`DEVICE_UNUSABLE`) at once. A worker that stops because its storage is full or gone
-(:data:`~wdstudy.outage.STORAGE_FAULT`) stops the pool. :func:`run_pool` watches the pool until
-every unit is recorded and shows the progress (:mod:`.progress`) meanwhile.
+(:data:`DEVICE_UNUSABLE`) at once; a worker whose device failed mid-run (:data:`DEVICE_FAULT`)
+is replaced like any death. A worker that stops because its storage is gone
+(:data:`~wdstudy.outage.STORAGE_FAULT`) or cannot be written
+(:data:`~wdstudy.outage.STORAGE_UNWRITABLE`) stops the pool. :func:`run_pool` watches the pool
+until every unit is recorded and shows the progress (:mod:`.progress`) meanwhile.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import WdstudyError
-from ..outage import STORAGE_FAULT, StorageFault, retry_block
+from ..outage import STORAGE_FAULT, STORAGE_UNWRITABLE, StorageFault, retry_block
 from ..spec import StudySpec
 from ..storage import StudyLock
 from .progress import PlainProgress, Progress, ProgressRenderer, RichProgress
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 CRASH_LOOP = 8
 #: Exit code of a worker whose device is unusable (a GPU slot without a usable GPU): never restarted.
 DEVICE_UNUSABLE = 3
+#: Exit code of a worker whose device failed during a run (a device-side error poisons the process's
+#: CUDA context): its trial is already failed as lost; a fresh process takes the slot.
+DEVICE_FAULT = 6
 #: Exit codes of a worker killed from outside (an OOM killer, a person, a preemption): never a crash loop.
 KILLED = (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
 
@@ -70,6 +75,7 @@ class Pool:
         self.spec_path, self.spec, self.url, self.log_dir = spec_path, spec, url, log_dir
         self.slots = [Slot(i, env) for i, env in enumerate(slots)]
         self.fault: str | None = None  # why the storage stopped the pool (a full disk, a long outage)
+        self.unwritable = False  # whether it stopped because the storage cannot be written (a full disk)
 
     def start(self) -> None:
         for s in self.slots:
@@ -105,8 +111,9 @@ class Pool:
                 continue
             if rc == 0:
                 s.finished = True
-            elif rc == STORAGE_FAULT:  # its storage is full or gone: stop the pool, not a crash
+            elif rc in (STORAGE_FAULT, STORAGE_UNWRITABLE):  # its storage is full or gone: stop the pool
                 s.finished = True
+                self.unwritable = self.unwritable or rc == STORAGE_UNWRITABLE
                 self.fault = _last_error(s.log)
                 if self.fault.startswith("see "):  # its log could not be written either
                     self.fault = f"worker {s.index} stopped: its storage or its log cannot be written ({self.fault})"
@@ -149,7 +156,7 @@ class Pool:
         from .. import records as R
         from ..signals import STORAGE_STOP
 
-        by_storage = self.fault is not None and ("cannot write " in self.fault or "cannot be written" in self.fault)
+        by_storage = self.fault is not None and self.unwritable
         self.terminate(timeout, STORAGE_STOP if by_storage else signal.SIGTERM)
         try:
             with StudyLock(self.url, self.spec.name):
