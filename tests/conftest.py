@@ -70,9 +70,27 @@ def pytest_configure(config):
     global _server, _folder, PG_URL
     wanted = os.environ.get("WDSTUDY_TEST_PG_URL")
     if wanted == "embedded" or (wanted is None and not _listening()):
+        # started once, by pytest-xdist's controller (or the only process): its workers inherit the URL
         _server, url, _folder = start_embedded_postgres()
         os.environ["WDSTUDY_TEST_PG_URL"] = url
     PG_URL = os.environ.get("WDSTUDY_TEST_PG_URL", PG_URL)
+    if not hasattr(config, "workerinput") and _listening_to(PG_URL):
+        open_storage(PG_URL)  # Optuna's tables, before parallel tests could race to create them
+
+
+def _listening_to(url: str) -> bool:
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(url).connect().close()
+        return True
+    except Exception:  # the tests that need it say so
+        return False
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one test process per core, at most 4 (most tests start workers of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def pytest_report_header(config):

@@ -24,6 +24,9 @@ from wdstudy.storage import open_storage
 
 from .conftest import PG_URL, assert_exact, cli, password_role, pdf_text, wait_for, write_spec
 
+# One cluster, one node: these tests run one after another, in one test process (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("slurm")
+
 
 def slurm_state(job: str) -> tuple[str, str]:
     """(JobState, ExitCode) of a job or array task, as scontrol reports it."""
