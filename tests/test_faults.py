@@ -775,6 +775,47 @@ def test_a_full_journal_disk_fails_the_running_unit_in_the_room_of_the_disk_rese
     _once_each(storage, "tiny")
 
 
+def test_a_disk_that_fills_while_a_trial_is_being_taken_leaves_no_trial_running(tmp_path, monkeypatch):
+    """Optuna's ask turns a WAITING trial RUNNING, then writes its parameters: a full disk between
+    the two left a RUNNING trial that no worker owned, and so that nothing re-queued (the relaunch
+    saw a trial of a live study with no owner). The worker fails it as the full disk's and stops."""
+    import errno
+    import re
+
+    import wdstudy.journal as J
+    from wdstudy.launch import create_cells
+    from wdstudy.outage import StorageUnwritable
+
+    from .conftest import quiet_worker
+
+    spec_path = write_spec(tmp_path, task_defaults={"epochs": 1})
+    spec = load_spec(spec_path)
+    url = str((tmp_path / "out" / "optuna.journal").resolve())
+    create_cells(spec, url, str(spec_path))
+    reserve = Path(J.reserve_path(url))
+    write_all = J._write_all
+    param = re.compile(rb'"op_code": *5\b')  # optuna's JournalOperation.SET_TRIAL_PARAM
+
+    def full_at_the_first_parameter(fd, data):
+        if reserve.exists() and param.search(data):
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(J, "_write_all", full_at_the_first_parameter)
+    with pytest.raises(StorageUnwritable):
+        quiet_worker(spec, url, train=_fake_train()).run()
+    trials = _trials(open_storage(url), "tiny")
+    states = [state for state, *_ in trials.values()]
+    assert optuna.trial.TrialState.RUNNING not in states, trials
+    (failed,) = [(kind, why) for state, _, kind, why in trials.values() if state == optuna.trial.TrialState.FAIL]
+    assert failed[0] == "storage" and failed[1].endswith(f"stopped: cannot write {url}: No space left on device")
+    monkeypatch.setattr(J, "_write_all", write_all)  # space freed: the same command completes the study
+    create_cells(spec, url, str(spec_path))
+    quiet_worker(spec, url, train=_fake_train()).run()
+    assert_exact(open_storage(url), "tiny", budget=3, seeds=2, cells=2)
+
+
 @pytest.mark.parametrize("kind", ["error", "storage"])
 def test_a_full_disk_counts_against_no_retry(tmp_path, kind):
     """A unit stopped by a full disk more often than any retry limit (MAX_LOST) keeps its parameters;

@@ -411,3 +411,28 @@ def test_importing_the_report_changes_no_matplotlib_setting():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_two_writers_of_one_output_do_not_collide_and_a_failed_one_leaves_the_old_file(tmp_path):
+    """Two launches of one study end together and both write the report: each output goes to a
+    temporary file of its own and is moved over the old one whole (a shared ``report.pdf.tmp``
+    made the second writer's move fail: the first had moved it away)."""
+    import os
+
+    from wdstudy.outputs import replacing
+
+    path = tmp_path / "report.pdf"
+    with replacing(path) as first:
+        with replacing(path) as second:
+            first.write_bytes(b"A" * 10)
+            second.write_bytes(b"B" * 5)
+        assert path.read_bytes() == b"B" * 5
+    assert path.read_bytes() == b"A" * 10  # the last to finish wins, whole
+    with pytest.raises(RuntimeError):
+        with replacing(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer failed")
+    assert path.read_bytes() == b"A" * 10 and [p.name for p in tmp_path.iterdir()] == ["report.pdf"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as a plain open would have made it

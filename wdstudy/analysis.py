@@ -14,6 +14,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import records as R
+from .outputs import replacing
 from .storage import study_trials
 from .tasks.names import task_metric
 
@@ -253,8 +254,11 @@ def export(storage, study: str, out_dir: Path) -> list[Path]:
                 df[col] = pd.to_datetime(df[col])
         if "cuda_visible_devices" in df:
             df["cuda_visible_devices"] = df["cuda_visible_devices"].astype("string")
-        df.to_csv(out_dir / f"{stem}.csv", index=False)
-        df.to_parquet(out_dir / f"{stem}.parquet", index=False)
+        with replacing(out_dir / f"{stem}.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        with replacing(out_dir / f"{stem}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
         written += [out_dir / f"{stem}.csv", out_dir / f"{stem}.parquet"]
-    diagnostics_frame(storage, study).to_csv(out_dir / "diagnostics.csv", index=False)
+    with replacing(out_dir / "diagnostics.csv") as tmp:
+        diagnostics_frame(storage, study).to_csv(tmp, index=False)
     return written + [out_dir / "diagnostics.csv"]

@@ -433,9 +433,25 @@ class Cells(Retries):
             return self._take(cell, study, phase), False
         return None, True
 
+    @staticmethod
+    def _unowned(study: optuna.Study) -> tuple[optuna.Study, int] | None:
+        """A RUNNING trial of ``study`` that no worker has tagged: under the study lock, only one that
+        this worker's ``ask`` started and could not finish (None if there is none or it cannot be read)."""
+        try:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except Exception:
+            return None
+        return next(((study, trial_id(t)) for t in running if R.OWNER not in t.system_attrs), None)
+
     def _take(self, cell: Cell, study: optuna.Study, phase: Phase) -> Unit:
         study.pruner = phase.pruner(cell)
-        trial = study.ask(distributions(self.spec, cell))
+        try:
+            trial = study.ask(distributions(self.spec, cell))
+        except Exception:
+            # ask turns a WAITING trial RUNNING, then writes its parameters: cut off between the two
+            # (a full disk, a lost connection), that trial is RUNNING with no owner, and failed as taken
+            self.taken = self._unowned(study)
+            raise
         self.taken = (study, trial_id(trial))  # RUNNING, not yet tagged: failed if the tagging is cut off
         storage_of(study).set_trial_system_attr(trial_id(trial), R.OWNER, owner_tag())
         storage_of(study).set_trial_system_attr(trial_id(trial), R.LEASE, time.time())

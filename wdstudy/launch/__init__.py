@@ -128,6 +128,7 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(f"study {spec.name}: {len(spec.cells())} cells, {len(slots)} workers{packed} × "
               f"{slots[0]['WDSTUDY_THREADS']} threads, storage {where}{why_cpu(devices, workers, slots)}",
               flush=True)
+    _heal_journal(url)
     try:
         complete = run_pool(spec_path, spec, url, slots, quiet=quiet, warm=_import_report,
                             setup=lambda: create_cells(spec, url, spec_path))
@@ -150,6 +151,20 @@ def launch(spec_path: str, storage: str | None = None, devices: str = "auto", wo
         print(f"wdstudy: some units did not finish (see the logs in {shown(out / 'logs')})", file=sys.stderr)
         return 1
     return 0
+
+
+def _heal_journal(url: str) -> None:
+    """A journal's torn tail is set aside here, before the workers start, so that the line saying so
+    is launch's, not a worker's log's (the cells are created while the workers import)."""
+    from ..storage import is_rdb
+
+    if not is_rdb(url) and Path(url).is_file():
+        from ..journal import heal_on_open
+
+        try:
+            heal_on_open(url)
+        except OSError:  # a full disk, a forbidden path: the storage's own open says so, with the reason
+            pass
 
 
 def _import_report() -> None:

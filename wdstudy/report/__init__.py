@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import replacing, write_bytes, write_text
 from .document import SECTIONS, build_document, study_header
 from .figures import render_all
 from .html import render_html
@@ -56,19 +57,20 @@ def build_report(storage, study: str, out_dir: Path, storage_label: str, landsca
     fig_dir.mkdir(exist_ok=True)
     tab_dir.mkdir(exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of an earlier layout would linger beside the new ones
-        old.unlink()
+        old.unlink(missing_ok=True)  # (another process writing this report may have removed it)
 
     tables = []
     for name in TABLES:
         p = tab_dir / f"{'trial_counts' if name == 'counts' else name}.csv"
-        getattr(d, name).to_csv(p, index=False)
+        with replacing(p) as tmp:
+            getattr(d, name).to_csv(tmp, index=False)
         tables.append(p)
     fig_paths = []
     for f in figures:
-        (fig_dir / f"{f.key}.png").write_bytes(f.png)
+        write_bytes(fig_dir / f"{f.key}.png", f.png)
         fig_paths.append(fig_dir / f"{f.key}.png")
     html_path, pdf_path = out_dir / "report.html", out_dir / "report.pdf"
     head = study_header(d)
-    html_path.write_text(render_html(head, sections))
+    write_text(html_path, render_html(head, sections))
     render_pdf(head, sections, pdf_path)
     return ReportPaths(html_path, pdf_path, fig_paths, tables)

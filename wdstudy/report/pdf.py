@@ -9,7 +9,6 @@ rasterized parts at 200 dpi), into its box, and sets the title and subject metad
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fpdf.fonts import FontFace
 from pypdf import PdfReader, PdfWriter
 from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, FloatObject, NameObject
 
+from ..outputs import replacing
 from .document import DocumentHeader, Listing, Para, Section, Table
 from .figures import Rendered
 
@@ -107,10 +107,8 @@ def render_pdf(head: DocumentHeader, sections: list[Section], path: Path) -> Non
         page.compress_content_streams()
     writer.add_metadata({"/Title": f"wdstudy report: {head.name}", "/Subject": pdf.subject or "",
                          "/Author": "wdstudy", "/Keywords": pdf.keywords or ""})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         writer.write(fh)
-    os.replace(tmp, path)
 
 
 def _form(writer: PdfWriter, fig) -> object:
