@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WdstudyError
-from .redact import redact
+from .redact import passwords, redact
 from .storage import is_rdb, resolve_url, shown
 
 #: Slurm options that have their own flag here (``--slurm-arg`` must not set them behind its back).
@@ -105,8 +105,9 @@ def _directives(opts: dict[str, str | None]) -> list[str]:
 
 
 def secret(url: str) -> bool:
-    """Whether ``url`` carries a password (then it goes to the jobs in their environment only)."""
-    return redact(url) != url
+    """Whether ``url`` carries a password (then it goes to the jobs in their environment only); an
+    empty one (``USER:@HOST``) is none."""
+    return bool(passwords(url))
 
 
 def _storage(url: str) -> tuple[list[str], list[str]]:
