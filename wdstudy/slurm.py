@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WdstudyError
-from .redact import passwords, redact
+from .redact import passwords, redact, scrub
 from .storage import is_rdb, resolve_url, shown
 
 #: Slurm options that have their own flag here (``--slurm-arg`` must not set them behind its back).
@@ -177,7 +177,7 @@ def _sbatch(script: Path, url: str) -> str:
         raise WdstudyError(f"sbatch: cannot run it ({exc.strerror})") from None
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or ["no reason given"])[-1]
-        raise WdstudyError(f"sbatch {script}: {redact(why) if '://' in why else why}")
+        raise WdstudyError(f"sbatch {script}: {scrub(why)}")
     return r.stdout.strip().split(";")[0]
 
 
