@@ -85,9 +85,14 @@ def main() -> int:
     ap.add_argument("--skip-throughput", action="store_true", help="leave out check 9 (the longest)")
     args = ap.parse_args()
 
-    import torch
+    try:
+        import torch
 
-    from wdstudy.train import DivergedError, driver_version, train_run  # noqa: F401
+        from wdstudy.train import DivergedError, driver_version, train_run  # noqa: F401
+    except ImportError as exc:
+        print(f"gpu_acceptance: {exc.msg} in {sys.executable}: run it in the environment wdstudy is installed in "
+              "(pip install -e '.[dev]'), or set PYTHON to its python", file=sys.stderr)
+        return 2
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu:
